@@ -1,0 +1,132 @@
+//! Wiring: build the CA, the upstream clients and the first snapshot from a [`Config`], bind the
+//! listeners, and drain on shutdown. Errors here are start-up failures, reported with `anyhow`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::admin::{self, Readiness};
+use crate::config::{CaOrigin, Config};
+use crate::proxy::upstream::{Dialer, Upstream};
+use crate::proxy::{self, ProxyState, Snapshot};
+use crate::tls::{upstream_roots, CertificateAuthority, LeafCache};
+
+/// Starts keystamp from a validated config.
+pub struct App;
+
+/// A started keystamp: its bound addresses and the handle to drain it.
+pub struct RunningApp {
+    proxy_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    ca_pem: String,
+    state: Arc<ProxyState>,
+    readiness: Arc<Readiness>,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    pub async fn start(config: Config) -> anyhow::Result<RunningApp> {
+        let ca = match &config.ca.origin {
+            CaOrigin::Generate => CertificateAuthority::generate().context("generating the CA")?,
+            CaOrigin::Load { cert, key } => {
+                CertificateAuthority::load(cert, key).context("loading the CA")?
+            }
+        };
+        let ca_pem = ca.cert_pem().to_string();
+        if let Some(path) = &config.ca.cert_out {
+            write_atomically(path, ca_pem.as_bytes())
+                .with_context(|| format!("writing the CA certificate to {}", path.display()))?;
+            tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
+        }
+        let leaves = LeafCache::new(ca, config.ca.leaf_cache_size);
+        let upstream = Upstream::new(
+            Dialer::new(config.resolve.clone()),
+            upstream_roots(&config.extra_roots),
+        )
+        .context("building the upstream TLS client")?;
+        let state = Arc::new(ProxyState::new(
+            Snapshot::from_config(&config),
+            leaves,
+            upstream,
+        ));
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding the proxy listener on {}", config.listen))?;
+        let proxy_addr = listener.local_addr()?;
+        let readiness = Arc::new(Readiness::default());
+        let admin_addr = match config.admin {
+            Some(address) => {
+                let admin_listener = TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding the admin listener on {address}"))?;
+                let bound = admin_listener.local_addr()?;
+                tokio::spawn(admin::serve(
+                    admin_listener,
+                    readiness.clone(),
+                    state.shutdown.clone(),
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
+        tokio::spawn(proxy::serve(listener, state.clone()));
+        readiness.set(true);
+        tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");
+        Ok(RunningApp {
+            proxy_addr,
+            admin_addr,
+            ca_pem,
+            state,
+            readiness,
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+}
+
+impl RunningApp {
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The CA certificate (PEM) agents must trust.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to the configured grace, then
+    /// returns. Returns whether everything drained in time.
+    pub async fn shutdown(self) -> bool {
+        self.readiness.set(false);
+        self.state.shutdown.cancel();
+        self.state.tasks.close();
+        let drained = tokio::time::timeout(self.shutdown_grace, self.state.tasks.wait())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!(grace = ?self.shutdown_grace, remaining = self.state.tasks.len(), "grace period over; closing what is left");
+        }
+        drained
+    }
+}
+
+/// Writes through a temporary file and a rename, so readers never see half a certificate.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}

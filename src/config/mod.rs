@@ -1,0 +1,200 @@
+//! Configuration: read a YAML file, parse it strictly (`raw.rs`), and turn it into validated,
+//! typed values (`validate.rs`). Every error names the file, line, column and key path, and never
+//! echoes a value from the file: a credential may have been pasted into it by mistake.
+
+mod locate;
+mod raw;
+mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+pub use locate::{locate, parse_path, Segment};
+
+/// A validated configuration. Paths in it are absolute (resolved against the file's directory).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub ca: CaConfig,
+    pub unmatched: Unmatched,
+    pub extra_roots: Vec<PathBuf>,
+    pub resolve: HashMap<(String, u16), SocketAddr>,
+    pub credentials: BTreeMap<String, CredentialSpec>,
+    pub routes: Vec<RouteSpec>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub origin: CaOrigin,
+    /// Where to write the CA certificate (PEM) for agents to trust.
+    pub cert_out: Option<PathBuf>,
+    pub leaf_cache_size: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum CaOrigin {
+    /// A fresh CA in memory; its key is never written anywhere.
+    Generate,
+    Load {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// What happens to a CONNECT (or plain request) for a host with no route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmatched {
+    Tunnel,
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialSpec {
+    pub source: SourceSpec,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceSpec {
+    File(PathBuf),
+    Env(String),
+}
+
+impl SourceSpec {
+    /// The kind, for `check`, logs and `/status`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceSpec::File(_) => "file",
+            SourceSpec::Env(_) => "env",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    pub host: HostPattern,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<Method>>,
+    pub credential: String,
+    pub inject: Injection,
+    pub strip: Vec<HeaderName>,
+}
+
+/// `api.example.test` or `*.example.test` (one label or more under it). Lowercase, no dot at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    Exact(String),
+    /// Holds the suffix with its leading dot: `.example.test`.
+    Wildcard(String),
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(host) => f.write_str(host),
+            HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
+        }
+    }
+}
+
+/// How the credential is put into the request.
+#[derive(Debug, Clone)]
+pub enum Injection {
+    /// `Authorization: Bearer <secret>`
+    Bearer,
+    /// `Authorization: Basic base64(username:<secret>)`
+    Basic { username: String },
+    /// `<name>: <template with {secret} replaced>`
+    Header { name: HeaderName, template: String },
+    /// `?<name>=<secret>`, added or replaced.
+    Query { name: String },
+}
+
+impl Injection {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Injection::Bearer => "bearer",
+            Injection::Basic { .. } => "basic",
+            Injection::Header { .. } => "header",
+            Injection::Query { .. } => "query",
+        }
+    }
+}
+
+/// One problem in a config file, printed as `file:line:column: key.path: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.path,
+            self.message
+        )
+    }
+}
+
+/// Everything wrong with a config file; never empty.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigLoadError {
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigError>),
+}
+
+impl ConfigLoadError {
+    pub fn errors(&self) -> Vec<String> {
+        match self {
+            ConfigLoadError::Read { .. } => vec![self.to_string()],
+            ConfigLoadError::Invalid(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigLoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigLoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(path, &text)
+    }
+
+    /// Validates `text` as if it had been read from `path` (relative paths resolve against
+    /// `path`'s directory).
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Config, ConfigLoadError> {
+        validate::parse(path, text).map_err(ConfigLoadError::Invalid)
+    }
+
+    /// Where a connection to `host:port` should actually go, when `resolve:` pins it.
+    pub fn pinned_address(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        self.resolve
+            .get(&(host.to_ascii_lowercase(), port))
+            .copied()
+    }
+}

@@ -1,0 +1,483 @@
+//! Turns the raw schema into a [`Config`], collecting every problem with its position rather than
+//! stopping at the first. Messages never quote values from the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+
+use super::locate::{locate, parse_path};
+use super::raw::{RawCa, RawConfig, RawCredential, RawInject, RawRoute};
+use super::{
+    CaConfig, CaOrigin, Config, ConfigError, CredentialSpec, HostPattern, Injection, RouteSpec,
+    SourceSpec, Unmatched,
+};
+
+const DEFAULT_LEAF_CACHE: usize = 1024;
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Headers keystamp manages itself; a route may not inject into them.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+    let mut errors = Errors {
+        file: path,
+        text,
+        list: Vec::new(),
+    };
+    let deserializer = serde_norway::Deserializer::from_str(text);
+    let raw: RawConfig = match serde_path_to_error::deserialize(deserializer) {
+        Ok(raw) => raw,
+        Err(error) => {
+            let key_path = error.path().to_string();
+            let inner = error.inner();
+            let message = clean_serde_message(&inner.to_string(), &key_path);
+            let key_path = if key_path == "." {
+                "(root)".to_string()
+            } else {
+                key_path
+            };
+            let (line, column) = match inner.location() {
+                Some(location) => (location.line(), location.column()),
+                None => locate(text, &parse_path(&key_path)),
+            };
+            return Err(vec![ConfigError {
+                file: path.to_path_buf(),
+                line,
+                column,
+                path: key_path,
+                message,
+            }]);
+        }
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let config = errors.config(raw, &base);
+    match config {
+        Some(config) if errors.list.is_empty() => Ok(config),
+        _ => Err(errors.list),
+    }
+}
+
+/// serde's messages carry their own position suffix and sometimes the path; we print both
+/// ourselves. Quoted values are replaced so a pasted secret is never echoed.
+fn clean_serde_message(message: &str, key_path: &str) -> String {
+    let mut message = message.to_string();
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    if let Some(rest) = message.strip_prefix(&format!("{key_path}: ")) {
+        message = rest.to_string();
+    }
+    redact_quoted(&message)
+}
+
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            if inside {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            inside = !inside;
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
+struct Errors<'a> {
+    file: &'a Path,
+    text: &'a str,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, key_path: &str, message: impl Into<String>) {
+        let (line, column) = locate(self.text, &parse_path(key_path));
+        self.list.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            path: key_path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig, base: &Path) -> Option<Config> {
+        let listen = self.socket_addr("listen", &raw.listen);
+        let admin = raw
+            .admin
+            .as_deref()
+            .and_then(|a| self.socket_addr("admin", a));
+        let ca = self.ca(&raw.ca, base);
+        let unmatched = match raw.unmatched.as_deref() {
+            None | Some("deny") => Unmatched::Deny,
+            Some("tunnel") => Unmatched::Tunnel,
+            Some(_) => {
+                self.push("unmatched", "must be `tunnel` or `deny`");
+                Unmatched::Deny
+            }
+        };
+        let extra_roots = raw
+            .upstream_tls
+            .extra_roots
+            .iter()
+            .map(|p| resolve_path(base, p))
+            .collect();
+        let resolve = self.resolve(&raw.resolve);
+        let credentials = self.credentials(&raw.credentials, base);
+        let routes = raw
+            .routes
+            .iter()
+            .enumerate()
+            .filter_map(|(index, route)| self.route(index, route, &credentials))
+            .collect();
+        let shutdown_grace = match raw.shutdown_grace.as_deref() {
+            None => DEFAULT_SHUTDOWN_GRACE,
+            Some(text) => crate::duration::parse(text).unwrap_or_else(|message| {
+                self.push("shutdown_grace", message);
+                DEFAULT_SHUTDOWN_GRACE
+            }),
+        };
+        Some(Config {
+            path: self.file.to_path_buf(),
+            listen: listen?,
+            admin,
+            ca: ca?,
+            unmatched,
+            extra_roots,
+            resolve,
+            credentials,
+            routes,
+            shutdown_grace,
+        })
+    }
+
+    fn socket_addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.push(key, "must be an IP address and port, like 127.0.0.1:3128");
+                None
+            }
+        }
+    }
+
+    fn ca(&mut self, raw: &RawCa, base: &Path) -> Option<CaConfig> {
+        let origin = match (raw.generate, &raw.cert, &raw.key) {
+            (true, None, None) => CaOrigin::Generate,
+            (false, Some(cert), Some(key)) => CaOrigin::Load {
+                cert: resolve_path(base, cert),
+                key: resolve_path(base, key),
+            },
+            (true, _, _) => {
+                self.push(
+                    "ca.generate",
+                    "`generate: true` cannot be combined with `cert`/`key`",
+                );
+                return None;
+            }
+            (false, _, _) => {
+                self.push("ca", "set `generate: true`, or both `cert` and `key`");
+                return None;
+            }
+        };
+        let leaf_cache_size = raw.leaf_cache_size.unwrap_or(DEFAULT_LEAF_CACHE);
+        if leaf_cache_size == 0 {
+            self.push("ca.leaf_cache_size", "must be at least 1");
+        }
+        Some(CaConfig {
+            origin,
+            cert_out: raw.cert_out.as_deref().map(|p| resolve_path(base, p)),
+            leaf_cache_size: leaf_cache_size.max(1),
+        })
+    }
+
+    fn resolve(&mut self, raw: &BTreeMap<String, String>) -> HashMap<(String, u16), SocketAddr> {
+        let mut pins = HashMap::new();
+        for (from, to) in raw {
+            let key_path = format!("resolve.{from}");
+            let target = match from.rsplit_once(':') {
+                Some((host, port)) if valid_host(host) => {
+                    port.parse::<u16>().ok().map(|p| (host, p))
+                }
+                _ => None,
+            };
+            let Some((host, port)) = target else {
+                self.push(
+                    &key_path,
+                    "key must be host:port, like api.example.test:443",
+                );
+                continue;
+            };
+            let Some(addr) = self.socket_addr(&key_path, to) else {
+                continue;
+            };
+            pins.insert((host.to_ascii_lowercase(), port), addr);
+        }
+        pins
+    }
+
+    fn credentials(
+        &mut self,
+        raw: &BTreeMap<String, RawCredential>,
+        base: &Path,
+    ) -> BTreeMap<String, CredentialSpec> {
+        let mut specs = BTreeMap::new();
+        for (name, credential) in raw {
+            let key_path = format!("credentials.{name}");
+            if !valid_name(name) {
+                self.push(
+                    &key_path,
+                    "credential names use letters, digits, `_`, `-` and `.` only",
+                );
+                continue;
+            }
+            let source = match (&credential.source.file, &credential.source.env) {
+                (Some(file), None) if !file.is_empty() => {
+                    SourceSpec::File(resolve_path(base, file))
+                }
+                (None, Some(var)) if valid_env_name(var) => SourceSpec::Env(var.clone()),
+                (None, Some(_)) => {
+                    self.push(
+                        &format!("{key_path}.source.env"),
+                        "not a valid environment variable name",
+                    );
+                    continue;
+                }
+                _ => {
+                    self.push(
+                        &format!("{key_path}.source"),
+                        "set exactly one of `file` or `env`",
+                    );
+                    continue;
+                }
+            };
+            specs.insert(name.clone(), CredentialSpec { source });
+        }
+        specs
+    }
+
+    fn route(
+        &mut self,
+        index: usize,
+        raw: &RawRoute,
+        credentials: &BTreeMap<String, CredentialSpec>,
+    ) -> Option<RouteSpec> {
+        let at = |key: &str| format!("routes[{index}].{key}");
+        let errors_before = self.list.len();
+        let host = parse_host_pattern(&raw.host);
+        if host.is_none() {
+            self.push(
+                &at("host"),
+                "must be a host name like api.example.test or *.example.test",
+            );
+        }
+        if let Some(prefix) = &raw.path_prefix {
+            if !prefix.starts_with('/') {
+                self.push(&at("path_prefix"), "must start with `/`");
+            }
+        }
+        let methods = raw.methods.as_ref().map(|methods| {
+            methods
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
+                    match Method::from_bytes(m.as_bytes()) {
+                        Ok(method) if valid => Some(method),
+                        _ => {
+                            self.push(
+                                &format!("routes[{index}].methods[{i}]"),
+                                "must be an upper-case HTTP method like GET",
+                            );
+                            None
+                        }
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        if !credentials.contains_key(&raw.credential) {
+            self.push(
+                &at("credential"),
+                format!("no credential named `{}` is defined", raw.credential),
+            );
+        }
+        let inject = self.inject(index, &raw.inject);
+        let strip = raw
+            .strip
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(header) => Some(header),
+                Err(_) => {
+                    self.push(
+                        &format!("routes[{index}].strip[{i}]"),
+                        "not a valid header name",
+                    );
+                    None
+                }
+            })
+            .collect();
+        if self.list.len() > errors_before {
+            return None;
+        }
+        let host = host?;
+        let name = raw.name.clone().unwrap_or_else(|| match &raw.path_prefix {
+            Some(prefix) => format!("{host}{prefix}"),
+            None => host.to_string(),
+        });
+        Some(RouteSpec {
+            name,
+            host,
+            path_prefix: raw.path_prefix.clone(),
+            methods,
+            credential: raw.credential.clone(),
+            inject: inject?,
+            strip,
+        })
+    }
+
+    fn inject(&mut self, index: usize, raw: &RawInject) -> Option<Injection> {
+        let at = |key: &str| format!("routes[{index}].inject.{key}");
+        let allowed: &[&str] = match raw.kind.as_str() {
+            "bearer" => &[],
+            "basic" => &["username"],
+            "header" => &["name", "value"],
+            "query" => &["name"],
+            _ => {
+                self.push(
+                    &at("type"),
+                    "must be one of `bearer`, `basic`, `header`, `query`",
+                );
+                return None;
+            }
+        };
+        for (key, set) in [
+            ("name", raw.name.is_some()),
+            ("value", raw.value.is_some()),
+            ("username", raw.username.is_some()),
+        ] {
+            if set && !allowed.contains(&key) {
+                self.push(&at(key), format!("not used by inject type `{}`", raw.kind));
+                return None;
+            }
+        }
+        match raw.kind.as_str() {
+            "bearer" => Some(Injection::Bearer),
+            "basic" => {
+                let username = raw.username.clone().unwrap_or_default();
+                if username.contains(':') || username.chars().any(char::is_control) {
+                    self.push(
+                        &at("username"),
+                        "must not contain `:` or control characters",
+                    );
+                    return None;
+                }
+                Some(Injection::Basic { username })
+            }
+            "header" => {
+                let Some(name) = raw.name.as_deref() else {
+                    self.push(&at("type"), "inject type `header` needs `name`");
+                    return None;
+                };
+                let header = match HeaderName::from_bytes(name.as_bytes()) {
+                    Ok(h) if !RESERVED_HEADERS.contains(&h.as_str()) => h,
+                    Ok(_) => {
+                        self.push(&at("name"), "keystamp manages this header itself");
+                        return None;
+                    }
+                    Err(_) => {
+                        self.push(&at("name"), "not a valid header name");
+                        return None;
+                    }
+                };
+                let template = raw.value.clone().unwrap_or_else(|| "{secret}".to_string());
+                if !template.contains("{secret}") {
+                    self.push(&at("value"), "must contain `{secret}`");
+                    return None;
+                }
+                if template.chars().any(char::is_control) {
+                    self.push(&at("value"), "must not contain control characters");
+                    return None;
+                }
+                Some(Injection::Header {
+                    name: header,
+                    template,
+                })
+            }
+            _ => {
+                let name = raw.name.clone().unwrap_or_default();
+                if name.is_empty() || name.contains(['&', '=', '#', ' ']) {
+                    self.push(&at("name"), "inject type `query` needs a parameter `name`");
+                    return None;
+                }
+                Some(Injection::Query { name })
+            }
+        }
+    }
+}
+
+fn resolve_path(base: &Path, path: &str) -> PathBuf {
+    let path = Path::new(path);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn valid_host(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// Parses a route's `host:`. Exported for the route table's tests.
+pub fn parse_host_pattern(text: &str) -> Option<HostPattern> {
+    let text = text.to_ascii_lowercase();
+    if let Some(suffix) = text.strip_prefix("*.") {
+        return valid_host(suffix).then(|| HostPattern::Wildcard(format!(".{suffix}")));
+    }
+    valid_host(&text).then_some(HostPattern::Exact(text))
+}

@@ -1,0 +1,101 @@
+//! keystamp's own errors and the one place an error becomes a response. Every response keystamp
+//! makes itself carries `x-keystamp-error: <code>` and a JSON body `{"code", "message", ...}`,
+//! so an agent can tell keystamp's 502 from the upstream's. Messages never carry a secret.
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::proxy::body::{full, ProxyBody};
+
+pub const ERROR_HEADER: &str = "x-keystamp-error";
+
+/// Which side a failure belongs to; only upstream verdicts may count against a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Upstream,
+    Keystamp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for this host and unmatched hosts are denied")]
+    UnmatchedDenied,
+    #[error("the host is routed, but no route allows this method and path")]
+    RouteDenied,
+    #[error("credential `{credential}` has no usable value: {reason}")]
+    CredentialUnavailable { credential: String, reason: String },
+    #[error("the upstream's TLS certificate could not be verified or the handshake failed")]
+    UpstreamTls,
+    #[error("could not connect to the upstream: {0}")]
+    UpstreamConnect(String),
+    #[error("the upstream connection failed before a response arrived")]
+    UpstreamFailed,
+    #[error("the request's host does not match the CONNECT host")]
+    HostMismatch,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("keystamp could not prepare the request: {0}")]
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    /// The stable, machine-readable code agents script against.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::UnmatchedDenied => "unmatched_denied",
+            ProxyError::RouteDenied => "route_denied",
+            ProxyError::CredentialUnavailable { .. } => "credential_unavailable",
+            ProxyError::UpstreamTls => "upstream_tls",
+            ProxyError::UpstreamConnect(_) => "upstream_connect",
+            ProxyError::UpstreamFailed => "upstream_failed",
+            ProxyError::HostMismatch => "host_mismatch",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::UnmatchedDenied | ProxyError::RouteDenied => StatusCode::FORBIDDEN,
+            ProxyError::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamTls
+            | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            ProxyError::HostMismatch => StatusCode::MISDIRECTED_REQUEST,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::UnmatchedDenied
+            | ProxyError::RouteDenied
+            | ProxyError::HostMismatch
+            | ProxyError::BadRequest(_) => Side::Agent,
+            ProxyError::UpstreamTls
+            | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamFailed => Side::Upstream,
+            ProxyError::CredentialUnavailable { .. } | ProxyError::Internal(_) => Side::Keystamp,
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut body = serde_json::json!({
+            "code": self.code(),
+            "message": self.to_string(),
+        });
+        if let ProxyError::CredentialUnavailable { credential, .. } = &self {
+            body["credential"] = serde_json::Value::from(credential.as_str());
+        }
+        let mut response = Response::new(full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        response
+    }
+}

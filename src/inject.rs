@@ -1,0 +1,217 @@
+//! Pure header and URI edits: drop hop-by-hop headers, strip every credential the agent sent,
+//! stamp the configured one. The secret is exposed here and nowhere else, and header values
+//! carrying it are marked sensitive (HPACK never indexes them, debug output hides them).
+
+use base64::Engine;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+
+use crate::config::Injection;
+use crate::routes::Route;
+use crate::secret::Secret;
+
+/// Stamping failed: the resulting header or URI would be invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum StampError {
+    #[error("the credential cannot be written as a header value")]
+    InvalidHeaderValue,
+    #[error("the request URI cannot carry the credential")]
+    InvalidUri,
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Whether a request asks for a protocol switch (WebSocket) that must keep `Connection: upgrade`.
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names. With
+/// `upgrade`, keeps `Connection: upgrade` and `Upgrade` so a WebSocket handshake passes.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|h| !(upgrade && h == header::UPGRADE))
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    // TE may only say "trailers" past this hop (gRPC needs that much).
+    let te_is_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
+    if !te_is_trailers {
+        headers.remove(header::TE);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Removes every credential-bearing header the agent may have sent for this route.
+pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &Route) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    if let Injection::Header { name, .. } = &route.inject {
+        headers.remove(name);
+    }
+    for name in &route.strip {
+        headers.remove(name);
+    }
+}
+
+/// Writes the credential into the request as the route says. Call after
+/// [`strip_agent_credentials`], so exactly one value reaches the upstream.
+pub fn stamp(
+    headers: &mut HeaderMap,
+    uri: &mut Uri,
+    inject: &Injection,
+    secret: &Secret,
+) -> Result<(), StampError> {
+    match inject {
+        Injection::Bearer => {
+            let value = sensitive(format!("Bearer {}", secret.expose()))?;
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        Injection::Basic { username } => {
+            let pair = format!("{username}:{}", secret.expose());
+            let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+            headers.insert(
+                header::AUTHORIZATION,
+                sensitive(format!("Basic {encoded}"))?,
+            );
+        }
+        Injection::Header { name, template } => {
+            let value = sensitive(template.replace("{secret}", secret.expose()))?;
+            headers.insert(name.clone(), value);
+        }
+        Injection::Query { name } => {
+            *uri = with_query_param(uri, name, secret.expose())?;
+        }
+    }
+    Ok(())
+}
+
+fn sensitive(text: String) -> Result<HeaderValue, StampError> {
+    let mut value = HeaderValue::try_from(text).map_err(|_| StampError::InvalidHeaderValue)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Returns `uri` with every `name=` pair the agent sent removed and `name=<value>` appended;
+/// the agent's other pairs are kept byte for byte.
+fn with_query_param(uri: &Uri, name: &str, value: &str) -> Result<Uri, StampError> {
+    let path = uri.path();
+    let kept = uri.query().unwrap_or("").split('&').filter(|pair| {
+        if pair.is_empty() {
+            return false;
+        }
+        let key = pair.split('=').next().unwrap_or("");
+        let decoded: String = form_urlencoded::parse(key.as_bytes())
+            .next()
+            .map(|(k, _)| k.into_owned())
+            .unwrap_or_default();
+        decoded != name
+    });
+    let mut query: Vec<String> = kept.map(str::to_string).collect();
+    let encoded_name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    let encoded_value: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+    query.push(format!("{encoded_name}={encoded_value}"));
+    let path_and_query = PathAndQuery::try_from(format!("{path}?{}", query.join("&")))
+        .map_err(|_| StampError::InvalidUri)?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|_| StampError::InvalidUri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_param_is_replaced_and_others_kept_verbatim() {
+        let uri: Uri = "/x?a=1&api_key=agent&b=%20+&api%5Fkey=again"
+            .parse()
+            .unwrap();
+        let out = with_query_param(&uri, "api_key", "s3cr/t&").unwrap();
+        assert_eq!(out.to_string(), "/x?a=1&b=%20+&api_key=s3cr%2Ft%26");
+        let bare: Uri = "/x".parse().unwrap();
+        assert_eq!(
+            with_query_param(&bare, "k", "v").unwrap().to_string(),
+            "/x?k=v"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_named_headers_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TE, HeaderValue::from_static("gzip"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers, false);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn websocket_upgrade_keeps_its_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn stamped_headers_are_sensitive() {
+        let mut headers = HeaderMap::new();
+        let mut uri: Uri = "/".parse().unwrap();
+        stamp(
+            &mut headers,
+            &mut uri,
+            &Injection::Basic {
+                username: "svc".into(),
+            },
+            &Secret::new("pw"),
+        )
+        .unwrap();
+        let value = &headers[header::AUTHORIZATION];
+        assert!(value.is_sensitive());
+        assert_eq!(value, "Basic c3ZjOnB3");
+        assert!(!format!("{headers:?}").contains("c3ZjOnB3"));
+    }
+}

@@ -1,0 +1,20 @@
+//! keystamp: a sidecar forward proxy that lets agents call third-party APIs while holding no
+//! secrets. It intercepts TLS for routed hosts, strips whatever credential the agent sent,
+//! stamps a fresh one from an in-memory table and forwards over verified TLS.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; tests and benches use the same API.
+
+mod admin;
+pub mod app;
+pub mod config;
+pub mod credentials;
+mod duration;
+pub mod error;
+pub mod inject;
+pub mod proxy;
+pub mod routes;
+pub mod secret;
+pub mod tls;
+
+pub use app::{App, RunningApp};
+pub use config::Config;

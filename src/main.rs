@@ -1,0 +1,151 @@
+//! The `keystamp` command: `run` serves, `check` validates a config. Sets up logging and maps
+//! failures to exit codes; everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use keystamp::config::Config;
+use keystamp::App;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "keystamp",
+    version,
+    about = "A sidecar proxy that stamps fresh credentials onto agents' API calls"
+)]
+struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve as the agents' HTTPS_PROXY / HTTP_PROXY.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and print what it defines (never a secret value).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => run(&config),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|error| {
+        for line in error.errors() {
+            eprintln!("{line}");
+        }
+        ExitCode::from(1)
+    })
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    println!("{}: ok", path.display());
+    println!(
+        "listen {}  admin {}  unmatched {:?}",
+        config.listen,
+        config.admin.map_or("off".to_string(), |a| a.to_string()),
+        config.unmatched
+    );
+    println!("routes ({}):", config.routes.len());
+    for route in &config.routes {
+        let methods = route.methods.as_ref().map_or("*".to_string(), |m| {
+            m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
+        });
+        println!(
+            "  {:<32} {:<16} {:<10} -> {} ({})",
+            route.host.to_string(),
+            route.path_prefix.as_deref().unwrap_or("/"),
+            methods,
+            route.credential,
+            route.inject.kind()
+        );
+    }
+    println!("credentials ({}):", config.credentials.len());
+    for (name, spec) in &config.credentials {
+        println!("  {name:<24} {}", spec.source.kind());
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keystamp: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let app = match App::start(config).await {
+            Ok(app) => app,
+            Err(error) => {
+                tracing::error!("start-up failed: {error:#}");
+                return ExitCode::from(1);
+            }
+        };
+        wait_for_stop_signal().await;
+        tracing::info!("stop signal received; draining");
+        app.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping");
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}

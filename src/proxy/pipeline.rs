@@ -1,0 +1,230 @@
+//! The request pipeline, every stage visible in order in [`forward`]: find the target, look the
+//! route up, fetch the credential, strip and stamp, send upstream, relay the response. Used for
+//! requests inside intercepted TLS and for absolute-form requests sent to the proxy in plain HTTP.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::config::Unmatched;
+use crate::credentials::CredentialState;
+use crate::error::ProxyError;
+use crate::inject;
+use crate::proxy::body::{self, ProxyBody};
+use crate::proxy::{ProxyState, Snapshot};
+use crate::routes::{Route, RouteMatch};
+use crate::secret::Secret;
+
+/// How the request reached keystamp.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// Inside TLS keystamp terminated for `CONNECT host:port`; the request must stay on that host.
+    Intercepted { host: String, port: u16 },
+    /// An absolute-form request (`GET http://host/...` or `GET https://host/...`) to the proxy.
+    AbsoluteForm,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+struct Target {
+    https: bool,
+    host: String,
+    port: u16,
+}
+
+pub async fn forward(
+    state: Arc<ProxyState>,
+    origin: Origin,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    match forward_stages(&state, &origin, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::debug!(code = error.code(), "keystamp answered the request itself");
+            error.into_response()
+        }
+    }
+}
+
+async fn forward_stages(
+    state: &ProxyState,
+    origin: &Origin,
+    mut request: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let target = target_of(origin, &request)?;
+    let snapshot = state.snapshot();
+    let route = match snapshot
+        .routes
+        .lookup(&target.host, request.uri().path(), request.method())
+    {
+        RouteMatch::Matched(route) => Some(route.clone()),
+        RouteMatch::Denied => return Err(ProxyError::RouteDenied),
+        RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => None,
+        RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
+    };
+    let secret = match &route {
+        Some(route) => Some(current_secret(&snapshot, route)?),
+        None => None,
+    };
+    let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
+    let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let outgoing = prepare(
+        request,
+        &target,
+        route.as_deref().zip(secret.as_ref()),
+        upgrade,
+    )?;
+    let mut response = state.upstream.send(outgoing, upgrade).await?;
+    if let Some(route) = &route {
+        tracing::debug!(route = %route.name, credential = %route.credential, status = response.status().as_u16(), "forwarded");
+    }
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(agent_upgrade) = agent_upgrade {
+            splice_upgrade(state, agent_upgrade, hyper::upgrade::on(&mut response));
+        }
+    }
+    Ok(relay(response, upgrade))
+}
+
+/// Stage 1: the target host, port and scheme. Inside an intercepted connection the request must
+/// name the CONNECT host (or nothing); anything else is 421 and goes nowhere.
+fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, ProxyError> {
+    match origin {
+        Origin::Intercepted { host, port } => {
+            let (named_host, named_port) = match request.uri().authority() {
+                Some(authority) => (authority.host().to_string(), authority.port_u16()),
+                None => {
+                    let value = request
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .ok_or(ProxyError::BadRequest("the request has no Host header"))?;
+                    let authority: http::uri::Authority = value.parse().map_err(|_| {
+                        ProxyError::BadRequest("the Host header is not a valid authority")
+                    })?;
+                    (authority.host().to_string(), authority.port_u16())
+                }
+            };
+            let same_host = named_host.trim_end_matches('.').eq_ignore_ascii_case(host);
+            if !same_host || named_port.unwrap_or(443) != *port {
+                return Err(ProxyError::HostMismatch);
+            }
+            Ok(Target {
+                https: true,
+                host: host.clone(),
+                port: *port,
+            })
+        }
+        Origin::AbsoluteForm => {
+            let uri = request.uri();
+            let https = match uri.scheme_str() {
+                Some("https") => true,
+                Some("http") => false,
+                _ => {
+                    return Err(ProxyError::BadRequest(
+                        "only http:// and https:// URLs can be proxied",
+                    ))
+                }
+            };
+            let host = uri
+                .host()
+                .ok_or(ProxyError::BadRequest("the request URL has no host"))?
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            Ok(Target { https, host, port })
+        }
+    }
+}
+
+/// Stage 2: the credential's current value, or 503 when it has none.
+fn current_secret(snapshot: &Snapshot, route: &Route) -> Result<Secret, ProxyError> {
+    let credential = snapshot.credentials.get(&route.credential);
+    match credential.map(|c| &c.state) {
+        Some(CredentialState::Ready { secret, .. }) => Ok(secret.clone()),
+        Some(CredentialState::Unavailable(reason)) => Err(ProxyError::CredentialUnavailable {
+            credential: route.credential.to_string(),
+            reason: reason.to_string(),
+        }),
+        None => Err(ProxyError::CredentialUnavailable {
+            credential: route.credential.to_string(),
+            reason: "not defined".into(),
+        }),
+    }
+}
+
+/// Stage 3: the request as the upstream will see it: absolute URI for the pooled client,
+/// hop-by-hop headers gone, the agent's credentials stripped, ours stamped.
+fn prepare(
+    request: Request<Incoming>,
+    target: &Target,
+    stamp: Option<(&Route, &Secret)>,
+    upgrade: bool,
+) -> Result<Request<ProxyBody>, ProxyError> {
+    let (mut parts, incoming) = request.into_parts();
+    let mut uri = upstream_uri(target, &parts.uri)?;
+    inject::strip_hop_by_hop(&mut parts.headers, upgrade);
+    // The pooled client writes Host (HTTP/1.1) or :authority (h2) from the URI.
+    parts.headers.remove(header::HOST);
+    if let Some((route, secret)) = stamp {
+        inject::strip_agent_credentials(&mut parts.headers, route);
+        inject::stamp(&mut parts.headers, &mut uri, &route.inject, secret)
+            .map_err(|_| ProxyError::Internal("the credential could not be stamped"))?;
+    }
+    parts.uri = uri;
+    // The client picks h2 or HTTP/1.1 per connection; it refuses an h2-tagged request on h1.
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, body::stream(incoming)))
+}
+
+fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
+    let default_port = if target.https { 443 } else { 80 };
+    let scheme = if target.https { "https" } else { "http" };
+    let authority = if target.port == default_port {
+        target.host.clone()
+    } else {
+        format!("{}:{}", target.host, target.port)
+    };
+    let path = original.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.starts_with('/') { path } else { "/" };
+    format!("{scheme}://{authority}{path}")
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("the request target is not a valid URL"))
+}
+
+/// Stage 5: the upstream's response, streamed back without its hop-by-hop headers.
+fn relay(response: Response<Incoming>, upgrade: bool) -> Response<ProxyBody> {
+    let (mut parts, incoming) = response.into_parts();
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_response_headers(&mut parts.headers, upgrade && switching);
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, body::stream(incoming))
+}
+
+fn strip_response_headers(headers: &mut HeaderMap, upgrade: bool) {
+    inject::strip_hop_by_hop(headers, upgrade);
+}
+
+/// Joins the agent's and the upstream's upgraded connections (WebSocket) byte for byte.
+fn splice_upgrade(
+    state: &ProxyState,
+    agent: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
+    state.tasks.spawn(async move {
+        let (agent, upstream) = match tokio::try_join!(agent, upstream) {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::debug!(%error, "protocol upgrade did not complete");
+                return;
+            }
+        };
+        let mut agent = TokioIo::new(agent);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
+            tracing::debug!(%error, "upgraded connection ended with an error");
+        }
+    });
+}

@@ -1,0 +1,294 @@
+//! Everything that dials out: the dialer (honouring `resolve:` pins, for tunnels too), the TLS
+//! connector that always verifies, and the pooled hyper clients that reuse upstream connections
+//! (h2 when the upstream offers it over ALPN, http/1.1 otherwise).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::error::ProxyError;
+use crate::proxy::body::ProxyBody;
+use crate::tls::{upstream_client_config, TlsError, ALPN_H2, ALPN_HTTP11};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// `resolve:` pins: (lowercase host, port) -> address to dial instead of resolving.
+pub type Pins = HashMap<(String, u16), SocketAddr>;
+
+/// Why dialing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the URI has no host")]
+    NoHost,
+    #[error("DNS resolution failed: {0}")]
+    Resolve(io::Error),
+    #[error("no address answered: {0}")]
+    Connect(io::Error),
+    #[error("timed out connecting")]
+    Timeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+}
+
+/// Opens TCP connections, dialing a `resolve:` pin instead of resolving when one exists.
+#[derive(Clone)]
+pub struct Dialer {
+    pins: Arc<ArcSwap<Pins>>,
+}
+
+impl Dialer {
+    pub fn new(pins: Pins) -> Self {
+        Self {
+            pins: Arc::new(ArcSwap::from_pointee(pins)),
+        }
+    }
+
+    /// Replaces the pins (a config reload).
+    pub fn set_pins(&self, pins: Pins) {
+        self.pins.store(Arc::new(pins));
+    }
+
+    pub async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let pinned = self
+            .pins
+            .load()
+            .get(&(host.to_ascii_lowercase(), port))
+            .copied();
+        let addresses: Vec<SocketAddr> = match pinned {
+            Some(address) => vec![address],
+            None => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(ConnectError::Resolve)?
+                .collect(),
+        };
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
+        for address in addresses {
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(Err(error)) => last = error,
+                Err(_) => return Err(ConnectError::Timeout),
+            }
+        }
+        Err(ConnectError::Connect(last))
+    }
+}
+
+/// A connection to an upstream, plain (for `http://`) or TLS.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) => {
+                Connected::new().negotiated_h2()
+            }
+            _ => Connected::new(),
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// The hyper connector: dial, then TLS for `https` URIs.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    dialer: Dialer,
+    tls: TlsConnector,
+}
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().ok_or(ConnectError::NoHost)?.to_string();
+            let https = uri.scheme_str() == Some("https");
+            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let tcp = this.dialer.dial(&host, port).await?;
+            if !https {
+                return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
+            }
+            let bare = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let name = ServerName::try_from(bare).map_err(|_| {
+                ConnectError::Tls(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "invalid server name",
+                ))
+            })?;
+            let tls = this
+                .tls
+                .connect(name, tcp)
+                .await
+                .map_err(ConnectError::Tls)?;
+            Ok(TokioIo::new(UpstreamStream::Tls(Box::new(tls))))
+        })
+    }
+}
+
+/// The pooled clients: `auto` negotiates h2 or http/1.1; `http1` serves protocol upgrades
+/// (WebSocket), which only exist in HTTP/1.1.
+pub struct Upstream {
+    auto: Client<UpstreamConnector, ProxyBody>,
+    http1: Client<UpstreamConnector, ProxyBody>,
+    dialer: Dialer,
+}
+
+impl Upstream {
+    pub fn new(dialer: Dialer, roots: RootCertStore) -> Result<Self, TlsError> {
+        let auto = upstream_client_config(roots.clone(), &[ALPN_H2, ALPN_HTTP11])?;
+        let http1 = upstream_client_config(roots, &[ALPN_HTTP11])?;
+        Ok(Self {
+            auto: client(UpstreamConnector {
+                dialer: dialer.clone(),
+                tls: TlsConnector::from(auto),
+            }),
+            http1: client(UpstreamConnector {
+                dialer: dialer.clone(),
+                tls: TlsConnector::from(http1),
+            }),
+            dialer,
+        })
+    }
+
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
+    }
+
+    /// Sends `request` (absolute URI) on a pooled connection.
+    pub async fn send(
+        &self,
+        request: Request<ProxyBody>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let client = if upgrade { &self.http1 } else { &self.auto };
+        client.request(request).await.map_err(classify)
+    }
+}
+
+fn client(connector: UpstreamConnector) -> Client<UpstreamConnector, ProxyBody> {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
+}
+
+/// Maps a client error to the code the agent sees, keeping which phase failed.
+fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(current) = source {
+        if let Some(connect) = current.downcast_ref::<ConnectError>() {
+            tracing::debug!(error = %connect, "upstream connect failed");
+            return connect_error(connect);
+        }
+        source = current.source();
+    }
+    tracing::debug!(error = %error, "upstream request failed");
+    if error.is_connect() {
+        ProxyError::UpstreamConnect("connection failed".into())
+    } else {
+        ProxyError::UpstreamFailed
+    }
+}
+
+pub fn connect_error(error: &ConnectError) -> ProxyError {
+    match error {
+        ConnectError::Tls(_) => ProxyError::UpstreamTls,
+        ConnectError::NoHost => ProxyError::UpstreamConnect("no host".into()),
+        ConnectError::Resolve(_) => ProxyError::UpstreamConnect("DNS resolution failed".into()),
+        ConnectError::Connect(e) => ProxyError::UpstreamConnect(format!("{}", e.kind())),
+        ConnectError::Timeout => ProxyError::UpstreamConnect("timed out".into()),
+    }
+}

@@ -1,0 +1,213 @@
+//! Host / path / method matching. The most specific route wins: an exact host over a wildcard,
+//! a longer wildcard suffix over a shorter one, a longer path prefix over a shorter one. A host
+//! that has routes but none matching the path or method is denied, never forwarded bare.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::{HostPattern, Injection, RouteSpec};
+
+/// A route as the request path uses it.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub host: HostPattern,
+    pub path_prefix: Option<String>,
+    pub methods: Option<Vec<Method>>,
+    pub credential: Arc<str>,
+    pub inject: Injection,
+    pub strip: Vec<http::HeaderName>,
+}
+
+/// The outcome of looking a request up.
+#[derive(Debug)]
+pub enum RouteMatch<'a> {
+    /// No route has this host at all: the `unmatched` policy decides.
+    HostNotRouted,
+    /// The host is routed, but no route allows this path and method.
+    Denied,
+    Matched(&'a Arc<Route>),
+}
+
+/// All routes, indexed for lookups that cost a few hash probes whatever the route count.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    exact: HashMap<String, Vec<Arc<Route>>>,
+    /// Keyed by suffix with its leading dot (`.example.test`).
+    wildcard: HashMap<String, Vec<Arc<Route>>>,
+}
+
+impl RouteTable {
+    pub fn new(specs: &[RouteSpec]) -> Self {
+        let mut table = RouteTable::default();
+        for spec in specs {
+            let route = Arc::new(Route {
+                name: Arc::from(spec.name.as_str()),
+                host: spec.host.clone(),
+                path_prefix: spec.path_prefix.clone(),
+                methods: spec.methods.clone(),
+                credential: Arc::from(spec.credential.as_str()),
+                inject: spec.inject.clone(),
+                strip: spec.strip.clone(),
+            });
+            let bucket = match &spec.host {
+                HostPattern::Exact(host) => table.exact.entry(host.clone()).or_default(),
+                HostPattern::Wildcard(suffix) => table.wildcard.entry(suffix.clone()).or_default(),
+            };
+            bucket.push(route);
+        }
+        // Longest prefix first; a route without a prefix matches every path and goes last.
+        // The sort is stable, so among equals the first in the file wins.
+        for bucket in table.exact.values_mut().chain(table.wildcard.values_mut()) {
+            bucket.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.as_deref().map_or(0, str::len)));
+        }
+        table
+    }
+
+    /// Whether any route names this host (exactly or by wildcard).
+    pub fn routes_host(&self, host: &str) -> bool {
+        self.candidates(&normalize_host(host)).next().is_some()
+    }
+
+    pub fn lookup(&self, host: &str, path: &str, method: &Method) -> RouteMatch<'_> {
+        let host = normalize_host(host);
+        let mut any = false;
+        for bucket in self.candidates(&host) {
+            any = true;
+            if let Some(route) = bucket.iter().find(|r| r.allows(path, method)) {
+                return RouteMatch::Matched(route);
+            }
+        }
+        if any {
+            RouteMatch::Denied
+        } else {
+            RouteMatch::HostNotRouted
+        }
+    }
+
+    /// Buckets for `host`, most specific first: the exact host, then wildcard suffixes from the
+    /// longest (`.b.example.test`) to the shortest (`.test`).
+    fn candidates<'a: 'h, 'h>(
+        &'a self,
+        host: &'h str,
+    ) -> impl Iterator<Item = &'a Vec<Arc<Route>>> + 'h {
+        let exact = self.exact.get(host);
+        let wildcards = host
+            .match_indices('.')
+            .filter(|(at, _)| *at > 0)
+            .filter_map(move |(at, _)| host.get(at..))
+            .filter_map(move |suffix| self.wildcard.get(suffix));
+        exact.into_iter().chain(wildcards)
+    }
+}
+
+impl Route {
+    fn allows(&self, path: &str, method: &Method) -> bool {
+        if let Some(methods) = &self.methods {
+            if !methods.contains(method) {
+                return false;
+            }
+        }
+        match &self.path_prefix {
+            None => true,
+            // A prefix only holds on a path the upstream cannot reinterpret as another one.
+            Some(prefix) => path.starts_with(prefix.as_str()) && !has_ambiguous_segments(path),
+        }
+    }
+}
+
+fn normalize_host(host: &str) -> String {
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Dot segments and encoded separators let `/v1/../admin` pass a `/v1/` prefix check.
+fn has_ambiguous_segments(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let lower = path.to_ascii_lowercase();
+    lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\')
+        || path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(yaml_routes: &str) -> RouteTable {
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nca: {{ generate: true }}\ncredentials:\n  a: {{ source: {{ env: A }} }}\n  b: {{ source: {{ env: B }} }}\nroutes:\n{yaml_routes}"
+        );
+        let config = Config::from_yaml(std::path::Path::new("/t/k.yaml"), &yaml).unwrap();
+        RouteTable::new(&config.routes)
+    }
+
+    fn matched(table: &RouteTable, host: &str, path: &str, method: Method) -> Option<String> {
+        match table.lookup(host, path, &method) {
+            RouteMatch::Matched(route) => Some(route.name.to_string()),
+            RouteMatch::Denied => Some("denied".into()),
+            RouteMatch::HostNotRouted => None,
+        }
+    }
+
+    #[test]
+    fn most_specific_route_wins() {
+        let t = table(
+            "  - { name: wild, host: '*.x.test', credential: a, inject: { type: bearer } }\n\
+             \x20 - { name: exact, host: api.x.test, credential: a, inject: { type: bearer } }\n\
+             \x20 - { name: v1, host: api.x.test, path_prefix: /v1/, credential: b, inject: { type: bearer } }\n\
+             \x20 - { name: deep, host: '*.b.x.test', credential: b, inject: { type: bearer } }\n",
+        );
+        assert_eq!(
+            matched(&t, "api.x.test", "/v1/a", Method::GET).as_deref(),
+            Some("v1")
+        );
+        assert_eq!(
+            matched(&t, "API.X.TEST.", "/v2", Method::GET).as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            matched(&t, "other.x.test", "/", Method::GET).as_deref(),
+            Some("wild")
+        );
+        assert_eq!(
+            matched(&t, "a.b.x.test", "/", Method::GET).as_deref(),
+            Some("deep")
+        );
+        assert_eq!(matched(&t, "x.test", "/", Method::GET), None);
+        assert_eq!(matched(&t, "evilx.test", "/", Method::GET), None);
+    }
+
+    #[test]
+    fn routed_host_without_matching_path_or_method_is_denied() {
+        let t = table(
+            "  - { host: api.x.test, path_prefix: /v1/, methods: [GET], credential: a, inject: { type: bearer } }\n",
+        );
+        assert_eq!(
+            matched(&t, "api.x.test", "/v1/ok", Method::GET).as_deref(),
+            Some("api.x.test/v1/")
+        );
+        assert_eq!(
+            matched(&t, "api.x.test", "/v1/ok", Method::POST).as_deref(),
+            Some("denied")
+        );
+        assert_eq!(
+            matched(&t, "api.x.test", "/v2/", Method::GET).as_deref(),
+            Some("denied")
+        );
+        assert_eq!(
+            matched(&t, "api.x.test", "/v1/../admin", Method::GET).as_deref(),
+            Some("denied")
+        );
+        assert_eq!(
+            matched(&t, "api.x.test", "/v1/%2e%2e/admin", Method::GET).as_deref(),
+            Some("denied")
+        );
+    }
+}
