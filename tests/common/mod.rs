@@ -1,0 +1,361 @@
+//! Test harness: a CA made by the test, a real TLS upstream (hyper + rustls) that echoes what it
+//! received, and keystamp itself started on ephemeral ports from a YAML config the test writes.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+
+pub use keystamp::{App, Config, RunningApp};
+
+/// Every host name the test upstream's certificate covers.
+pub const UPSTREAM_NAMES: &[&str] = &[
+    "api.example.test",
+    "basic.example.test",
+    "query.example.test",
+    "a.other.test",
+    "deep.b.other.test",
+    "tunnel.test",
+    "plain.test",
+    "localhost",
+];
+
+/// A CA made by the test.
+pub struct TestCa {
+    pub issuer: Issuer<'static, KeyPair>,
+    pub pem: String,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
+    let mut response = Response::new(Full::new(body.into()).boxed());
+    *response.status_mut() = status;
+    response
+}
+
+/// What the upstream saw, for assertions.
+#[derive(Default)]
+pub struct Seen {
+    pub requests: AtomicUsize,
+    pub authorizations: Mutex<Vec<Option<String>>>,
+}
+
+/// A real upstream: TLS (h2 + http/1.1, or http/1.1 only) or plain HTTP.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+}
+
+pub enum UpstreamKind {
+    Tls { ca: Arc<TestCa>, h2: bool },
+    Plain,
+}
+
+impl TestUpstream {
+    pub async fn start(kind: UpstreamKind) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let acceptor = match &kind {
+            UpstreamKind::Tls { ca, h2 } => {
+                let (chain, key) = ca.leaf(UPSTREAM_NAMES);
+                let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+                config.alpn_protocols = if *h2 {
+                    vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+                } else {
+                    vec![b"http/1.1".to_vec()]
+                };
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+            }
+            UpstreamKind::Plain => None,
+        };
+        let seen_for_loop = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen_for_loop.clone();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let seen = seen.clone();
+                        async move { Ok::<_, Infallible>(respond(request, seen).await) }
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match acceptor {
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                                .await;
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+}
+
+async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<TestBody> {
+    seen.requests.fetch_add(1, Ordering::SeqCst);
+    let authorization = request
+        .headers()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("<binary>").to_string());
+    seen.authorizations.lock().unwrap().push(authorization);
+    let path = request.uri().path().to_string();
+    if let Some(code) = path.strip_prefix("/status/") {
+        return text(
+            StatusCode::from_u16(code.parse().unwrap()).unwrap(),
+            "status",
+        );
+    }
+    match path.as_str() {
+        "/sse" => {
+            let events = futures_util::stream::unfold(0u32, |n| async move {
+                if n == 3 {
+                    return None;
+                }
+                if n > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let frame = Frame::data(Bytes::from(format!("data: event-{n}\n\n")));
+                Some((Ok::<_, Infallible>(frame), n + 1))
+            });
+            let mut response = Response::new(BodyExt::boxed(StreamBody::new(events)));
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            response
+        }
+        "/upload" => {
+            let mut body = request.into_body();
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    total += data.len() as u64;
+                }
+            }
+            text(StatusCode::OK, format!("{{\"bytes\":{total}}}"))
+        }
+        "/ws" => {
+            let key = request.headers().get("sec-websocket-key").cloned().unwrap();
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let upgraded = on_upgrade.await.unwrap();
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() {
+                        let reply = format!("echo:{}", message.to_text().unwrap());
+                        ws.send(tokio_tungstenite::tungstenite::Message::text(reply))
+                            .await
+                            .unwrap();
+                    }
+                }
+            });
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let mut response = text(StatusCode::SWITCHING_PROTOCOLS, "");
+            response
+                .headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("upgrade", "websocket".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("sec-websocket-accept", accept.parse().unwrap());
+            response
+        }
+        _ => {
+            let mut headers = serde_json::Map::new();
+            for (name, value) in request.headers() {
+                let entry = headers
+                    .entry(name.as_str().to_string())
+                    .or_insert_with(|| serde_json::json!([]));
+                entry
+                    .as_array_mut()
+                    .unwrap()
+                    .push(value.to_str().unwrap_or("<binary>").into());
+            }
+            let echo = serde_json::json!({
+                "method": request.method().as_str(),
+                "path": path,
+                "query": request.uri().query(),
+                "version": format!("{:?}", request.version()),
+                "headers": headers,
+            });
+            let mut response = text(StatusCode::OK, echo.to_string());
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            response
+        }
+    }
+}
+
+/// A keystamp started in this process from a config the test wrote into a temp dir.
+pub struct TestKeystamp {
+    pub app: RunningApp,
+    pub dir: tempfile::TempDir,
+    pub ca_path: PathBuf,
+}
+
+impl TestKeystamp {
+    /// `yaml` is the config below `listen`/`admin`/`ca`; `secrets` are written as files under
+    /// `secrets/NAME` in the temp dir (refer to them as `./secrets/NAME`).
+    pub async fn start(yaml: &str, secrets: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        for (name, value) in secrets {
+            std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
+        }
+        let text = format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{yaml}"
+        );
+        let path = dir.path().join("keystamp.yaml");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("config invalid:\n{e}\n{text}"));
+        let app = App::start(config).await.unwrap();
+        let ca_path = dir.path().join("run/ca.crt");
+        Self { app, dir, ca_path }
+    }
+
+    pub fn proxy_url(&self) -> String {
+        format!("http://{}", self.app.proxy_addr())
+    }
+
+    /// A PEM bundle with keystamp's CA and any extra CAs (for tunnelled hosts).
+    pub fn bundle(&self, extra: &[&TestCa]) -> PathBuf {
+        let mut pem = self.app.ca_pem().to_string();
+        for ca in extra {
+            pem.push_str(&ca.pem);
+        }
+        let path = self.dir.path().join(format!("bundle-{}.pem", extra.len()));
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+}
+
+/// Writes a PEM file into `dir`.
+pub fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
+/// The standard config used by most tests: the issue's example, pointed at `upstream`.
+pub fn example_config(upstream: SocketAddr, upstream_ca: &Path, unmatched: &str) -> String {
+    let port = upstream.port();
+    format!(
+        r#"unmatched: {unmatched}
+upstream_tls:
+  extra_roots: [{ca}]
+resolve:
+  api.example.test:443: 127.0.0.1:{port}
+  basic.example.test:443: 127.0.0.1:{port}
+  query.example.test:443: 127.0.0.1:{port}
+  a.other.test:443: 127.0.0.1:{port}
+  deep.b.other.test:443: 127.0.0.1:{port}
+  tunnel.test:443: 127.0.0.1:{port}
+credentials:
+  example:
+    source: {{ file: ./secrets/example }}
+  other:
+    source: {{ file: ./secrets/other }}
+  missing:
+    source: {{ file: ./secrets/does-not-exist }}
+routes:
+  - host: api.example.test
+    credential: example
+    inject: {{ type: bearer }}
+  - host: api.example.test
+    path_prefix: /broken/
+    credential: missing
+    inject: {{ type: bearer }}
+  - host: "*.other.test"
+    path_prefix: /v1/
+    methods: [GET, POST]
+    credential: other
+    inject: {{ type: header, name: X-Api-Key, value: "key={{secret}}" }}
+  - host: basic.example.test
+    credential: example
+    inject: {{ type: basic, username: svc }}
+  - host: query.example.test
+    credential: example
+    inject: {{ type: query, name: api_key }}
+"#,
+        ca = upstream_ca.display()
+    )
+}
+
+pub const EXAMPLE_SECRET: &str = "ex-secret-7f3a9c";
+pub const OTHER_SECRET: &str = "other-secret-41bd";

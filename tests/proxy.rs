@@ -1,0 +1,475 @@
+//! End-to-end proxy behaviour with reqwest configured only through environment variables
+//! (`HTTPS_PROXY`, `HTTP_PROXY`, `SSL_CERT_FILE`), against a real TLS upstream.
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+static ENV_LOCK: Mutex<()> = Mutex::new(());
+
+/// A reqwest client built the way an agent's would be: from the environment alone.
+fn agent_client(proxy: &str, ca_bundle: &Path, http1_only: bool) -> reqwest::Client {
+    let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("HTTPS_PROXY", proxy);
+    std::env::set_var("HTTP_PROXY", proxy);
+    std::env::set_var("SSL_CERT_FILE", ca_bundle);
+    std::env::remove_var("NO_PROXY");
+    std::env::remove_var("no_proxy");
+    let mut builder = reqwest::Client::builder();
+    if http1_only {
+        builder = builder.http1_only();
+    }
+    let client = builder.build().unwrap();
+    std::env::remove_var("HTTPS_PROXY");
+    std::env::remove_var("HTTP_PROXY");
+    std::env::remove_var("SSL_CERT_FILE");
+    client
+}
+
+struct Rig {
+    upstream_ca: Arc<TestCa>,
+    upstream: TestUpstream,
+    keystamp: TestKeystamp,
+}
+
+async fn rig(unmatched: &str, h2_upstream: bool) -> Rig {
+    let upstream_ca = Arc::new(TestCa::new("test upstream CA"));
+    let upstream = TestUpstream::start(UpstreamKind::Tls {
+        ca: upstream_ca.clone(),
+        h2: h2_upstream,
+    })
+    .await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(ca_dir.path(), "upstream-ca.pem", &upstream_ca.pem);
+    let yaml = example_config(upstream.addr, &ca_path, unmatched);
+    let keystamp = TestKeystamp::start(
+        &yaml,
+        &[
+            ("example", &format!("{EXAMPLE_SECRET}\n")),
+            ("other", OTHER_SECRET),
+        ],
+    )
+    .await;
+    std::mem::forget(ca_dir);
+    Rig {
+        upstream_ca,
+        upstream,
+        keystamp,
+    }
+}
+
+impl Rig {
+    fn client(&self) -> reqwest::Client {
+        agent_client(&self.keystamp.proxy_url(), &self.keystamp.ca_path, false)
+    }
+}
+
+async fn echo(response: reqwest::Response) -> Value {
+    assert_eq!(response.status(), 200, "expected an upstream echo");
+    response.json().await.unwrap()
+}
+
+fn header<'a>(echo: &'a Value, name: &str) -> Vec<&'a str> {
+    echo["headers"][name]
+        .as_array()
+        .map(|values| values.iter().map(|v| v.as_str().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn bearer_replaces_whatever_the_agent_sent() {
+    let rig = rig("deny", true).await;
+    let response = rig
+        .client()
+        .get("https://api.example.test/v1/models?x=1")
+        .header("Authorization", "Bearer agent-stale-key")
+        .header("Proxy-Authorization", "Basic Zm9vOmJhcg==")
+        .send()
+        .await
+        .unwrap();
+    let echo = echo(response).await;
+    assert_eq!(
+        header(&echo, "authorization"),
+        vec![format!("Bearer {EXAMPLE_SECRET}")]
+    );
+    assert!(header(&echo, "proxy-authorization").is_empty());
+    assert_eq!(echo["path"], "/v1/models");
+    assert_eq!(echo["query"], "x=1");
+}
+
+#[tokio::test]
+async fn basic_header_and_query_injection() {
+    let rig = rig("deny", true).await;
+    let client = rig.client();
+
+    let basic = echo(
+        client
+            .get("https://basic.example.test/")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let expected = base64_encode(&format!("svc:{EXAMPLE_SECRET}"));
+    assert_eq!(
+        header(&basic, "authorization"),
+        vec![format!("Basic {expected}")]
+    );
+
+    let custom = echo(
+        client
+            .post("https://a.other.test/v1/items")
+            .header("x-api-key", "agent-own")
+            .header("X-API-KEY", "agent-own-2")
+            .header("authorization", "Bearer agent")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        header(&custom, "x-api-key"),
+        vec![format!("key={OTHER_SECRET}")]
+    );
+    assert!(header(&custom, "authorization").is_empty());
+
+    let query = echo(
+        client
+            .get("https://query.example.test/q?a=1&api_key=agent&b=2")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(query["query"], format!("a=1&b=2&api_key={EXAMPLE_SECRET}"));
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+#[tokio::test]
+async fn wildcard_path_and_method_routing() {
+    let rig = rig("deny", true).await;
+    let client = rig.client();
+    // One label or more under other.test.
+    let deep = echo(
+        client
+            .get("https://deep.b.other.test/v1/x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        header(&deep, "x-api-key"),
+        vec![format!("key={OTHER_SECRET}")]
+    );
+    // Routed host, but the path or the method is not allowed: 403 route_denied, nothing forwarded.
+    let before = rig
+        .upstream
+        .seen
+        .requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    for response in [
+        client
+            .get("https://a.other.test/v2/x")
+            .send()
+            .await
+            .unwrap(),
+        client
+            .delete("https://a.other.test/v1/x")
+            .send()
+            .await
+            .unwrap(),
+        client
+            .get("https://a.other.test/v1/../admin")
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(response.status(), 403);
+        assert_eq!(response.headers()["x-keystamp-error"], "route_denied");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "route_denied");
+    }
+    assert_eq!(
+        rig.upstream
+            .seen
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        before
+    );
+}
+
+#[tokio::test]
+async fn missing_credential_answers_503_and_the_rest_works() {
+    let rig = rig("deny", true).await;
+    let client = rig.client();
+    let response = client
+        .get("https://api.example.test/broken/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["x-keystamp-error"],
+        "credential_unavailable"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["credential"], "missing");
+    let ok = client
+        .get("https://api.example.test/fine")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test]
+async fn h2_and_http1_on_both_sides() {
+    for h2_upstream in [true, false] {
+        let rig = rig("deny", h2_upstream).await;
+        for http1_only in [false, true] {
+            let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, http1_only);
+            let response = client
+                .get("https://api.example.test/v")
+                .send()
+                .await
+                .unwrap();
+            let agent_version = response.version();
+            let echo = echo(response).await;
+            let expected_agent = if http1_only {
+                reqwest::Version::HTTP_11
+            } else {
+                reqwest::Version::HTTP_2
+            };
+            assert_eq!(agent_version, expected_agent);
+            assert_eq!(
+                echo["version"],
+                if h2_upstream { "HTTP/2.0" } else { "HTTP/1.1" }
+            );
+            assert_eq!(
+                header(&echo, "authorization"),
+                vec![format!("Bearer {EXAMPLE_SECRET}")]
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn unmatched_hosts_tunnel_blind_or_are_denied() {
+    let rig = rig("tunnel", true).await;
+    // The agent must trust the upstream itself: keystamp does not touch a tunnel.
+    let bundle = rig.keystamp.bundle(&[&rig.upstream_ca]);
+    let client = agent_client(&rig.keystamp.proxy_url(), &bundle, false);
+    let echo = echo(
+        client
+            .get("https://tunnel.test/t")
+            .header("authorization", "Bearer agent-own")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header(&echo, "authorization"), vec!["Bearer agent-own"]);
+
+    let denying = rig_deny_tunnel().await;
+    let client = agent_client(
+        &denying.keystamp.proxy_url(),
+        &denying.keystamp.bundle(&[&denying.upstream_ca]),
+        false,
+    );
+    let error = client
+        .get("https://tunnel.test/t")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        error.is_connect() || error.to_string().contains("403"),
+        "{error:?}"
+    );
+}
+
+async fn rig_deny_tunnel() -> Rig {
+    rig("deny", true).await
+}
+
+#[tokio::test]
+async fn plain_http_routes_are_stamped_and_https_absolute_form_goes_over_tls() {
+    let upstream_ca = Arc::new(TestCa::new("ca"));
+    let tls_upstream = TestUpstream::start(UpstreamKind::Tls {
+        ca: upstream_ca.clone(),
+        h2: true,
+    })
+    .await;
+    let plain_upstream = TestUpstream::start(UpstreamKind::Plain).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(dir.path(), "up.pem", &upstream_ca.pem);
+    let yaml = format!(
+        "unmatched: deny\nupstream_tls: {{ extra_roots: [{}] }}\nresolve:\n  plain.test:80: {}\n  api.example.test:443: {}\n\
+         credentials:\n  example: {{ source: {{ file: ./secrets/example }} }}\n\
+         routes:\n  - {{ host: plain.test, credential: example, inject: {{ type: bearer }} }}\n  - {{ host: api.example.test, credential: example, inject: {{ type: bearer }} }}\n",
+        ca_path.display(),
+        plain_upstream.addr,
+        tls_upstream.addr
+    );
+    let keystamp = TestKeystamp::start(&yaml, &[("example", EXAMPLE_SECRET)]).await;
+    let client = agent_client(&keystamp.proxy_url(), &keystamp.ca_path, false);
+    let echo = echo(
+        client
+            .get("http://plain.test/p")
+            .header("authorization", "x")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        header(&echo, "authorization"),
+        vec![format!("Bearer {EXAMPLE_SECRET}")]
+    );
+
+    // axios sends `GET https://host/path` to the proxy in plain HTTP.
+    let raw = raw_request(
+        keystamp.app.proxy_addr(),
+        "GET https://api.example.test/abs HTTP/1.1\r\nHost: api.example.test\r\nAuthorization: Bearer agent\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(raw.contains(&format!("Bearer {EXAMPLE_SECRET}")), "{raw}");
+    assert_eq!(
+        tls_upstream
+            .seen
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // Unrouted plain HTTP with `unmatched: deny`.
+    let denied = client.get("http://elsewhere.test/").send().await.unwrap();
+    assert_eq!(denied.status(), 403);
+    assert_eq!(denied.headers()["x-keystamp-error"], "unmatched_denied");
+}
+
+async fn raw_request(proxy: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_one_by_one() {
+    let rig = rig("deny", true).await;
+    let response = rig
+        .client()
+        .get("https://api.example.test/sse")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let started = std::time::Instant::now();
+    let first = stream.next().await.unwrap().unwrap();
+    // The upstream waits 300 ms between events: the first must not wait for the others.
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(250),
+        "first event was held back"
+    );
+    assert_eq!(&first[..], b"data: event-0\n\n");
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(
+        String::from_utf8(rest).unwrap(),
+        "data: event-1\n\ndata: event-2\n\n"
+    );
+}
+
+#[tokio::test]
+async fn large_upload_streams_through() {
+    let rig = rig("deny", true).await;
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 64;
+    let body = futures_util::stream::iter(
+        (0..CHUNKS).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; CHUNK]))),
+    );
+    let response = rig
+        .client()
+        .post("https://api.example.test/upload")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["bytes"], (CHUNK * CHUNKS) as u64);
+}
+
+#[tokio::test]
+async fn bad_upstream_certificate_is_502_and_gets_no_request() {
+    // The upstream's CA is not in keystamp's trust store.
+    let stranger = Arc::new(TestCa::new("untrusted CA"));
+    let upstream = TestUpstream::start(UpstreamKind::Tls {
+        ca: stranger,
+        h2: true,
+    })
+    .await;
+    let trusted = TestCa::new("some other CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(dir.path(), "up.pem", &trusted.pem);
+    let yaml = example_config(upstream.addr, &ca_path, "deny");
+    let keystamp = TestKeystamp::start(
+        &yaml,
+        &[("example", EXAMPLE_SECRET), ("other", OTHER_SECRET)],
+    )
+    .await;
+    let client = agent_client(&keystamp.proxy_url(), &keystamp.ca_path, false);
+    let response = client
+        .get("https://api.example.test/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-keystamp-error"], "upstream_tls");
+    assert_eq!(
+        upstream
+            .seen
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_upstream_connect() {
+    let unused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(dir.path(), "up.pem", &TestCa::new("x").pem);
+    let yaml = example_config(unused, &ca_path, "deny");
+    let keystamp = TestKeystamp::start(
+        &yaml,
+        &[("example", EXAMPLE_SECRET), ("other", OTHER_SECRET)],
+    )
+    .await;
+    let client = agent_client(&keystamp.proxy_url(), &keystamp.ca_path, false);
+    let response = client
+        .get("https://api.example.test/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-keystamp-error"], "upstream_connect");
+}
