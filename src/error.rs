@@ -81,13 +81,13 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        let mut body = serde_json::json!({
-            "code": self.code(),
-            "message": self.to_string(),
-        });
+        let mut body = serde_json::Map::new();
+        body.insert("code".into(), self.code().into());
+        body.insert("message".into(), self.to_string().into());
         if let ProxyError::CredentialUnavailable { credential, .. } = &self {
-            body["credential"] = serde_json::Value::from(credential.as_str());
+            body.insert("credential".into(), credential.as_str().into());
         }
+        let body = serde_json::Value::Object(body);
         let mut response = Response::new(full(body.to_string()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();

@@ -1,6 +1,9 @@
 //! End-to-end proxy behaviour with reqwest configured only through environment variables
 //! (`HTTPS_PROXY`, `HTTP_PROXY`, `SSL_CERT_FILE`), against a real TLS upstream.
 
+// Test code: a panic is a failed assertion, which is what we want here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
 mod common;
 
 use std::path::Path;
@@ -472,4 +475,124 @@ async fn unreachable_upstream_is_502_upstream_connect() {
         .unwrap();
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["x-keystamp-error"], "upstream_connect");
+}
+
+/// Opens `CONNECT host:443` on keystamp and a TLS session inside it that trusts keystamp's CA,
+/// offering `alpn`.
+async fn intercepted_tls(
+    keystamp: &TestKeystamp,
+    host: &str,
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(keystamp.app.proxy_addr())
+        .await
+        .unwrap();
+    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls_pki_types::pem::PemObject;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(keystamp.app.ca_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // Without SNI the leaf is minted for the CONNECT host; verification still uses `host`.
+    config.enable_sni = sni.is_some();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from(sni.unwrap_or(host).to_string()).unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn host_mismatch_inside_an_intercepted_connection_is_421() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = rig("tunnel", true).await;
+    let mut tls = intercepted_tls(
+        &rig.keystamp,
+        "api.example.test",
+        Some("api.example.test"),
+        &[b"http/1.1"],
+    )
+    .await;
+    tls.write_all(b"GET /x HTTP/1.1\r\nHost: tunnel.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 421"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("x-keystamp-error: host_mismatch"),
+        "{text}"
+    );
+    assert_eq!(
+        rig.upstream
+            .seen
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn agent_without_sni_gets_a_leaf_for_the_connect_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = rig("deny", true).await;
+    let mut tls = intercepted_tls(&rig.keystamp, "api.example.test", None, &[b"http/1.1"]).await;
+    tls.write_all(b"GET /nosni HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(EXAMPLE_SECRET),
+        "stamped credential echoed back: {text}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_through_an_intercepted_route_is_stamped_at_the_handshake() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let rig = rig("deny", true).await;
+    // WebSocket over HTTP/1.1 Upgrade, even though the upstream also offers h2.
+    let tls = intercepted_tls(
+        &rig.keystamp,
+        "api.example.test",
+        Some("api.example.test"),
+        &[b"http/1.1"],
+    )
+    .await;
+    let (mut ws, response) = tokio_tungstenite::client_async("wss://api.example.test/ws", tls)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert_eq!(reply.to_text().unwrap(), "echo:hello");
+    let seen = rig.upstream.seen.authorizations.lock().unwrap().clone();
+    assert_eq!(seen, vec![Some(format!("Bearer {EXAMPLE_SECRET}"))]);
 }

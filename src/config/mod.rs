@@ -56,6 +56,15 @@ pub enum Unmatched {
     Deny,
 }
 
+impl fmt::Display for Unmatched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unmatched::Tunnel => "tunnel",
+            Unmatched::Deny => "deny",
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CredentialSpec {
     pub source: SourceSpec,

@@ -79,8 +79,11 @@ fn clean_serde_message(message: &str, key_path: &str) -> String {
     if let Some(at) = message.rfind(" at line ") {
         message.truncate(at);
     }
-    if let Some(rest) = message.strip_prefix(&format!("{key_path}: ")) {
-        message = rest.to_string();
+    // serde_norway prefixes some messages with the path of the enclosing value.
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !prefix.is_empty() && key_path.starts_with(prefix) {
+            message = rest.to_string();
+        }
     }
     redact_quoted(&message)
 }
@@ -148,7 +151,7 @@ impl Errors<'_> {
             .routes
             .iter()
             .enumerate()
-            .filter_map(|(index, route)| self.route(index, route, &credentials))
+            .filter_map(|(index, route)| self.route(index, route, &raw.credentials))
             .collect();
         let shutdown_grace = match raw.shutdown_grace.as_deref() {
             None => DEFAULT_SHUTDOWN_GRACE,
@@ -280,7 +283,7 @@ impl Errors<'_> {
         &mut self,
         index: usize,
         raw: &RawRoute,
-        credentials: &BTreeMap<String, CredentialSpec>,
+        credentials: &BTreeMap<String, RawCredential>,
     ) -> Option<RouteSpec> {
         let at = |key: &str| format!("routes[{index}].{key}");
         let errors_before = self.list.len();

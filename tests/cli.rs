@@ -1,0 +1,290 @@
+//! The real `keystamp` binary: `check` on good and broken configs (positions asserted), and
+//! `run` serving curl, draining on SIGTERM, and never printing a secret even at `RUST_LOG=trace`.
+
+// Test code: a panic is a failed assertion, which is what we want here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+
+fn keystamp() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keystamp"))
+}
+
+#[test]
+fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
+    for config in ["config/example.yaml", "config/keystamp.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(config);
+        let output = keystamp()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            output.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("routes ("), "{stdout}");
+        if config.ends_with("example.yaml") {
+            assert!(stdout.contains("*.other.test"), "{stdout}");
+            assert!(stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("example") && l.trim_end().ends_with("file")));
+            assert!(stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("other") && l.trim_end().ends_with("env")));
+        }
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_column_and_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.yaml");
+    std::fs::write(
+        &path,
+        "listen: nope\n\
+         ca:\n  generate: true\n\
+         credentials:\n  a:\n    source: { file: x, env: Y }\n  good:\n    source: { env: GOOD }\n\
+         routes:\n\
+         \x20 - host: api.example.test\n    credential: good\n    inject: { type: bearer }\n\
+         \x20 - host: \"bad host\"\n    credential: nobody\n    inject: { type: header, name: X-Key, value: \"nosecret\" }\n\
+         \x20 - host: ok.test\n    credential: good\n    inject: { type: wat }\n",
+    )
+    .unwrap();
+    let output = keystamp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let file = path.display().to_string();
+    for expected in [
+        format!("{file}:1:1: listen: "),
+        format!("{file}:6:5: credentials.a.source: "),
+        format!("{file}:13:5: routes[1].host: "),
+        format!("{file}:14:5: routes[1].credential: "),
+        format!("{file}:15:5: routes[1].inject.value: "),
+        format!("{file}:18:5: routes[2].inject.type: "),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&expected)),
+            "missing `{expected}` in:\n{stderr}"
+        );
+    }
+    assert_eq!(stderr.lines().count(), 6, "{stderr}");
+}
+
+#[test]
+fn check_reports_unknown_keys_with_position_and_never_echoes_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(&path, "listen: 127.0.0.1:1\nca: { generate: true }\ncredentials:\n  k:\n    source: { env: K }\nroutes:\n  - host: a.test\n    credentail: k\n").unwrap();
+    let output = keystamp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with(&format!(
+            "{}:8:5: routes[0].credentail: unknown field",
+            path.display()
+        )),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:1\nca: { generate: true }\nroutes: \"sk-pasted-secret-value\"\n",
+    )
+    .unwrap();
+    let output = keystamp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains(":3:"), "{stderr}");
+    assert!(!stderr.contains("sk-pasted-secret-value"), "{stderr}");
+}
+
+#[test]
+fn version_and_help() {
+    let version = keystamp().arg("--version").output().unwrap();
+    assert!(String::from_utf8(version.stdout)
+        .unwrap()
+        .starts_with("keystamp "));
+    let help = keystamp().arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("run") && help.contains("check") && help.contains("--log-format"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn curl(proxy: &str, ca: &Path, args: &[&str]) -> std::process::Child {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\\n%{http_code}"])
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap())
+        .env("HTTPS_PROXY", proxy)
+        .env("https_proxy", proxy)
+        .env("http_proxy", proxy)
+        .env("CURL_CA_BUNDLE", ca)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl must be installed (the test script installs it)")
+}
+
+fn finish(child: std::process::Child) -> (String, String) {
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    (body.to_string(), code.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
+    let canary = format!("cnry/{}+x=", std::process::id() as u64 * 7919 + 12345);
+    let upstream_ca = Arc::new(TestCa::new("upstream"));
+    let upstream = TestUpstream::start(UpstreamKind::Tls {
+        ca: upstream_ca.clone(),
+        h2: true,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &upstream_ca.pem);
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/example"), format!("{canary}\n")).unwrap();
+    std::fs::write(dir.path().join("secrets/other"), &canary).unwrap();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\nshutdown_grace: 10s\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{}",
+        example_config(upstream.addr, &ca_path, "deny")
+    );
+    let config_path = dir.path().join("keystamp.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let log_path = dir.path().join("keystamp.log");
+    let mut child = keystamp()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::from(
+            std::fs::File::create(dir.path().join("stdout.log")).unwrap(),
+        ))
+        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+        .spawn()
+        .unwrap();
+
+    let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
+    let started = Instant::now();
+    loop {
+        let ready = Command::new("curl")
+            .args(["-sf", &ready_url])
+            .env_remove("http_proxy")
+            .output()
+            .unwrap();
+        if ready.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "keystamp never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let ca = dir.path().join("run/ca.crt");
+
+    let (body, code) = finish(curl(
+        &proxy,
+        &ca,
+        &[
+            "-H",
+            "Authorization: Bearer agent-key",
+            "https://api.example.test/x",
+        ],
+    ));
+    assert_eq!(code, "200", "{body}");
+    assert!(
+        body.contains(&canary),
+        "the upstream must have received the secret: {body}"
+    );
+    for url in [
+        "https://basic.example.test/",
+        "https://query.example.test/q?a=1",
+        "https://a.other.test/v1/k",
+        "https://a.other.test/denied",
+        "https://api.example.test/broken/",
+    ] {
+        let (_, code) = finish(curl(&proxy, &ca, &[url]));
+        assert!(
+            ["200", "403", "503"].contains(&code.as_str()),
+            "{url}: {code}"
+        );
+    }
+
+    // A slow response in flight when SIGTERM arrives must complete.
+    let slow = curl(&proxy, &ca, &["https://api.example.test/sse"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let (body, code) = finish(slow);
+    assert_eq!(code, "200");
+    assert!(
+        body.contains("event-2"),
+        "drain cut the stream short: {body}"
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "keystamp exited with {status}");
+
+    let mut printed = String::new();
+    std::fs::File::open(&log_path)
+        .unwrap()
+        .read_to_string(&mut printed)
+        .unwrap();
+    printed.push_str(&std::fs::read_to_string(dir.path().join("stdout.log")).unwrap());
+    assert!(printed.lines().count() > 10, "expected trace output");
+    for line in printed.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+    let forms = [
+        canary.clone(),
+        base64::engine::general_purpose::STANDARD.encode(format!("svc:{canary}")),
+        base64::engine::general_purpose::STANDARD.encode(&canary),
+        form_urlencoded::byte_serialize(canary.as_bytes()).collect::<String>(),
+    ];
+    for form in forms {
+        assert!(
+            !printed.contains(&form),
+            "secret form `{form}` printed by keystamp"
+        );
+    }
+}
