@@ -37,11 +37,6 @@ impl App {
             }
         };
         let ca_pem = ca.cert_pem().to_string();
-        if let Some(path) = &config.ca.cert_out {
-            write_atomically(path, ca_pem.as_bytes())
-                .with_context(|| format!("writing the CA certificate to {}", path.display()))?;
-            tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
-        }
         let leaves = LeafCache::new(ca, config.ca.leaf_cache_size);
         let upstream = Upstream::new(
             Dialer::new(config.resolve.clone()),
@@ -74,6 +69,13 @@ impl App {
             }
             None => None,
         };
+        // Written only once both listeners are bound: an instance that fails to start must not
+        // replace the CA file of the one that is running.
+        if let Some(path) = &config.ca.cert_out {
+            write_atomically(path, ca_pem.as_bytes())
+                .with_context(|| format!("writing the CA certificate to {}", path.display()))?;
+            tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
+        }
         tokio::spawn(proxy::serve(listener, state.clone()));
         readiness.set(true);
         tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");

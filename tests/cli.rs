@@ -2,7 +2,12 @@
 //! `run` serving curl, draining on SIGTERM, and never printing a secret even at `RUST_LOG=trace`.
 
 // Test code: a panic is a failed assertion, which is what we want here.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -2,7 +2,12 @@
 //! (`HTTPS_PROXY`, `HTTP_PROXY`, `SSL_CERT_FILE`), against a real TLS upstream.
 
 // Test code: a panic is a failed assertion, which is what we want here.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -15,6 +15,7 @@ use crate::config::Unmatched;
 use crate::error::ProxyError;
 use crate::proxy::body::{self, ProxyBody};
 use crate::proxy::pipeline::{self, Origin};
+use crate::proxy::sniff::sniff_tls;
 use crate::proxy::upstream::connect_error;
 use crate::proxy::{serve_until_shutdown, ProxyState};
 
@@ -100,8 +101,24 @@ async fn intercept(
             return;
         }
     };
-    let acceptor =
-        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+    let (is_tls, stream) = match sniff_tls(TokioIo::new(upgraded)).await {
+        Ok(sniffed) => sniffed,
+        Err(error) => {
+            tracing::debug!(%host, %error, "tunnel closed before any byte");
+            return;
+        }
+    };
+    if !is_tls {
+        // Plain HTTP inside the tunnel (undici tunnels http:// URLs): stamp it all the same.
+        let origin = Origin::Intercepted {
+            host,
+            port,
+            tls: false,
+        };
+        serve_intercepted(state, origin, stream).await;
+        return;
+    }
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let start = match acceptor.await {
         Ok(start) => start,
         Err(error) => {
@@ -128,8 +145,24 @@ async fn intercept(
             return;
         }
     };
+    serve_intercepted(
+        state,
+        Origin::Intercepted {
+            host,
+            port,
+            tls: true,
+        },
+        tls,
+    )
+    .await;
+}
+
+/// Serves h2 or HTTP/1.1 on the agent's side of an intercepted tunnel.
+async fn serve_intercepted<S>(state: Arc<ProxyState>, origin: Origin, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let shutdown = state.shutdown.clone();
-    let origin = Origin::Intercepted { host, port };
     let service = service_fn(move |request| {
         let state = state.clone();
         let origin = origin.clone();
@@ -140,6 +173,6 @@ async fn intercept(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(super::HEADER_READ_TIMEOUT);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     serve_until_shutdown(connection, shutdown, |c| c.graceful_shutdown()).await;
 }

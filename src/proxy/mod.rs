@@ -5,6 +5,7 @@
 pub mod body;
 pub mod connect;
 pub mod pipeline;
+mod sniff;
 pub mod upstream;
 
 use std::future::Future;

@@ -20,8 +20,9 @@ use crate::secret::Secret;
 /// How the request reached keystamp.
 #[derive(Debug, Clone)]
 pub enum Origin {
-    /// Inside TLS keystamp terminated for `CONNECT host:port`; the request must stay on that host.
-    Intercepted { host: String, port: u16 },
+    /// Inside a `CONNECT host:port` tunnel keystamp terminated (TLS, or plain HTTP when the agent
+    /// tunnels an `http://` URL); the request must stay on that host.
+    Intercepted { host: String, port: u16, tls: bool },
     /// An absolute-form request (`GET http://host/...` or `GET https://host/...`) to the proxy.
     AbsoluteForm,
 }
@@ -92,7 +93,7 @@ async fn forward_stages(
 /// name the CONNECT host (or nothing); anything else is 421 and goes nowhere.
 fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, ProxyError> {
     match origin {
-        Origin::Intercepted { host, port } => {
+        Origin::Intercepted { host, port, tls } => {
             let (named_host, named_port) = match request.uri().authority() {
                 Some(authority) => (authority.host().to_string(), authority.port_u16()),
                 None => {
@@ -108,11 +109,12 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
                 }
             };
             let same_host = named_host.trim_end_matches('.').eq_ignore_ascii_case(host);
-            if !same_host || named_port.unwrap_or(443) != *port {
+            let default_port = if *tls { 443 } else { 80 };
+            if !same_host || named_port.unwrap_or(default_port) != *port {
                 return Err(ProxyError::HostMismatch);
             }
             Ok(Target {
-                https: true,
+                https: *tls,
                 host: host.clone(),
                 port: *port,
             })
