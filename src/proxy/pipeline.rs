@@ -13,6 +13,7 @@ use crate::credentials::CredentialState;
 use crate::error::ProxyError;
 use crate::inject;
 use crate::proxy::body::{self, ProxyBody};
+use crate::proxy::upstream::UpstreamProtocol;
 use crate::proxy::{ProxyState, Snapshot};
 use crate::routes::{Route, RouteMatch};
 use crate::secret::Secret;
@@ -69,6 +70,10 @@ async fn forward_stages(
         Some(route) => Some(current_secret(&snapshot, route)?),
         None => None,
     };
+    let protocol = match request.version() {
+        Version::HTTP_2 => UpstreamProtocol::PreferH2,
+        _ => UpstreamProtocol::Http1,
+    };
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let outgoing = prepare(
@@ -77,7 +82,7 @@ async fn forward_stages(
         route.as_deref().zip(secret.as_ref()),
         upgrade,
     )?;
-    let mut response = state.upstream.send(outgoing, upgrade).await?;
+    let mut response = state.upstream.send(outgoing, protocol).await?;
     if let Some(route) = &route {
         tracing::debug!(route = %route.name, credential = %route.credential, status = response.status().as_u16(), "forwarded");
     }

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# End-to-end overhead bench: the same small HTTPS request direct, through keystamp, and through
+# the peer proxies (hudsucker-peer, Squid ssl-bump, mitmproxy) in one run, driven by oha.
+# Prints a markdown table with ratios against the direct connection (this machine is shared and
+# noisy: absolute numbers drift, ratios in one run hold).
+#
+#   benches/e2e.sh            # all cases, 8 s each
+#   SECONDS_PER_CASE=4 PEERS="hudsucker squid" benches/e2e.sh
+#
+# Needs: oha (cargo install oha --locked), the peer rig (../shared/peers/up.sh, started here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${SECONDS_PER_CASE:-8}
+peers=${PEERS:-"hudsucker squid mitm"}
+peers_dir=${PEERS_RIG:-../shared/peers}
+command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked" >&2; exit 1; }
+
+eval "$("$peers_dir/up.sh" | grep -E '^[A-Z_]+=')"
+cargo build --release -q
+work=$(mktemp -d)
+trap 'kill $ks_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+mkdir -p "$work/secrets"
+printf 'bench-secret\n' >"$work/secrets/token"
+cat >"$work/keystamp.yaml" <<YAML
+listen: 127.0.0.1:18140
+admin: 127.0.0.1:18141
+ca: { generate: true, cert_out: ./ca.crt }
+unmatched: deny
+upstream_tls: { extra_roots: [$UPSTREAM_CA] }
+credentials:
+  bench: { source: { file: ./secrets/token } }
+routes:
+  - { host: upstream.test, credential: bench, inject: { type: bearer } }
+YAML
+RUST_LOG=warn ./target/release/keystamp run --config "$work/keystamp.yaml" 2>"$work/keystamp.log" &
+ks_pid=$!
+for _ in $(seq 100); do curl -sf http://127.0.0.1:18141/readyz >/dev/null && break; sleep 0.1; done
+KS_PROXY=http://127.0.0.1:18140
+KS_CA=$work/ca.crt
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+idle_rss=$(rss_kib $ks_pid)
+
+# Sanity: the upstream sees keystamp's credential, not the agent's.
+got=$(curl -s --cacert "$KS_CA" -x $KS_PROXY -H 'Authorization: Bearer agent' "$UPSTREAM_URL")
+[ "$got" = "auth=Bearer bench-secret" ] || { echo "keystamp did not stamp: $got" >&2; exit 1; }
+
+# oha_json NAME ARGS... -> prints "rps p50_ms"
+measure() {
+  oha --no-tui --output-format json -z "${secs}s" "$@" "$UPSTREAM_URL" 2>/dev/null |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); s=d["summary"]; p=d["latencyPercentiles"]["p50"] or 0; print("%.0f %.3f %.3f" % (s["requestsPerSec"], p*1000, s["successRate"] or 0))'
+}
+target_args() {
+  case $1 in
+    direct) echo "--cacert $UPSTREAM_CA" ;;
+    keystamp) echo "--cacert $KS_CA -x $KS_PROXY" ;;
+    hudsucker) echo "--cacert $HUD_CA -x $HUD_PROXY" ;;
+    squid) echo "--cacert $SQUID_CA -x $SQUID_PROXY" ;;
+    mitm) echo "--cacert $MITM_CA -x $MITM_PROXY" ;;
+  esac
+}
+targets="direct keystamp $peers"
+declare -A ka one fresh
+for t in $targets; do
+  # shellcheck disable=SC2046
+  ka[$t]=$(measure -c 16 $(target_args $t))
+  # shellcheck disable=SC2046
+  one[$t]=$(measure -c 1 $(target_args $t))
+  # shellcheck disable=SC2046
+  fresh[$t]=$(measure -c 4 --disable-keepalive $(target_args $t))
+done
+after_rss=$(rss_kib $ks_pid)
+
+# 1,000 keep-alive connections held open through keystamp at a modest rate.
+oha --no-tui -z 6s -c 1000 -q 2000 --cacert "$KS_CA" -x $KS_PROXY "$UPSTREAM_URL" >/dev/null 2>&1 &
+load_pid=$!
+sleep 4
+held_rss=$(rss_kib $ks_pid)
+open_conns=$(ss -Htn state established "( sport = :18140 )" | wc -l)
+wait $load_pid || true
+
+col() { echo "$1" | cut -d' ' -f"$2"; }
+ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+printf '\n| case | %s |\n|---|%s\n' "$(echo $targets | sed 's/ / | /g')" "$(for _ in $targets; do printf -- '---|'; done)"
+printf '| keep-alive, 16 conns: req/s |'
+for t in $targets; do printf ' %s (%s×) |' "$(col "${ka[$t]}" 1)" "$(ratio "$(col "${ka[$t]}" 1)" "$(col "${ka[direct]}" 1)")"; done
+printf '\n| keep-alive, 1 conn: p50 ms |'
+for t in $targets; do printf ' %s |' "$(col "${one[$t]}" 2)"; done
+printf '\n| new connection per request, 4 conns: req/s |'
+for t in $targets; do printf ' %s (%s×) |' "$(col "${fresh[$t]}" 1)" "$(ratio "$(col "${fresh[$t]}" 1)" "$(col "${fresh[direct]}" 1)")"; done
+printf '\n| success rate (keep-alive / 1 conn / new conn) |'
+for t in $targets; do printf ' %s / %s / %s |' "$(col "${ka[$t]}" 3)" "$(col "${one[$t]}" 3)" "$(col "${fresh[$t]}" 3)"; done
+echo
+ks_ka=$(col "${ka[keystamp]}" 1)
+echo
+echo "keystamp added p50 latency, 1 conn: $(python3 -c "print(f'{($(col "${one[keystamp]}" 2) - $(col "${one[direct]}" 2))*1000:.0f}')") µs"
+for p in $peers; do
+  echo "keystamp / $p: keep-alive $(ratio "$ks_ka" "$(col "${ka[$p]}" 1)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 1)" "$(col "${fresh[$p]}" 1)")×"
+done
+echo "keystamp RSS: idle $((idle_rss / 1024)) MiB, after the runs $((after_rss / 1024)) MiB, holding $open_conns keep-alive connections $((held_rss / 1024)) MiB"
