@@ -1,18 +1,20 @@
-//! The admin listener: `/livez` (the process answers) and `/readyz` (config loaded, CA ready,
-//! proxy listener bound). Meant for loopback or the pod network only, never the internet.
+//! The admin listener: `/livez` (the process answers), `/readyz` (config loaded, CA ready, proxy
+//! listener bound), `/metrics` (Prometheus text) and `/status` (JSON: routes, credentials with
+//! their version fingerprints and expiry; never a value). Meant for loopback or the pod network
+//! only, never the internet.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use crate::credentials::expiry::format_rfc3339;
+use crate::proxy::body::{full, ProxyBody};
+use crate::proxy::ProxyState;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-use crate::proxy::body::{full, ProxyBody};
 
 /// Set once keystamp can serve; cleared when it starts draining.
 #[derive(Debug, Default)]
@@ -28,7 +30,8 @@ impl Readiness {
     }
 }
 
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, state: Arc<ProxyState>) {
+    let shutdown = state.shutdown.clone();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -38,10 +41,12 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
             () = shutdown.cancelled() => break,
         };
         let readiness = readiness.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let readiness = readiness.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&readiness, &request)) }
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&readiness, &state, &request)) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -50,14 +55,83 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, shutdown: C
     }
 }
 
-fn answer(readiness: &Readiness, request: &Request<Incoming>) -> Response<ProxyBody> {
-    let (status, text) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/livez") => (StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if readiness.is_ready() => (StatusCode::OK, "ready\n"),
-        (&Method::GET, "/readyz") => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+fn answer(
+    readiness: &Readiness,
+    state: &ProxyState,
+    request: &Request<Incoming>,
+) -> Response<ProxyBody> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        (&Method::GET, "/readyz") if readiness.is_ready() => {
+            (StatusCode::OK, "text/plain", "ready\n".to_string())
+        }
+        (&Method::GET, "/readyz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.metrics.render(),
+        ),
+        (&Method::GET, "/status") => (
+            StatusCode::OK,
+            "application/json",
+            status_json(state).to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
     };
-    let mut response = Response::new(full(text));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Routes and credentials as they are now. Names, kinds and fingerprints only, never a value.
+fn status_json(state: &ProxyState) -> serde_json::Value {
+    let snapshot = state.snapshot();
+    let mut credentials: Vec<_> = snapshot.credentials.iter().collect();
+    credentials.sort_by(|a, b| a.name.cmp(&b.name));
+    let credentials: Vec<serde_json::Value> = credentials
+        .into_iter()
+        .map(|credential| {
+            let version = credential.current.as_ref();
+            serde_json::json!({
+                "name": credential.name.as_ref(),
+                "source": credential.source_kind(),
+                "fingerprint": version.map(|v| v.fingerprint.clone()),
+                "loaded_at": version.map(|v| format_rfc3339(v.loaded_at)),
+                "expires_at": version.and_then(|v| v.expiry).map(|e| format_rfc3339(e.at)),
+                "expired": version.is_some_and(|v| v.is_expired(tokio::time::Instant::now())),
+                "last_error": credential.last_error.as_ref().map(ToString::to_string),
+            })
+        })
+        .collect();
+    let routes: Vec<serde_json::Value> = snapshot
+        .routes
+        .iter()
+        .map(|route| {
+            serde_json::json!({
+                "name": route.name.as_ref(),
+                "host": route.host.to_string(),
+                "path_prefix": route.path_prefix,
+                "methods": route.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_string()).collect::<Vec<_>>()),
+                "credential": route.credential.as_ref(),
+                "inject": route.inject.kind(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "unmatched": snapshot.unmatched.to_string(),
+        "routes": routes,
+        "credentials": credentials,
+    })
 }

@@ -11,8 +11,10 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, Readiness};
 use crate::config::{CaOrigin, Config};
+use crate::credentials::reloader::{ReloadHandle, Reloader};
 use crate::proxy::upstream::{Dialer, Upstream};
 use crate::proxy::{self, ProxyState, Snapshot};
+use crate::telemetry::Metrics;
 use crate::tls::{upstream_roots, CertificateAuthority, LeafCache};
 
 /// Starts keystamp from a validated config.
@@ -43,10 +45,16 @@ impl App {
             upstream_roots(&config.extra_roots),
         )
         .context("building the upstream TLS client")?;
+        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+        let snapshot = Snapshot::load(&config, &upstream).await;
+        let (reloads, reload_requests) = ReloadHandle::channel();
         let state = Arc::new(ProxyState::new(
-            Snapshot::from_config(&config),
+            snapshot,
             leaves,
             upstream,
+            metrics.clone(),
+            reloads.clone(),
+            config.reload.replay_body_limit,
         ));
 
         let listener = TcpListener::bind(config.listen)
@@ -63,7 +71,7 @@ impl App {
                 tokio::spawn(admin::serve(
                     admin_listener,
                     readiness.clone(),
-                    state.shutdown.clone(),
+                    state.clone(),
                 ));
                 Some(bound)
             }
@@ -76,6 +84,7 @@ impl App {
                 .with_context(|| format!("writing the CA certificate to {}", path.display()))?;
             tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
         }
+        tokio::spawn(Reloader::new(state.clone(), config.clone(), reload_requests).run());
         tokio::spawn(proxy::serve(listener, state.clone()));
         readiness.set(true);
         tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");
@@ -97,6 +106,11 @@ impl RunningApp {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Re-reads the config and every credential source now (what SIGHUP does).
+    pub fn reload(&self) {
+        self.state.reloads.reload_all();
     }
 
     /// The CA certificate (PEM) agents must trust.

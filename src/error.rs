@@ -24,6 +24,8 @@ pub enum ProxyError {
     RouteDenied,
     #[error("credential `{credential}` has no usable value: {reason}")]
     CredentialUnavailable { credential: String, reason: String },
+    #[error("credential `{credential}` expired and no newer version could be fetched")]
+    CredentialExpired { credential: String },
     #[error("the upstream's TLS certificate could not be verified or the handshake failed")]
     UpstreamTls,
     #[error("could not connect to the upstream: {0}")]
@@ -45,6 +47,7 @@ impl ProxyError {
             ProxyError::UnmatchedDenied => "unmatched_denied",
             ProxyError::RouteDenied => "route_denied",
             ProxyError::CredentialUnavailable { .. } => "credential_unavailable",
+            ProxyError::CredentialExpired { .. } => "credential_expired",
             ProxyError::UpstreamTls => "upstream_tls",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamFailed => "upstream_failed",
@@ -57,7 +60,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnmatchedDenied | ProxyError::RouteDenied => StatusCode::FORBIDDEN,
-            ProxyError::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::CredentialUnavailable { .. } | ProxyError::CredentialExpired { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamTls
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -76,7 +81,9 @@ impl ProxyError {
             ProxyError::UpstreamTls
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed => Side::Upstream,
-            ProxyError::CredentialUnavailable { .. } | ProxyError::Internal(_) => Side::Keystamp,
+            ProxyError::CredentialUnavailable { .. }
+            | ProxyError::CredentialExpired { .. }
+            | ProxyError::Internal(_) => Side::Keystamp,
         }
     }
 
@@ -84,7 +91,9 @@ impl ProxyError {
         let mut body = serde_json::Map::new();
         body.insert("code".into(), self.code().into());
         body.insert("message".into(), self.to_string().into());
-        if let ProxyError::CredentialUnavailable { credential, .. } = &self {
+        if let ProxyError::CredentialUnavailable { credential, .. }
+        | ProxyError::CredentialExpired { credential } = &self
+        {
             body.insert("credential".into(), credential.as_str().into());
         }
         let body = serde_json::Value::Object(body);

@@ -14,6 +14,7 @@ pub mod inject;
 pub mod proxy;
 pub mod routes;
 pub mod secret;
+pub mod telemetry;
 pub mod tls;
 
 pub use app::{App, RunningApp};

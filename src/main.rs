@@ -53,7 +53,15 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // notify traces every inotify event; when the log file sits in a watched directory (a pod's
+    // config dir), each line written would be another event: cap it unless asked for by name.
+    let notify_named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("notify"));
+    if !notify_named {
+        if let Ok(directive) = "notify=info".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -128,24 +136,32 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        wait_for_stop_signal().await;
+        wait_for_stop_signal(&app).await;
         tracing::info!("stop signal received; draining");
         app.shutdown().await;
         ExitCode::SUCCESS
     })
 }
 
-async fn wait_for_stop_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the config and every credential meanwhile.
+async fn wait_for_stop_signal(app: &keystamp::RunningApp) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stopping");
         return;
     };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return,
+            _ = interrupt.recv() => return,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                app.reload();
+            }
+        }
     }
 }

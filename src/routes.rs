@@ -66,6 +66,11 @@ impl RouteTable {
         table
     }
 
+    /// Every route, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.exact.values().chain(self.wildcard.values()).flatten()
+    }
+
     /// Whether any route names this host (exactly or by wildcard).
     pub fn routes_host(&self, host: &str) -> bool {
         self.candidates(&normalize_host(host)).next().is_some()

@@ -29,6 +29,7 @@ pub struct Config {
     pub credentials: BTreeMap<String, CredentialSpec>,
     pub routes: Vec<RouteSpec>,
     pub shutdown_grace: Duration,
+    pub reload: ReloadConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -65,25 +66,79 @@ impl fmt::Display for Unmatched {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CredentialSpec {
     pub source: SourceSpec,
+    pub refresh_before: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+/// Where a secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceSpec {
-    File(PathBuf),
-    Env(String),
+    File { path: PathBuf, format: ValueFormat },
+    Env { var: String, format: ValueFormat },
+    Command(CommandSpec),
+    OAuth2(Box<OAuth2Spec>),
+}
+
+/// How a source's bytes hold the secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueFormat {
+    /// The whole value (one trailing newline stripped).
+    Plain,
+    /// `{"token": "...", "expires_at": "<RFC 3339>"}`.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandSpec {
+    pub argv: Vec<String>,
+    pub format: ValueFormat,
+    pub refresh_every: Option<Duration>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuth2Spec {
+    pub token_url: http::Uri,
+    pub client_id: SourceSpec,
+    pub client_secret: SourceSpec,
+    pub scopes: Vec<String>,
+    pub audience: Option<String>,
+    pub timeout: Duration,
 }
 
 impl SourceSpec {
     /// The kind, for `check`, logs and `/status`.
     pub fn kind(&self) -> &'static str {
         match self {
-            SourceSpec::File(_) => "file",
-            SourceSpec::Env(_) => "env",
+            SourceSpec::File { .. } => "file",
+            SourceSpec::Env { .. } => "env",
+            SourceSpec::Command(_) => "command",
+            SourceSpec::OAuth2(_) => "oauth2_client_credentials",
         }
     }
+
+    /// Files this source reads (its own, or its client id/secret's), for the watcher.
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            SourceSpec::File { path, .. } => vec![path.as_path()],
+            SourceSpec::OAuth2(oauth) => {
+                let mut files = oauth.client_id.files();
+                files.extend(oauth.client_secret.files());
+                files
+            }
+            SourceSpec::Env { .. } | SourceSpec::Command(_) => Vec::new(),
+        }
+    }
+}
+
+/// How keystamp follows changes while serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadConfig {
+    pub resync_every: Duration,
+    pub debounce: Duration,
+    pub replay_body_limit: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -24,6 +24,8 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub shutdown_grace: Option<String>,
+    #[serde(default)]
+    pub reload: RawReload,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,9 +54,13 @@ pub struct RawUpstreamTls {
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
     pub source: RawSource,
+    /// Refresh this long before expiry instead of the default rule.
+    #[serde(default)]
+    pub refresh_before: Option<String>,
 }
 
-/// Exactly one key must be set; `validate.rs` says so when not.
+/// Exactly one of `file`, `env`, `command`, `oauth2_client_credentials` must be set;
+/// `validate.rs` says so when not.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
@@ -62,6 +68,46 @@ pub struct RawSource {
     pub file: Option<String>,
     #[serde(default)]
     pub env: Option<String>,
+    /// argv, run without a shell.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub oauth2_client_credentials: Option<Box<RawOauth2>>,
+    /// `plain` (default) or `json` (`{"token": "...", "expires_at": "<RFC 3339>"}`).
+    #[serde(default)]
+    pub format: Option<String>,
+    /// For `command`: re-run this often even without an expiry.
+    #[serde(default)]
+    pub refresh_every: Option<String>,
+    /// For `command` and `oauth2_client_credentials`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOauth2 {
+    pub token_url: String,
+    pub client_id: RawSource,
+    pub client_secret: RawSource,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    /// Re-read every source this often, as a backstop for lost file events (default 30s).
+    #[serde(default)]
+    pub resync_every: Option<String>,
+    /// Wait this long after a file event before re-reading (default 200ms).
+    #[serde(default)]
+    pub debounce: Option<String>,
+    /// Largest request body kept to replay after a 401 (default 64 KiB).
+    #[serde(default)]
+    pub replay_body_limit: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

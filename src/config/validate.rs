@@ -9,14 +9,18 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use super::locate::{locate, parse_path};
-use super::raw::{RawCa, RawConfig, RawCredential, RawInject, RawRoute};
+use super::raw::{RawCa, RawConfig, RawCredential, RawInject, RawReload, RawRoute, RawSource};
 use super::{
-    CaConfig, CaOrigin, Config, ConfigError, CredentialSpec, HostPattern, Injection, RouteSpec,
-    SourceSpec, Unmatched,
+    CaConfig, CaOrigin, CommandSpec, Config, ConfigError, CredentialSpec, HostPattern, Injection,
+    OAuth2Spec, ReloadConfig, RouteSpec, SourceSpec, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
+const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 
 /// Headers keystamp manages itself; a route may not inject into them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -160,8 +164,10 @@ impl Errors<'_> {
                 DEFAULT_SHUTDOWN_GRACE
             }),
         };
+        let reload = self.reload(&raw.reload);
         Some(Config {
             path: self.file.to_path_buf(),
+            reload,
             listen: listen?,
             admin,
             ca: ca?,
@@ -254,29 +260,190 @@ impl Errors<'_> {
                 );
                 continue;
             }
-            let source = match (&credential.source.file, &credential.source.env) {
-                (Some(file), None) if !file.is_empty() => {
-                    SourceSpec::File(resolve_path(base, file))
-                }
-                (None, Some(var)) if valid_env_name(var) => SourceSpec::Env(var.clone()),
-                (None, Some(_)) => {
-                    self.push(
-                        &format!("{key_path}.source.env"),
-                        "not a valid environment variable name",
-                    );
-                    continue;
-                }
-                _ => {
-                    self.push(
-                        &format!("{key_path}.source"),
-                        "set exactly one of `file` or `env`",
-                    );
-                    continue;
-                }
+            let refresh_before = credential
+                .refresh_before
+                .as_deref()
+                .and_then(|text| self.duration(&format!("{key_path}.refresh_before"), text));
+            let Some(source) = self.source(&format!("{key_path}.source"), &credential.source, base)
+            else {
+                continue;
             };
-            specs.insert(name.clone(), CredentialSpec { source });
+            specs.insert(
+                name.clone(),
+                CredentialSpec {
+                    source,
+                    refresh_before,
+                },
+            );
         }
         specs
+    }
+
+    fn duration(&mut self, key_path: &str, text: &str) -> Option<Duration> {
+        match crate::duration::parse(text) {
+            Ok(duration) => Some(duration),
+            Err(message) => {
+                self.push(key_path, message);
+                None
+            }
+        }
+    }
+
+    fn source(&mut self, at: &str, raw: &RawSource, base: &Path) -> Option<SourceSpec> {
+        let set = [
+            raw.file.is_some(),
+            raw.env.is_some(),
+            raw.command.is_some(),
+            raw.oauth2_client_credentials.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            self.push(
+                at,
+                "set exactly one of `file`, `env`, `command` or `oauth2_client_credentials`",
+            );
+            return None;
+        }
+        let format = match raw.format.as_deref() {
+            None | Some("plain") => ValueFormat::Plain,
+            Some("json") => ValueFormat::Json,
+            Some(_) => {
+                self.push(&format!("{at}.format"), "must be `plain` or `json`");
+                return None;
+            }
+        };
+        let timeout = match raw.timeout.as_deref() {
+            Some(text) => self.duration(&format!("{at}.timeout"), text)?,
+            None => DEFAULT_SOURCE_TIMEOUT,
+        };
+        let refresh_every = match raw.refresh_every.as_deref() {
+            Some(text) => Some(self.duration(&format!("{at}.refresh_every"), text)?),
+            None => None,
+        };
+        let only_for = |key: &str, set: bool, kinds: &str| {
+            set.then(|| (format!("{at}.{key}"), format!("only applies to {kinds}")))
+        };
+        let is_command = raw.command.is_some();
+        let is_oauth = raw.oauth2_client_credentials.is_some();
+        if let Some(misplaced) = [
+            only_for(
+                "refresh_every",
+                raw.refresh_every.is_some() && !is_command,
+                "`command`",
+            ),
+            only_for(
+                "timeout",
+                raw.timeout.is_some() && !is_command && !is_oauth,
+                "`command` and `oauth2_client_credentials`",
+            ),
+            only_for(
+                "format",
+                raw.format.is_some() && is_oauth,
+                "`file`, `env` and `command`",
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+        {
+            self.push(&misplaced.0, misplaced.1);
+            return None;
+        }
+        if let Some(file) = &raw.file {
+            if file.is_empty() {
+                self.push(&format!("{at}.file"), "must be a path");
+                return None;
+            }
+            return Some(SourceSpec::File {
+                path: resolve_path(base, file),
+                format,
+            });
+        }
+        if let Some(var) = &raw.env {
+            if !valid_env_name(var) {
+                self.push(
+                    &format!("{at}.env"),
+                    "not a valid environment variable name",
+                );
+                return None;
+            }
+            return Some(SourceSpec::Env {
+                var: var.clone(),
+                format,
+            });
+        }
+        if let Some(argv) = &raw.command {
+            let Some(program) = argv.first().filter(|p| !p.is_empty()) else {
+                self.push(
+                    &format!("{at}.command"),
+                    "must list the program and its arguments",
+                );
+                return None;
+            };
+            // A relative program path (./bin/token) resolves like every other path; a bare name
+            // (`vault`) is looked up on PATH.
+            let program = if program.contains('/') {
+                resolve_path(base, program).display().to_string()
+            } else {
+                program.clone()
+            };
+            let argv: Vec<String> = std::iter::once(program)
+                .chain(argv.iter().skip(1).cloned())
+                .collect();
+            return Some(SourceSpec::Command(CommandSpec {
+                argv,
+                format,
+                refresh_every,
+                timeout,
+            }));
+        }
+        let oauth = raw.oauth2_client_credentials.as_deref()?;
+        let at = format!("{at}.oauth2_client_credentials");
+        let token_url = match oauth.token_url.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("https") | Some("http"))
+                    && uri.host().is_some() =>
+            {
+                uri
+            }
+            _ => {
+                self.push(
+                    &format!("{at}.token_url"),
+                    "must be an absolute https:// (or http://) URL",
+                );
+                return None;
+            }
+        };
+        let client_id = self.source(&format!("{at}.client_id"), &oauth.client_id, base);
+        let client_secret = self.source(&format!("{at}.client_secret"), &oauth.client_secret, base);
+        Some(SourceSpec::OAuth2(Box::new(OAuth2Spec {
+            token_url,
+            client_id: client_id?,
+            client_secret: client_secret?,
+            scopes: oauth.scopes.clone(),
+            audience: oauth.audience.clone(),
+            timeout,
+        })))
+    }
+
+    fn reload(&mut self, raw: &RawReload) -> ReloadConfig {
+        let resync_every = raw
+            .resync_every
+            .as_deref()
+            .and_then(|text| self.duration("reload.resync_every", text))
+            .unwrap_or(DEFAULT_RESYNC);
+        let debounce = raw
+            .debounce
+            .as_deref()
+            .and_then(|text| self.duration("reload.debounce", text))
+            .unwrap_or(DEFAULT_DEBOUNCE);
+        if resync_every.is_zero() {
+            self.push("reload.resync_every", "must be more than zero");
+        }
+        ReloadConfig {
+            resync_every: resync_every.max(Duration::from_millis(100)),
+            debounce,
+            replay_body_limit: raw.replay_body_limit.unwrap_or(DEFAULT_REPLAY_LIMIT),
+        }
     }
 
     fn route(

@@ -1,35 +1,161 @@
-//! The credential table: every configured credential's current value (or why it has none),
-//! read from its source. A table is immutable once built; the proxy holds the current one in a
-//! snapshot behind `ArcSwap` and replaces it whole.
+//! Credentials: every configured credential's current version (or why it has none), read from
+//! its source, refreshed ahead of expiry and re-read when its files change. A table is immutable
+//! once built; the reloader (the only writer) builds the next one and publishes it whole.
 
+pub mod expiry;
+mod oauth;
+pub mod reloader;
 mod source;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use crate::config::{Config, SourceSpec};
+use tokio::time::Instant;
+
+use crate::config::{Config, CredentialSpec};
+use crate::proxy::upstream::Upstream;
 use crate::secret::Secret;
 
-pub use source::{read_source, SourceError};
+pub use source::{fetch, normalize, parse_value, Fetched, SourceError};
 
-/// One credential as the request path sees it.
-#[derive(Debug, Clone)]
-pub struct Credential {
-    pub name: Arc<str>,
-    pub source_kind: &'static str,
-    pub state: CredentialState,
+/// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
+#[derive(Debug)]
+pub struct Version {
+    pub secret: Secret,
+    pub fingerprint: String,
+    pub loaded_at: SystemTime,
+    /// The same moment on tokio's clock, for scheduling.
+    pub loaded: Instant,
+    pub expiry: Option<Expiry>,
 }
 
-#[derive(Debug, Clone)]
-pub enum CredentialState {
-    Ready {
-        secret: Secret,
-        fingerprint: String,
-        loaded_at: SystemTime,
-    },
-    /// No usable value; requests on its routes get 503 `credential_unavailable`.
-    Unavailable(SourceError),
+/// When a version stops being accepted upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    /// Wall-clock time, for display.
+    pub at: SystemTime,
+    /// The same moment on tokio's clock, for deciding.
+    pub deadline: Instant,
+    /// From load to expiry; the refresh point is computed from it.
+    pub lifetime: Duration,
+}
+
+impl Version {
+    pub fn new(fetched: Fetched) -> Self {
+        let loaded_at = SystemTime::now();
+        let now = Instant::now();
+        let expiry = fetched.expires_at.map(|at| {
+            let lifetime = at.duration_since(loaded_at).unwrap_or(Duration::ZERO);
+            Expiry {
+                at,
+                deadline: now + lifetime,
+                lifetime,
+            }
+        });
+        Self {
+            fingerprint: fetched.secret.fingerprint(),
+            secret: fetched.secret,
+            loaded_at,
+            loaded: now,
+            expiry,
+        }
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expiry.is_some_and(|e| e.deadline <= now)
+    }
+}
+
+/// One credential as the request path sees it.
+#[derive(Debug)]
+pub struct Credential {
+    pub name: Arc<str>,
+    pub spec: CredentialSpec,
+    /// The last good version; kept when a later read fails.
+    pub current: Option<Arc<Version>>,
+    /// Why the last read failed, when it did.
+    pub last_error: Option<SourceError>,
+}
+
+impl Credential {
+    pub fn source_kind(&self) -> &'static str {
+        self.spec.source.kind()
+    }
+
+    /// Fetches a first version.
+    pub async fn load(name: Arc<str>, spec: CredentialSpec, upstream: &Upstream) -> Self {
+        let credential = Credential {
+            name,
+            spec,
+            current: None,
+            last_error: None,
+        };
+        credential
+            .next(fetch(&credential.spec.source, upstream).await)
+            .0
+    }
+
+    /// The credential after a read: a new version if the value changed, the old one kept if the
+    /// read failed. Returns whether a new version was published.
+    pub fn next(&self, read: Result<Fetched, SourceError>) -> (Self, ReadOutcome) {
+        let (current, last_error, outcome) = match read {
+            Ok(fetched) => {
+                let unchanged = self.current.as_ref().is_some_and(|v| {
+                    v.secret == fetched.secret && v.expiry.map(|e| e.at) == fetched.expires_at
+                });
+                if unchanged {
+                    (self.current.clone(), None, ReadOutcome::Unchanged)
+                } else {
+                    let version = Arc::new(Version::new(fetched));
+                    tracing::info!(
+                        credential = %self.name,
+                        source = self.source_kind(),
+                        fingerprint = %version.fingerprint,
+                        expires_at = version.expiry.map(|e| expiry::format_rfc3339(e.at)),
+                        "credential version loaded"
+                    );
+                    (Some(version), None, ReadOutcome::Changed)
+                }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    credential = %self.name,
+                    source = self.source_kind(),
+                    reason = %error,
+                    keeping = self.current.as_ref().map(|v| v.fingerprint.as_str()),
+                    "credential read failed; keeping the last good version"
+                );
+                (self.current.clone(), Some(error), ReadOutcome::Failed)
+            }
+        };
+        let credential = Credential {
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            current,
+            last_error,
+        };
+        (credential, outcome)
+    }
+}
+
+/// What a read did, for metrics and scheduling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOutcome {
+    Changed,
+    Unchanged,
+    Failed,
+}
+
+impl ReadOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            ReadOutcome::Changed => "changed",
+            ReadOutcome::Unchanged => "unchanged",
+            ReadOutcome::Failed => "error",
+        }
+    }
 }
 
 /// All credentials by name.
@@ -39,19 +165,20 @@ pub struct CredentialTable {
 }
 
 impl CredentialTable {
-    /// Reads every source in `config`. A missing or bad source makes that credential
-    /// unavailable and is logged (by name and reason, never content); it never fails the load.
-    pub fn load(config: &Config) -> Self {
-        let by_name = config
+    /// Fetches every source in `config` concurrently. A missing or bad source leaves that
+    /// credential without a version; it never fails the load.
+    pub async fn load(config: &Config, upstream: &Upstream) -> Self {
+        let loads = config
             .credentials
             .iter()
-            .map(|(name, spec)| {
-                let name: Arc<str> = Arc::from(name.as_str());
-                let credential = Credential::load(name.clone(), &spec.source);
-                (name, Arc::new(credential))
-            })
-            .collect();
-        Self { by_name }
+            .map(|(name, spec)| Credential::load(Arc::from(name.as_str()), spec.clone(), upstream));
+        let credentials = futures_util::future::join_all(loads).await;
+        Self {
+            by_name: credentials
+                .into_iter()
+                .map(|c| (c.name.clone(), Arc::new(c)))
+                .collect(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Credential>> {
@@ -61,29 +188,28 @@ impl CredentialTable {
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Credential>> {
         self.by_name.values()
     }
-}
 
-impl Credential {
-    pub fn load(name: Arc<str>, source: &SourceSpec) -> Self {
-        let state = match read_source(source) {
-            Ok(secret) => {
-                let fingerprint = secret.fingerprint();
-                tracing::info!(credential = %name, source = source.kind(), %fingerprint, "credential loaded");
-                CredentialState::Ready {
-                    secret,
-                    fingerprint,
-                    loaded_at: SystemTime::now(),
-                }
-            }
-            Err(error) => {
-                tracing::warn!(credential = %name, source = source.kind(), reason = %error, "credential unavailable");
-                CredentialState::Unavailable(error)
-            }
-        };
+    /// A copy with `credential` replaced or added.
+    pub fn with(&self, credential: Credential) -> Self {
+        let mut by_name = self.by_name.clone();
+        by_name.insert(credential.name.clone(), Arc::new(credential));
+        Self { by_name }
+    }
+
+    pub fn from_credentials(credentials: impl IntoIterator<Item = Arc<Credential>>) -> Self {
         Self {
-            name,
-            source_kind: source.kind(),
-            state,
+            by_name: credentials
+                .into_iter()
+                .map(|c| (c.name.clone(), c))
+                .collect(),
         }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
     }
 }

@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Unmatched};
+use crate::credentials::reloader::ReloadHandle;
 use crate::credentials::CredentialTable;
 use crate::error::ProxyError;
 use crate::routes::RouteTable;
+use crate::telemetry::Metrics;
 use crate::tls::LeafCache;
 use body::ProxyBody;
 use upstream::Upstream;
@@ -37,16 +39,18 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Everything a request needs to decide, built whole and swapped whole.
 #[derive(Debug)]
 pub struct Snapshot {
-    pub routes: RouteTable,
+    /// Shared between snapshots until the config itself changes.
+    pub routes: Arc<RouteTable>,
     pub credentials: CredentialTable,
     pub unmatched: Unmatched,
 }
 
 impl Snapshot {
-    pub fn from_config(config: &Config) -> Self {
+    /// The first snapshot: routes from `config`, every credential fetched once.
+    pub async fn load(config: &Config, upstream: &Upstream) -> Self {
         Self {
-            routes: RouteTable::new(&config.routes),
-            credentials: CredentialTable::load(config),
+            routes: Arc::new(RouteTable::new(&config.routes)),
+            credentials: CredentialTable::load(config, upstream).await,
             unmatched: config.unmatched,
         }
     }
@@ -57,6 +61,11 @@ pub struct ProxyState {
     snapshot: ArcSwap<Snapshot>,
     pub leaves: LeafCache,
     pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    /// Reaches the one writer of snapshots (the 401 retry asks it for newer versions).
+    pub reloads: ReloadHandle,
+    /// Largest request body kept in memory so a request can be replayed after a 401.
+    pub replay_body_limit: usize,
     /// Cancelled when keystamp starts draining.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -64,11 +73,21 @@ pub struct ProxyState {
 }
 
 impl ProxyState {
-    pub fn new(snapshot: Snapshot, leaves: LeafCache, upstream: Upstream) -> Self {
+    pub fn new(
+        snapshot: Snapshot,
+        leaves: LeafCache,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        reloads: ReloadHandle,
+        replay_body_limit: usize,
+    ) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(snapshot),
             leaves,
             upstream,
+            metrics,
+            reloads,
+            replay_body_limit,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }
@@ -77,6 +96,11 @@ impl ProxyState {
     /// The current snapshot; load it once per request.
     pub fn snapshot(&self) -> Guard<Arc<Snapshot>> {
         self.snapshot.load()
+    }
+
+    /// The current snapshot as an owned `Arc`, for the writer that builds the next one.
+    pub fn snapshot_arc(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
     }
 
     /// Publishes a new snapshot; requests already running keep the one they loaded.

@@ -4,19 +4,21 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::config::Unmatched;
-use crate::credentials::CredentialState;
+use crate::credentials::Version as CredentialVersion;
 use crate::error::ProxyError;
 use crate::inject;
 use crate::proxy::body::{self, ProxyBody};
 use crate::proxy::upstream::UpstreamProtocol;
 use crate::proxy::{ProxyState, Snapshot};
 use crate::routes::{Route, RouteMatch};
-use crate::secret::Secret;
 
 /// How the request reached keystamp.
 #[derive(Debug, Clone)]
@@ -66,23 +68,65 @@ async fn forward_stages(
         RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => None,
         RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
     };
-    let secret = match &route {
-        Some(route) => Some(current_secret(&snapshot, route)?),
+    let version = match &route {
+        Some(route) => Some(current_version(state, &snapshot, route).await?),
         None => None,
     };
+    // Long requests must not pin the snapshot: everything needed is cloned out of it.
+    drop(snapshot);
     let protocol = match request.version() {
         Version::HTTP_2 => UpstreamProtocol::PreferH2,
         _ => UpstreamProtocol::Http1,
     };
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-    let outgoing = prepare(
-        request,
-        &target,
-        route.as_deref().zip(secret.as_ref()),
-        upgrade,
-    )?;
-    let mut response = state.upstream.send(outgoing, protocol).await?;
+    let (parts, incoming) = request.into_parts();
+    let unstamped = Unstamped::new(parts, &target, route.as_deref(), upgrade)?;
+    let stamp = route.as_deref().zip(version.as_deref());
+
+    let replayable = match stamp {
+        Some(_) if !upgrade => {
+            keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?
+        }
+        _ => Err(incoming),
+    };
+    let (mut response, replay) = match replayable {
+        Ok(bytes) => {
+            let request = unstamped
+                .clone()
+                .into_request(stamp, body::full(bytes.clone()))?;
+            (
+                state.upstream.send(request, protocol).await?,
+                Some((unstamped, bytes)),
+            )
+        }
+        Err(incoming) => {
+            let request = unstamped.into_request(stamp, body::stream(incoming))?;
+            (state.upstream.send(request, protocol).await?, None)
+        }
+    };
+
+    // Stage 5: a 401 on a replayable request with a version that has since been replaced (or can
+    // be replaced now) is retried once with the new version; the agent never sees the stale 401.
+    if response.status() == StatusCode::UNAUTHORIZED {
+        if let (Some(route), Some(version), Some((unstamped, bytes))) = (&route, &version, replay) {
+            if let Some(newer) = state
+                .reloads
+                .newer_than(&route.credential, &version.fingerprint)
+                .await
+            {
+                tracing::info!(
+                    credential = %route.credential,
+                    rejected = %version.fingerprint,
+                    retrying_with = %newer.fingerprint,
+                    "upstream rejected a replaced credential version; retrying once"
+                );
+                let request = unstamped
+                    .into_request(Some((route.as_ref(), newer.as_ref())), body::full(bytes))?;
+                response = state.upstream.send(request, protocol).await?;
+            }
+        }
+    }
     if let Some(route) = &route {
         tracing::debug!(route = %route.name, credential = %route.credential, status = response.status().as_u16(), "forwarded");
     }
@@ -146,44 +190,125 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
     }
 }
 
-/// Stage 2: the credential's current value, or 503 when it has none.
-fn current_secret(snapshot: &Snapshot, route: &Route) -> Result<Secret, ProxyError> {
+/// Stage 2: the credential's current version, or 503 when it has none. An expired version is
+/// never sent: keystamp first asks for a newer one, then answers `credential_expired`.
+async fn current_version(
+    state: &ProxyState,
+    snapshot: &Snapshot,
+    route: &Route,
+) -> Result<Arc<CredentialVersion>, ProxyError> {
     let credential = snapshot.credentials.get(&route.credential);
-    match credential.map(|c| &c.state) {
-        Some(CredentialState::Ready { secret, .. }) => Ok(secret.clone()),
-        Some(CredentialState::Unavailable(reason)) => Err(ProxyError::CredentialUnavailable {
-            credential: route.credential.to_string(),
-            reason: reason.to_string(),
-        }),
-        None => Err(ProxyError::CredentialUnavailable {
+    let Some(credential) = credential else {
+        return Err(ProxyError::CredentialUnavailable {
             credential: route.credential.to_string(),
             reason: "not defined".into(),
+        });
+    };
+    let Some(version) = &credential.current else {
+        let reason = credential
+            .last_error
+            .as_ref()
+            .map_or_else(|| "no value yet".to_string(), ToString::to_string);
+        return Err(ProxyError::CredentialUnavailable {
+            credential: route.credential.to_string(),
+            reason,
+        });
+    };
+    if !version.is_expired(tokio::time::Instant::now()) {
+        return Ok(version.clone());
+    }
+    match state
+        .reloads
+        .newer_than(&route.credential, &version.fingerprint)
+        .await
+    {
+        Some(newer) => Ok(newer),
+        None => Err(ProxyError::CredentialExpired {
+            credential: route.credential.to_string(),
         }),
     }
 }
 
-/// Stage 3: the request as the upstream will see it: absolute URI for the pooled client,
-/// hop-by-hop headers gone, the agent's credentials stripped, ours stamped.
-fn prepare(
-    request: Request<Incoming>,
-    target: &Target,
-    stamp: Option<(&Route, &Secret)>,
-    upgrade: bool,
-) -> Result<Request<ProxyBody>, ProxyError> {
-    let (mut parts, incoming) = request.into_parts();
-    let mut uri = upstream_uri(target, &parts.uri)?;
-    inject::strip_hop_by_hop(&mut parts.headers, upgrade);
-    // The pooled client writes Host (HTTP/1.1) or :authority (h2) from the URI.
-    parts.headers.remove(header::HOST);
-    if let Some((route, secret)) = stamp {
-        inject::strip_agent_credentials(&mut parts.headers, route);
-        inject::stamp(&mut parts.headers, &mut uri, &route.inject, secret)
-            .map_err(|_| ProxyError::Internal("the credential could not be stamped"))?;
+/// Stage 3: the request as the upstream will see it, before the credential is stamped: absolute
+/// URI for the pooled client, hop-by-hop headers gone, the agent's credentials stripped.
+#[derive(Clone)]
+struct Unstamped {
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Unstamped {
+    fn new(
+        parts: http::request::Parts,
+        target: &Target,
+        route: Option<&Route>,
+        upgrade: bool,
+    ) -> Result<Self, ProxyError> {
+        let uri = upstream_uri(target, &parts.uri)?;
+        let mut headers = parts.headers;
+        inject::strip_hop_by_hop(&mut headers, upgrade);
+        // The pooled client writes Host (HTTP/1.1) or :authority (h2) from the URI.
+        headers.remove(header::HOST);
+        if let Some(route) = route {
+            inject::strip_agent_credentials(&mut headers, route);
+        }
+        Ok(Self {
+            method: parts.method,
+            uri,
+            headers,
+        })
     }
-    parts.uri = uri;
-    // The client picks h2 or HTTP/1.1 per connection; it refuses an h2-tagged request on h1.
-    parts.version = Version::HTTP_11;
-    Ok(Request::from_parts(parts, body::stream(incoming)))
+
+    /// Stage 4: stamp exactly one credential and attach the body.
+    fn into_request(
+        self,
+        stamp: Option<(&Route, &CredentialVersion)>,
+        body: ProxyBody,
+    ) -> Result<Request<ProxyBody>, ProxyError> {
+        let Unstamped {
+            method,
+            mut uri,
+            mut headers,
+        } = self;
+        if let Some((route, version)) = stamp {
+            inject::stamp(&mut headers, &mut uri, &route.inject, &version.secret)
+                .map_err(|_| ProxyError::Internal("the credential could not be stamped"))?;
+        }
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        // The client picks h2 or HTTP/1.1 per connection; it refuses an h2-tagged request on h1.
+        *request.version_mut() = Version::HTTP_11;
+        Ok(request)
+    }
+}
+
+/// Keeps a body small enough to replay after a 401 (declared length within `limit`, or none);
+/// hands larger or unsized bodies back to be streamed.
+async fn keep_if_small(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Result<Bytes, Incoming>, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Ok(Bytes::new()));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length <= limit as u64 => {
+            let collected = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            Ok(Ok(collected.to_bytes()))
+        }
+        _ => Ok(Err(body)),
+    }
 }
 
 fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {

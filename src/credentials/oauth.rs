@@ -1,0 +1,107 @@
+//! OAuth2 client credentials (RFC 6749 section 4.4): POST to the token endpoint with the client id
+//! and secret (each itself a source), read `access_token` and `expires_in`. The endpoint is
+//! reached through keystamp's upstream client: verified TLS, `resolve:` pins.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Limited};
+
+use crate::config::OAuth2Spec;
+use crate::credentials::source::{fetch, normalize, Fetched, SourceError};
+use crate::proxy::body;
+use crate::proxy::upstream::{Upstream, UpstreamProtocol};
+use crate::secret::Secret;
+
+/// Token responses larger than this are refused.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+pub async fn fetch_token(spec: &OAuth2Spec, upstream: &Upstream) -> Result<Fetched, SourceError> {
+    // Boxed: a source may be an OAuth2 source whose secret is itself a source.
+    let client_id = Box::pin(fetch(&spec.client_id, upstream)).await?;
+    let client_secret = Box::pin(fetch(&spec.client_secret, upstream)).await?;
+    let form = {
+        // Scoped: the serializer is not `Send` and must not live across an await.
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        form.append_pair("client_id", client_id.secret.expose());
+        form.append_pair("client_secret", client_secret.secret.expose());
+        if !spec.scopes.is_empty() {
+            form.append_pair("scope", &spec.scopes.join(" "));
+        }
+        if let Some(audience) = &spec.audience {
+            form.append_pair("audience", audience);
+        }
+        form.finish()
+    };
+    let mut request = Request::new(body::full(form));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = spec.token_url.clone();
+    let headers = request.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+
+    let exchange = async {
+        let response = upstream
+            .send(request, UpstreamProtocol::PreferH2)
+            .await
+            .map_err(|e| SourceError::TokenEndpoint(e.code().to_string()))?;
+        let status = response.status();
+        let bytes: Bytes = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
+            .collect()
+            .await
+            .map_err(|_| SourceError::TokenResponse)?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(SourceError::TokenStatus(status.as_u16()));
+        }
+        Ok(bytes)
+    };
+    let bytes = tokio::time::timeout(spec.timeout, exchange)
+        .await
+        .map_err(|_| SourceError::TokenTimeout)??;
+    let received_at = SystemTime::now();
+    parse_token_response(&bytes, received_at)
+}
+
+fn parse_token_response(bytes: &[u8], received_at: SystemTime) -> Result<Fetched, SourceError> {
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        access_token: String,
+        #[serde(default)]
+        expires_in: Option<f64>,
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(bytes).map_err(|_| SourceError::TokenResponse)?;
+    let token = normalize(&parsed.access_token)?;
+    let expires_at = parsed
+        .expires_in
+        .filter(|seconds| seconds.is_finite() && *seconds > 0.0 && *seconds < 1e9)
+        .and_then(|seconds| received_at.checked_add(Duration::from_secs_f64(seconds)));
+    Ok(Fetched {
+        secret: Secret::new(token),
+        expires_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expires_in_becomes_an_absolute_time_at_receipt() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let fetched = parse_token_response(
+            br#"{"access_token":"tok","expires_in":3600,"token_type":"Bearer"}"#,
+            at,
+        )
+        .unwrap();
+        assert_eq!(fetched.secret.expose(), "tok");
+        assert_eq!(fetched.expires_at, Some(at + Duration::from_secs(3600)));
+        assert!(parse_token_response(br#"{"error":"invalid_client"}"#, at).is_err());
+    }
+}

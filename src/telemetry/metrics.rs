@@ -1,0 +1,202 @@
+//! The metric families and the few helpers that keep their label sets consistent.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::credentials::Credential;
+
+/// Request durations reach well past a minute: LLM calls stream for long.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub auth_failures: IntCounterVec,
+    pub breaker_state: IntGaugeVec,
+    pub breaker_transitions: IntCounterVec,
+    pub credential_expiry: GaugeVec,
+    pub credential_version: IntGaugeVec,
+    pub credential_reloads: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub connect: IntCounterVec,
+    pub tls_handshake_errors: IntCounterVec,
+    pub connections_open: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every family. Registration only fails on a duplicate name, which
+    /// would be a bug here; the error is returned rather than panicking.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let family = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(family.clone()))?;
+                Ok(family)
+            };
+        let gauge =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let family = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(family.clone()))?;
+                Ok(family)
+            };
+        let requests = counter(
+            "keystamp_requests_total",
+            "Requests by route, credential, agent, status class and who answered (upstream or keystamp).",
+            &["route", "credential", "agent", "code", "origin"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "keystamp_request_duration_seconds",
+                "Time from request to response headers.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route", "credential"],
+        )?;
+        registry.register(Box::new(request_duration.clone()))?;
+        let auth_failures = counter(
+            "keystamp_auth_failures_total",
+            "Upstream answers that said the credential itself is bad.",
+            &["credential", "status"],
+        )?;
+        let breaker_state = gauge(
+            "keystamp_breaker_state",
+            "Auth circuit breaker per credential: 0 closed, 1 open, 2 half-open.",
+            &["credential"],
+        )?;
+        let breaker_transitions = counter(
+            "keystamp_breaker_transitions_total",
+            "Breaker state changes per credential.",
+            &["credential", "to"],
+        )?;
+        let credential_expiry = GaugeVec::new(
+            Opts::new(
+                "keystamp_credential_expiry_timestamp_seconds",
+                "When the current version of a credential expires (Unix time).",
+            ),
+            &["credential"],
+        )?;
+        registry.register(Box::new(credential_expiry.clone()))?;
+        let credential_version = gauge(
+            "keystamp_credential_version_info",
+            "The fingerprint of each credential's current version (value 1).",
+            &["credential", "fingerprint"],
+        )?;
+        let credential_reloads = counter(
+            "keystamp_credential_reloads_total",
+            "Credential reads by result: changed, unchanged, error.",
+            &["credential", "result"],
+        )?;
+        let config_reloads = counter(
+            "keystamp_config_reloads_total",
+            "Config reloads by result: ok, error.",
+            &["result"],
+        )?;
+        let connect = counter(
+            "keystamp_connect_total",
+            "CONNECT requests by decision: intercept, tunnel, deny.",
+            &["decision"],
+        )?;
+        let tls_handshake_errors = counter(
+            "keystamp_tls_handshake_errors_total",
+            "Failed TLS handshakes by side: agent, upstream.",
+            &["side"],
+        )?;
+        let connections_open =
+            IntGauge::new("keystamp_connections_open", "Agent connections open now.")?;
+        registry.register(Box::new(connections_open.clone()))?;
+        let build_info = gauge(
+            "keystamp_build_info",
+            "keystamp's version (value 1).",
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self {
+            registry,
+            requests,
+            request_duration,
+            auth_failures,
+            breaker_state,
+            breaker_transitions,
+            credential_expiry,
+            credential_version,
+            credential_reloads,
+            config_reloads,
+            connect,
+            tls_handshake_errors,
+            connections_open,
+            build_info,
+        })
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "metrics could not be encoded");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    /// Keeps the version and expiry gauges in step with a credential's current version.
+    pub fn observe_credential(&self, credential: &Credential, previous_fingerprint: Option<&str>) {
+        let name = credential.name.as_ref();
+        let current = credential.current.as_ref();
+        if let Some(previous) = previous_fingerprint {
+            if current.map(|v| v.fingerprint.as_str()) != Some(previous) {
+                let _ = self
+                    .credential_version
+                    .remove_label_values(&[name, previous]);
+            }
+        }
+        match current {
+            Some(version) => {
+                self.credential_version
+                    .with_label_values(&[name, &version.fingerprint])
+                    .set(1);
+                match version.expiry {
+                    Some(expiry) => {
+                        let seconds = expiry
+                            .at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs_f64())
+                            .unwrap_or(0.0);
+                        self.credential_expiry
+                            .with_label_values(&[name])
+                            .set(seconds);
+                    }
+                    None => {
+                        let _ = self.credential_expiry.remove_label_values(&[name]);
+                    }
+                }
+            }
+            None => {
+                let _ = self.credential_expiry.remove_label_values(&[name]);
+            }
+        }
+    }
+
+    /// Drops every series of a credential that no longer exists.
+    pub fn forget_credential(&self, name: &str, fingerprint: Option<&str>) {
+        if let Some(fingerprint) = fingerprint {
+            let _ = self
+                .credential_version
+                .remove_label_values(&[name, fingerprint]);
+        }
+        let _ = self.credential_expiry.remove_label_values(&[name]);
+    }
+}
