@@ -22,7 +22,8 @@ use crate::routes::RouteTable;
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// After a 401-triggered fetch that found nothing new, don't fetch again for this long.
+/// After a 401-triggered fetch that found nothing newer than a version, don't fetch again for
+/// that same version for this long (a rejected key that nobody rotated must not hammer the source).
 const FORCED_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
 
 /// What the rest of keystamp can ask of the reloader.
@@ -93,7 +94,8 @@ pub struct Reloader {
     fs_events: mpsc::UnboundedReceiver<()>,
     watcher: Option<DirWatcher>,
     schedule: HashMap<Arc<str>, Scheduled>,
-    forced_fetches: HashMap<Arc<str>, Instant>,
+    /// The last 401-triggered fetch per credential: when, and which version it tried to replace.
+    forced_fetches: HashMap<Arc<str>, (Instant, String)>,
 }
 
 impl Reloader {
@@ -151,6 +153,7 @@ impl Reloader {
                 () = sleep_until(debounce_until) => {
                     debounce_until = None;
                     while self.fs_events.try_recv().is_ok() {}
+                    tracing::debug!("files changed; re-reading");
                     self.reread_files().await;
                 }
                 () = sleep_until(next_refresh) => self.refresh_due().await,
@@ -195,14 +198,14 @@ impl Reloader {
             return Some(version.clone());
         }
         let now = Instant::now();
-        if self
-            .forced_fetches
-            .get(name)
-            .is_some_and(|at| now.duration_since(*at) < FORCED_FETCH_COOLDOWN)
-        {
+        let recently_tried = self.forced_fetches.get(name).is_some_and(|(at, tried)| {
+            tried == stale && now.duration_since(*at) < FORCED_FETCH_COOLDOWN
+        });
+        if recently_tried {
             return None;
         }
-        self.forced_fetches.insert(name.clone(), now);
+        self.forced_fetches
+            .insert(name.clone(), (now, stale.to_string()));
         self.reread(vec![name.clone()]).await;
         let updated = self
             .state

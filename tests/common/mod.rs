@@ -85,6 +85,18 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
 pub struct Seen {
     pub requests: AtomicUsize,
     pub authorizations: Mutex<Vec<Option<String>>>,
+    /// When set, only `Authorization: Bearer <this>` is accepted; anything else gets 401.
+    pub accept_only: Mutex<Option<String>>,
+}
+
+impl Seen {
+    pub fn accept_only(&self, token: &str) {
+        *self.accept_only.lock().unwrap() = Some(token.to_string());
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
 }
 
 /// A real upstream: TLS (h2 + http/1.1, or http/1.1 only) or plain HTTP.
@@ -165,8 +177,19 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
         .headers()
         .get("authorization")
         .map(|v| v.to_str().unwrap_or("<binary>").to_string());
-    seen.authorizations.lock().unwrap().push(authorization);
+    seen.authorizations
+        .lock()
+        .unwrap()
+        .push(authorization.clone());
     let path = request.uri().path().to_string();
+    let accepted = seen.accept_only.lock().unwrap().clone();
+    if let Some(token) = accepted {
+        if authorization.as_deref() != Some(format!("Bearer {token}").as_str()) {
+            // Drain the body so the connection stays usable.
+            let _ = request.into_body().collect().await;
+            return text(StatusCode::UNAUTHORIZED, "{\"error\":\"invalid_token\"}");
+        }
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         return text(
             StatusCode::from_u16(code.parse().unwrap()).unwrap(),
@@ -267,26 +290,93 @@ pub struct TestKeystamp {
     pub app: RunningApp,
     pub dir: tempfile::TempDir,
     pub ca_path: PathBuf,
+    pub config_path: PathBuf,
 }
 
 impl TestKeystamp {
     /// `yaml` is the config below `listen`/`admin`/`ca`; `secrets` are written as files under
     /// `secrets/NAME` in the temp dir (refer to them as `./secrets/NAME`).
     pub async fn start(yaml: &str, secrets: &[(&str, &str)]) -> Self {
+        if let Ok(filter) = std::env::var("KEYSTAMP_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
         for (name, value) in secrets {
             std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
         }
-        let text = format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{yaml}"
-        );
+        let text = config_text(yaml);
         let path = dir.path().join("keystamp.yaml");
         std::fs::write(&path, &text).unwrap();
         let config = Config::load(&path).unwrap_or_else(|e| panic!("config invalid:\n{e}\n{text}"));
         let app = App::start(config).await.unwrap();
         let ca_path = dir.path().join("run/ca.crt");
-        Self { app, dir, ca_path }
+        Self {
+            app,
+            dir,
+            ca_path,
+            config_path: path,
+        }
+    }
+
+    /// Replaces the config file (same header as at start) the way an editor or a ConfigMap
+    /// update would: write a temporary file, then rename it over the old one.
+    pub fn rewrite_config(&self, yaml: &str) {
+        let temporary = self.dir.path().join(".keystamp.yaml.tmp");
+        std::fs::write(&temporary, config_text(yaml)).unwrap();
+        std::fs::rename(&temporary, &self.config_path).unwrap();
+    }
+
+    /// Writes a secret file under `secrets/` atomically.
+    pub fn write_secret(&self, name: &str, value: &str) {
+        let temporary = self.dir.path().join("secrets").join(format!(".{name}.tmp"));
+        std::fs::write(&temporary, value).unwrap();
+        std::fs::rename(&temporary, self.dir.path().join("secrets").join(name)).unwrap();
+    }
+
+    /// A reqwest client pointed at keystamp explicitly (for tests about keystamp's behaviour
+    /// rather than about a runtime's environment handling).
+    pub fn client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.app.ca_pem().as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(self.proxy_url()).unwrap())
+            .add_root_certificate(ca)
+            .tls_built_in_root_certs(false)
+            .build()
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.app.admin_addr().unwrap());
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let url = format!("http://{}/status", self.app.admin_addr().unwrap());
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     pub fn proxy_url(&self) -> String {
@@ -302,6 +392,36 @@ impl TestKeystamp {
         let path = self.dir.path().join(format!("bundle-{}.pem", extra.len()));
         std::fs::write(&path, pem).unwrap();
         path
+    }
+}
+
+fn config_text(yaml: &str) -> String {
+    format!("listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{yaml}")
+}
+
+/// The value of one sample in Prometheus text, e.g. `metric(&text, "keystamp_config_reloads_total{result=\"ok\"}")`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+/// Polls `check` every 20 ms until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
