@@ -591,3 +591,30 @@ async fn tokens_are_refreshed_ahead_of_expiry_over_simulated_hours() {
         assert!(credential["fingerprint"].is_string());
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_now_rereads_everything_without_waiting_for_events() {
+    let (upstream, ca, _ca_dir) = upstream().await;
+    let yaml = single_route_config(
+        &upstream,
+        &ca,
+        "{ file: ./secrets/token }",
+        "reload: { debounce: 10s, resync_every: 10m }\n",
+    );
+    let keystamp = TestKeystamp::start(&yaml, &[("token", "before-hup")]).await;
+    assert_eq!(stamped(&keystamp).await, Ok("before-hup".into()));
+    keystamp.write_secret("token", "after-hup");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        stamped(&keystamp).await,
+        Ok("before-hup".into()),
+        "the 10 s debounce has not passed"
+    );
+    keystamp.app.reload(); // what SIGHUP does
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            stamped(&keystamp).await == Ok("after-hup".into())
+        })
+        .await
+    );
+}

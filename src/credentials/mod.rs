@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::config::{Config, CredentialSpec};
+use crate::config::{Config, CredentialSpec, SourceSpec};
 use crate::proxy::upstream::Upstream;
 use crate::secret::Secret;
 
-pub use source::{fetch, normalize, parse_value, Fetched, SourceError};
+pub use source::{fetch, normalize, parse_value, read_local, Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
 #[derive(Debug)]
@@ -138,6 +138,48 @@ impl Credential {
         };
         (credential, outcome)
     }
+}
+
+/// Files and environment variables per blocking task when many are read at once.
+const LOCAL_READ_CHUNK: usize = 1024;
+
+/// Reads every credential's source: files and environment variables on blocking threads in
+/// chunks (so a large reload uses every core), commands and token endpoints concurrently.
+pub async fn read_all(
+    credentials: Vec<Arc<Credential>>,
+    upstream: &Upstream,
+) -> Vec<(Credential, ReadOutcome)> {
+    let (local, remote): (Vec<_>, Vec<_>) = credentials.into_iter().partition(|c| {
+        matches!(
+            c.spec.source,
+            SourceSpec::File { .. } | SourceSpec::Env { .. }
+        )
+    });
+    let chunks: Vec<Vec<Arc<Credential>>> =
+        local.chunks(LOCAL_READ_CHUNK).map(<[_]>::to_vec).collect();
+    let local_reads = chunks.into_iter().map(|chunk| {
+        tokio::task::spawn_blocking(move || {
+            chunk
+                .iter()
+                .map(|c| c.next(read_local(&c.spec.source).unwrap_or(Err(SourceError::Empty))))
+                .collect::<Vec<_>>()
+        })
+    });
+    let remote_reads = remote
+        .iter()
+        .map(|c| async move { c.next(fetch(&c.spec.source, upstream).await) });
+    let (local_results, mut results) = futures_util::future::join(
+        futures_util::future::join_all(local_reads),
+        futures_util::future::join_all(remote_reads),
+    )
+    .await;
+    for chunk in local_results {
+        match chunk {
+            Ok(chunk) => results.extend(chunk),
+            Err(error) => tracing::error!(%error, "a credential read task failed"),
+        }
+    }
+    results
 }
 
 /// What a read did, for metrics and scheduling.

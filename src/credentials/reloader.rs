@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::config::{Config, SourceSpec};
 use crate::credentials::expiry::refresh_delay;
 use crate::credentials::watch::DirWatcher;
-use crate::credentials::{fetch, Credential, CredentialTable, ReadOutcome, Version};
+use crate::credentials::{read_all, Credential, CredentialTable, ReadOutcome, Version};
 use crate::proxy::{ProxyState, Snapshot};
 use crate::routes::RouteTable;
 
@@ -266,14 +266,12 @@ impl Reloader {
             return;
         }
         let snapshot = self.state.snapshot_arc();
-        let reads = names
+        let credentials: Vec<Arc<Credential>> = names
             .iter()
             .filter_map(|name| snapshot.credentials.get(name))
-            .map(|credential| {
-                let upstream = &self.state.upstream;
-                async move { credential.next(fetch(&credential.spec.source, upstream).await) }
-            });
-        let results = futures_util::future::join_all(reads).await;
+            .cloned()
+            .collect();
+        let results = read_all(credentials, &self.state.upstream).await;
         let mut table = snapshot.credentials.clone();
         let mut changed = false;
         for (credential, outcome) in results {

@@ -1,0 +1,210 @@
+//! Lifecycle speed: route + credential lookup with 10 and 10,000 routes, a full read of 10,000
+//! file credentials, and the time from a kubelet-style `..data` swap to the first request stamped
+//! with the new value (default 200 ms debounce). Prints figures; `cargo bench --bench lifecycle`.
+
+// Bench code: a panic is a failed measurement, which is what we want here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keystamp::config::Config;
+use keystamp::credentials::CredentialTable;
+use keystamp::proxy::upstream::{Dialer, Upstream};
+use keystamp::routes::{RouteMatch, RouteTable};
+use keystamp::App;
+
+fn config_with(routes: usize, dir: &Path) -> Config {
+    let mut yaml = String::from("listen: 127.0.0.1:0\nca: { generate: true }\ncredentials:\n");
+    for i in 0..routes {
+        yaml.push_str(&format!(
+            "  c{i}: {{ source: {{ file: ./secrets/c{i} }} }}\n"
+        ));
+    }
+    yaml.push_str("routes:\n");
+    for i in 0..routes {
+        // Half exact hosts, half wildcards, each with its own credential.
+        if i % 2 == 0 {
+            yaml.push_str(&format!("  - {{ host: api{i}.example.test, credential: c{i}, inject: {{ type: bearer }} }}\n"));
+        } else {
+            yaml.push_str(&format!("  - {{ host: '*.svc{i}.example.test', path_prefix: /v1/, credential: c{i}, inject: {{ type: bearer }} }}\n"));
+        }
+    }
+    Config::from_yaml(&dir.join("k.yaml"), &yaml).expect("bench config")
+}
+
+fn lookup_ns(routes: &RouteTable, credentials: &CredentialTable, count: usize) -> f64 {
+    let hosts: Vec<String> = (0..1024)
+        .map(|n| {
+            let i = (n * 7919) % count;
+            if i % 2 == 0 {
+                format!("api{i}.example.test")
+            } else {
+                format!("a.b.svc{i}.example.test")
+            }
+        })
+        .collect();
+    let method = http::Method::GET;
+    let rounds = 200_000;
+    let started = Instant::now();
+    for n in 0..rounds {
+        let host = &hosts[n % hosts.len()];
+        if let RouteMatch::Matched(route) = routes.lookup(black_box(host), "/v1/chat", &method) {
+            black_box(credentials.get(&route.credential));
+        }
+    }
+    started.elapsed().as_nanos() as f64 / rounds as f64
+}
+
+fn main() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = runtime.block_on(async {
+        Upstream::new(
+            Dialer::new(Default::default()),
+            rustls::RootCertStore::empty(),
+        )
+        .expect("upstream")
+    });
+    println!("| measurement | figure |\n|---|---|");
+    let mut per_request = Vec::new();
+    for count in [10usize, 10_000] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("secrets")).expect("mkdir");
+        for i in 0..count {
+            std::fs::write(
+                dir.path().join(format!("secrets/c{i}")),
+                format!("secret-{i}\n"),
+            )
+            .expect("write");
+        }
+        let config = config_with(count, dir.path());
+        let routes = RouteTable::new(&config.routes);
+        let started = Instant::now();
+        let credentials = runtime.block_on(CredentialTable::load(&config, &upstream));
+        let load = started.elapsed();
+        assert_eq!(credentials.len(), count);
+        let ns = lookup_ns(&routes, &credentials, count);
+        per_request.push(ns);
+        println!(
+            "| route + credential lookup, {count} routes / {count} credentials | {ns:.0} ns |"
+        );
+        println!(
+            "| read of {count} file credentials (a full reload) | {:.1} ms |",
+            load.as_secs_f64() * 1000.0
+        );
+    }
+    println!(
+        "| lookup ratio, 10,000 vs 10 routes | {:.2}x |",
+        per_request[1] / per_request[0]
+    );
+    println!("| `..data` swap to first request stamped with the new value (200 ms debounce), median of 5 | {:.0} ms |", swap_to_stamp(&runtime));
+}
+
+/// Starts keystamp with a plain-HTTP route to a tiny echo server, swaps a kubelet-style volume,
+/// and polls until the upstream sees the new value.
+fn swap_to_stamp(runtime: &tokio::runtime::Runtime) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in echo.incoming().flatten() {
+            std::thread::spawn(move || echo_authorization(stream));
+        }
+    });
+    let mount = dir.path().join("mount");
+    swap(&mount, 0);
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nca: {{ generate: true }}\nresolve: {{ 'plain.test:80': {echo_addr} }}\n\
+         credentials:\n  k: {{ source: {{ file: ./mount/token }} }}\n\
+         routes:\n  - {{ host: plain.test, credential: k, inject: {{ type: bearer }} }}\n"
+    );
+    std::fs::write(dir.path().join("k.yaml"), &yaml).expect("write");
+    let config = Config::load(&dir.path().join("k.yaml")).expect("config");
+    let app = runtime.block_on(App::start(config)).expect("start");
+    let proxy = app.proxy_addr();
+    let mut samples = Vec::new();
+    for generation in 1..=5 {
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        swap(&mount, generation);
+        let expected = format!("Bearer value-{generation}");
+        loop {
+            if ask(proxy) == expected {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never picked up"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let _app = Arc::new(app);
+    samples[samples.len() / 2]
+}
+
+fn swap(mount: &Path, generation: usize) {
+    std::fs::create_dir_all(mount).expect("mkdir");
+    let data = format!("..gen{generation}");
+    std::fs::create_dir(mount.join(&data)).expect("mkdir");
+    std::fs::write(
+        mount.join(&data).join("token"),
+        format!("value-{generation}\n"),
+    )
+    .expect("write");
+    let _ = std::fs::remove_file(mount.join("..data_tmp"));
+    std::os::unix::fs::symlink(&data, mount.join("..data_tmp")).expect("symlink");
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).expect("rename");
+    if generation == 0 {
+        std::os::unix::fs::symlink("..data/token", mount.join("token")).expect("symlink");
+    }
+}
+
+fn ask(proxy: std::net::SocketAddr) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(proxy) else {
+        return String::new();
+    };
+    let _ = stream.write_all(
+        b"GET http://plain.test/ HTTP/1.1\r\nHost: plain.test\r\nConnection: close\r\n\r\n",
+    );
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+fn echo_authorization(mut stream: std::net::TcpStream) {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&request);
+    let auth = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("authorization: ")
+                .or_else(|| l.strip_prefix("Authorization: "))
+        })
+        .unwrap_or("")
+        .to_string();
+    let _ = stream.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{auth}",
+            auth.len()
+        )
+        .as_bytes(),
+    );
+}
