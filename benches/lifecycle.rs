@@ -3,7 +3,12 @@
 //! with the new value (default 200 ms debounce). Prints figures; `cargo bench --bench lifecycle`.
 
 // Bench code: a panic is a failed measurement, which is what we want here.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::hint::black_box;
 use std::io::{Read, Write};

@@ -80,6 +80,7 @@ fn answer(
             "application/json",
             status_json(state).to_string(),
         ),
+        (&Method::POST, path) if path.starts_with("/breakers/") => breaker_action(state, path),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -92,6 +93,34 @@ fn answer(
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// `POST /breakers/NAME/open` (a leaked key: nothing goes out with it until it is rotated or
+/// closed by hand) and `POST /breakers/NAME/close`. Logged and counted.
+fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, String) {
+    let mut parts = path.trim_start_matches("/breakers/").splitn(2, '/');
+    let (Some(name), Some(action)) = (parts.next(), parts.next()) else {
+        return (StatusCode::NOT_FOUND, "text/plain", "use /breakers/NAME/open or /breakers/NAME/close\n".into());
+    };
+    let snapshot = state.snapshot();
+    let Some(credential) = snapshot.credentials.get(name) else {
+        return (StatusCode::NOT_FOUND, "text/plain", "no such credential\n".into());
+    };
+    let action = match action {
+        "open" => {
+            credential.breaker.force_open(tokio::time::Instant::now());
+            "open"
+        }
+        "close" => {
+            credential.breaker.force_close();
+            "close"
+        }
+        _ => return (StatusCode::NOT_FOUND, "text/plain", "use open or close\n".into()),
+    };
+    tracing::warn!(credential = %credential.name, action, "breaker set by an operator");
+    state.metrics.breaker_manual.with_label_values(&[credential.name.as_ref(), action]).inc();
+    let body = serde_json::json!({ "credential": credential.name.as_ref(), "breaker": credential.breaker.state().label() });
+    (StatusCode::OK, "application/json", body.to_string())
 }
 
 /// Routes and credentials as they are now. Names, kinds and fingerprints only, never a value.
@@ -111,6 +140,7 @@ fn status_json(state: &ProxyState) -> serde_json::Value {
                 "expires_at": version.and_then(|v| v.expiry).map(|e| format_rfc3339(e.at)),
                 "expired": version.is_some_and(|v| v.is_expired(tokio::time::Instant::now())),
                 "last_error": credential.last_error.as_ref().map(ToString::to_string),
+                "breaker": credential.breaker.state().label(),
             })
         })
         .collect();

@@ -46,7 +46,7 @@ impl App {
         )
         .context("building the upstream TLS client")?;
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-        let snapshot = Snapshot::load(&config, &upstream).await;
+        let snapshot = Snapshot::load(&config, &upstream, &metrics).await;
         let (reloads, reload_requests) = ReloadHandle::channel();
         let state = Arc::new(ProxyState::new(
             snapshot,

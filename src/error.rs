@@ -2,6 +2,8 @@
 //! makes itself carries `x-keystamp-error: <code>` and a JSON body `{"code", "message", ...}`,
 //! so an agent can tell keystamp's 502 from the upstream's. Messages never carry a secret.
 
+use std::time::Duration;
+
 use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::proxy::body::{full, ProxyBody};
@@ -26,6 +28,10 @@ pub enum ProxyError {
     CredentialUnavailable { credential: String, reason: String },
     #[error("credential `{credential}` expired and no newer version could be fetched")]
     CredentialExpired { credential: String },
+    #[error("credential `{credential}` is rejected by the upstream ({reason}); requests are held back until it is rotated or the breaker probes again")]
+    CircuitOpen { credential: String, reason: String, retry_after: Duration, fingerprint: Option<String> },
+    #[error("credential `{credential}` is over its rate limit")]
+    RateLimited { credential: String, retry_after: Duration },
     #[error("the upstream's TLS certificate could not be verified or the handshake failed")]
     UpstreamTls,
     #[error("could not connect to the upstream: {0}")]
@@ -48,6 +54,8 @@ impl ProxyError {
             ProxyError::RouteDenied => "route_denied",
             ProxyError::CredentialUnavailable { .. } => "credential_unavailable",
             ProxyError::CredentialExpired { .. } => "credential_expired",
+            ProxyError::CircuitOpen { .. } => "credential_circuit_open",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamTls => "upstream_tls",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamFailed => "upstream_failed",
@@ -60,9 +68,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnmatchedDenied | ProxyError::RouteDenied => StatusCode::FORBIDDEN,
-            ProxyError::CredentialUnavailable { .. } | ProxyError::CredentialExpired { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::CredentialUnavailable { .. }
+            | ProxyError::CredentialExpired { .. }
+            | ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamTls
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -83,6 +92,8 @@ impl ProxyError {
             | ProxyError::UpstreamFailed => Side::Upstream,
             ProxyError::CredentialUnavailable { .. }
             | ProxyError::CredentialExpired { .. }
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::RateLimited { .. }
             | ProxyError::Internal(_) => Side::Keystamp,
         }
     }
@@ -91,10 +102,26 @@ impl ProxyError {
         let mut body = serde_json::Map::new();
         body.insert("code".into(), self.code().into());
         body.insert("message".into(), self.to_string().into());
-        if let ProxyError::CredentialUnavailable { credential, .. }
-        | ProxyError::CredentialExpired { credential } = &self
-        {
-            body.insert("credential".into(), credential.as_str().into());
+        let mut retry_after = None;
+        match &self {
+            ProxyError::CredentialUnavailable { credential, .. } | ProxyError::CredentialExpired { credential } => {
+                body.insert("credential".into(), credential.as_str().into());
+            }
+            ProxyError::CircuitOpen { credential, reason, retry_after: wait, fingerprint } => {
+                let seconds = whole_seconds(*wait);
+                body.insert("credential".into(), credential.as_str().into());
+                body.insert("reason".into(), reason.as_str().into());
+                body.insert("retry_after_s".into(), seconds.into());
+                body.insert("fingerprint".into(), fingerprint.clone().into());
+                retry_after = Some(seconds);
+            }
+            ProxyError::RateLimited { credential, retry_after: wait } => {
+                let seconds = whole_seconds(*wait);
+                body.insert("credential".into(), credential.as_str().into());
+                body.insert("retry_after_s".into(), seconds.into());
+                retry_after = Some(seconds);
+            }
+            _ => {}
         }
         let body = serde_json::Value::Object(body);
         let mut response = Response::new(full(body.to_string()));
@@ -105,6 +132,19 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
+    }
+}
+
+/// `Retry-After` is whole seconds; round up so an agent never retries too early.
+fn whole_seconds(wait: Duration) -> u64 {
+    let seconds = wait.as_secs();
+    if wait.subsec_nanos() > 0 {
+        seconds + 1
+    } else {
+        seconds.max(1)
     }
 }

@@ -6,11 +6,13 @@
 
 mod admin;
 pub mod app;
+pub mod breaker;
 pub mod config;
 pub mod credentials;
 mod duration;
 pub mod error;
 pub mod inject;
+pub mod limits;
 pub mod proxy;
 pub mod routes;
 pub mod secret;

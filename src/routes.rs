@@ -19,6 +19,8 @@ pub struct Route {
     pub credential: Arc<str>,
     pub inject: Injection,
     pub strip: Vec<http::HeaderName>,
+    pub respect_retry_after: bool,
+    pub auth_failure_markers: Vec<String>,
 }
 
 /// The outcome of looking a request up.
@@ -51,6 +53,8 @@ impl RouteTable {
                 credential: Arc::from(spec.credential.as_str()),
                 inject: spec.inject.clone(),
                 strip: spec.strip.clone(),
+                respect_retry_after: spec.respect_retry_after,
+                auth_failure_markers: spec.auth_failure_markers.clone(),
             });
             let bucket = match &spec.host {
                 HostPattern::Exact(host) => table.exact.entry(host.clone()).or_default(),

@@ -70,6 +70,38 @@ impl fmt::Display for Unmatched {
 pub struct CredentialSpec {
     pub source: SourceSpec,
     pub refresh_before: Option<Duration>,
+    pub rate_limit: Option<RateLimitSpec>,
+    /// From the top-level `breaker:`; part of the spec so a change builds a fresh breaker.
+    pub breaker: BreakerSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitSpec {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// The auth circuit breaker's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerSettings {
+    /// Consecutive auth failures that open it.
+    pub failures: u32,
+    /// The first open period; doubles on each failed probe.
+    pub open_for: Duration,
+    pub max_open_for: Duration,
+    /// Spread open periods by ±20 % (tests switch it off).
+    pub jitter: bool,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            open_for: Duration::from_secs(30),
+            max_open_for: Duration::from_secs(300),
+            jitter: true,
+        }
+    }
 }
 
 /// Where a secret comes from.
@@ -150,6 +182,8 @@ pub struct RouteSpec {
     pub credential: String,
     pub inject: Injection,
     pub strip: Vec<HeaderName>,
+    pub respect_retry_after: bool,
+    pub auth_failure_markers: Vec<String>,
 }
 
 /// `api.example.test` or `*.example.test` (one label or more under it). Lowercase, no dot at the end.

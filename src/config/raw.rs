@@ -26,6 +26,29 @@ pub struct RawConfig {
     pub shutdown_grace: Option<String>,
     #[serde(default)]
     pub reload: RawReload,
+    #[serde(default)]
+    pub breaker: RawBreaker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    #[serde(default)]
+    pub failures: Option<u32>,
+    #[serde(default)]
+    pub open_for: Option<String>,
+    #[serde(default)]
+    pub max_open_for: Option<String>,
+    #[serde(default)]
+    pub jitter: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +80,8 @@ pub struct RawCredential {
     /// Refresh this long before expiry instead of the default rule.
     #[serde(default)]
     pub refresh_before: Option<String>,
+    #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
 }
 
 /// Exactly one of `file`, `env`, `command`, `oauth2_client_credentials` must be set;
@@ -124,6 +149,13 @@ pub struct RawRoute {
     pub inject: RawInject,
     #[serde(default)]
     pub strip: Vec<String>,
+    /// Hold the credential's traffic when the upstream answers 429 with `Retry-After`.
+    #[serde(default)]
+    pub respect_retry_after: bool,
+    /// Strings that mark a 403 as "this credential is bad" (in a header value or the body's
+    /// first KiB), e.g. AWS `InvalidClientTokenId`.
+    #[serde(default)]
+    pub auth_failure_markers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,10 +9,13 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 
 use super::locate::{locate, parse_path};
-use super::raw::{RawCa, RawConfig, RawCredential, RawInject, RawReload, RawRoute, RawSource};
+use super::raw::{
+    RawBreaker, RawCa, RawConfig, RawCredential, RawInject, RawReload, RawRoute, RawSource,
+};
 use super::{
-    CaConfig, CaOrigin, CommandSpec, Config, ConfigError, CredentialSpec, HostPattern, Injection,
-    OAuth2Spec, ReloadConfig, RouteSpec, SourceSpec, Unmatched, ValueFormat,
+    BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError, CredentialSpec,
+    HostPattern, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig, RouteSpec, SourceSpec,
+    Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -150,7 +153,8 @@ impl Errors<'_> {
             .map(|p| resolve_path(base, p))
             .collect();
         let resolve = self.resolve(&raw.resolve);
-        let credentials = self.credentials(&raw.credentials, base);
+        let breaker = self.breaker(&raw.breaker);
+        let credentials = self.credentials(&raw.credentials, base, breaker);
         let routes = raw
             .routes
             .iter()
@@ -249,6 +253,7 @@ impl Errors<'_> {
         &mut self,
         raw: &BTreeMap<String, RawCredential>,
         base: &Path,
+        breaker: BreakerSettings,
     ) -> BTreeMap<String, CredentialSpec> {
         let mut specs = BTreeMap::new();
         for (name, credential) in raw {
@@ -268,15 +273,58 @@ impl Errors<'_> {
             else {
                 continue;
             };
+            let rate_limit = match &credential.rate_limit {
+                Some(limit) if limit.per_second == 0 || limit.burst == Some(0) => {
+                    self.push(
+                        &format!("{key_path}.rate_limit"),
+                        "per_second and burst must be at least 1",
+                    );
+                    continue;
+                }
+                Some(limit) => Some(RateLimitSpec {
+                    per_second: limit.per_second,
+                    burst: limit.burst.unwrap_or(limit.per_second),
+                }),
+                None => None,
+            };
             specs.insert(
                 name.clone(),
                 CredentialSpec {
                     source,
                     refresh_before,
+                    rate_limit,
+                    breaker,
                 },
             );
         }
         specs
+    }
+
+    fn breaker(&mut self, raw: &RawBreaker) -> BreakerSettings {
+        let defaults = BreakerSettings::default();
+        let open_for = raw
+            .open_for
+            .as_deref()
+            .and_then(|t| self.duration("breaker.open_for", t))
+            .unwrap_or(defaults.open_for);
+        let max_open_for = raw
+            .max_open_for
+            .as_deref()
+            .and_then(|t| self.duration("breaker.max_open_for", t))
+            .unwrap_or(defaults.max_open_for);
+        let failures = raw.failures.unwrap_or(defaults.failures);
+        if failures == 0 {
+            self.push("breaker.failures", "must be at least 1");
+        }
+        if max_open_for < open_for {
+            self.push("breaker.max_open_for", "must not be shorter than open_for");
+        }
+        BreakerSettings {
+            failures: failures.max(1),
+            open_for,
+            max_open_for,
+            jitter: raw.jitter.unwrap_or(defaults.jitter),
+        }
     }
 
     fn duration(&mut self, key_path: &str, text: &str) -> Option<Duration> {
@@ -523,6 +571,8 @@ impl Errors<'_> {
             credential: raw.credential.clone(),
             inject: inject?,
             strip,
+            respect_retry_after: raw.respect_retry_after,
+            auth_failure_markers: raw.auth_failure_markers.clone(),
         })
     }
 

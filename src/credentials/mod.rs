@@ -14,7 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use crate::breaker::Breaker;
 use crate::config::{Config, CredentialSpec, SourceSpec};
+use crate::limits::Limits;
+use crate::telemetry::Metrics;
 use crate::proxy::upstream::Upstream;
 use crate::secret::Secret;
 
@@ -77,6 +80,9 @@ pub struct Credential {
     pub current: Option<Arc<Version>>,
     /// Why the last read failed, when it did.
     pub last_error: Option<SourceError>,
+    /// Runtime state that outlives versions and reloads: carried into every next `Credential`.
+    pub breaker: Arc<Breaker>,
+    pub limits: Arc<Limits>,
 }
 
 impl Credential {
@@ -84,17 +90,11 @@ impl Credential {
         self.spec.source.kind()
     }
 
-    /// Fetches a first version.
-    pub async fn load(name: Arc<str>, spec: CredentialSpec, upstream: &Upstream) -> Self {
-        let credential = Credential {
-            name,
-            spec,
-            current: None,
-            last_error: None,
-        };
-        credential
-            .next(fetch(&credential.spec.source, upstream).await)
-            .0
+    /// A credential with no version yet and fresh runtime state (a closed breaker).
+    pub fn fresh(name: Arc<str>, spec: CredentialSpec, metrics: &Arc<Metrics>) -> Self {
+        let breaker = Arc::new(Breaker::new(name.clone(), spec.breaker, metrics.clone()));
+        let limits = Arc::new(Limits::new(spec.rate_limit));
+        Credential { name, spec, current: None, last_error: None, breaker, limits }
     }
 
     /// The credential after a read: a new version if the value changed, the old one kept if the
@@ -135,6 +135,8 @@ impl Credential {
             spec: self.spec.clone(),
             current,
             last_error,
+            breaker: self.breaker.clone(),
+            limits: self.limits.clone(),
         };
         (credential, outcome)
     }
@@ -207,20 +209,16 @@ pub struct CredentialTable {
 }
 
 impl CredentialTable {
-    /// Fetches every source in `config` concurrently. A missing or bad source leaves that
-    /// credential without a version; it never fails the load.
-    pub async fn load(config: &Config, upstream: &Upstream) -> Self {
-        let loads = config
+    /// Fetches every source in `config`. A missing or bad source leaves that credential without
+    /// a version; it never fails the load.
+    pub async fn load(config: &Config, upstream: &Upstream, metrics: &Arc<Metrics>) -> Self {
+        let fresh: Vec<Arc<Credential>> = config
             .credentials
             .iter()
-            .map(|(name, spec)| Credential::load(Arc::from(name.as_str()), spec.clone(), upstream));
-        let credentials = futures_util::future::join_all(loads).await;
-        Self {
-            by_name: credentials
-                .into_iter()
-                .map(|c| (c.name.clone(), Arc::new(c)))
-                .collect(),
-        }
+            .map(|(name, spec)| Arc::new(Credential::fresh(Arc::from(name.as_str()), spec.clone(), metrics)))
+            .collect();
+        let read = read_all(fresh, upstream).await;
+        Self { by_name: read.into_iter().map(|(c, _)| (c.name.clone(), Arc::new(c))).collect() }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Credential>> {

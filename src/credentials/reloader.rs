@@ -286,6 +286,8 @@ impl Reloader {
                 .inc();
             self.plan(&credential, outcome);
             if outcome == ReadOutcome::Changed {
+                // Rotation is the cure: a new version starts with a closed breaker.
+                credential.breaker.reset();
                 self.state.metrics.observe_credential(
                     &credential,
                     previous.as_ref().map(|v| v.fingerprint.as_str()),
@@ -402,14 +404,11 @@ impl Reloader {
             match snapshot.credentials.get(name.as_str()) {
                 // Same definition: keep the version and everything keyed to it.
                 Some(existing) if existing.spec == *spec => kept.push(existing.clone()),
-                _ => loads.push(Credential::load(
-                    Arc::from(name.as_str()),
-                    spec.clone(),
-                    &self.state.upstream,
-                )),
+                _ => loads.push(Arc::new(Credential::fresh(Arc::from(name.as_str()), spec.clone(), &self.state.metrics))),
             }
         }
-        let loaded = futures_util::future::join_all(loads).await;
+        let loaded: Vec<Credential> =
+            read_all(loads, &self.state.upstream).await.into_iter().map(|(credential, _)| credential).collect();
         for old in snapshot.credentials.iter() {
             if !config.credentials.contains_key(old.name.as_ref()) {
                 self.schedule.remove(&old.name);

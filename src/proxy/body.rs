@@ -1,7 +1,9 @@
 //! The one body type responses and forwarded requests use: boxed, streaming, never buffered whole.
 
 use bytes::Bytes;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use futures_util::StreamExt;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, BodyStream, Empty, Full, StreamBody};
+use hyper::body::Frame;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -20,4 +22,40 @@ pub fn empty() -> ProxyBody {
 pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
     body.map_err(|error| -> BoxError { Box::new(error) })
         .boxed_unsync()
+}
+
+/// Reads up to `limit` bytes from the front of `body` and returns them with a body that yields
+/// the same bytes again followed by the rest, still streaming.
+pub async fn peek(mut body: hyper::body::Incoming, limit: usize) -> (Bytes, ProxyBody) {
+    let mut prefix = bytes::BytesMut::new();
+    let mut trailers = None;
+    let mut ended = false;
+    while prefix.len() < limit {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => prefix.extend_from_slice(&data),
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    ended = true;
+                    break;
+                }
+            },
+            Some(Err(_)) | None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let prefix = prefix.freeze();
+    let head = futures_util::stream::iter(
+        std::iter::once(Ok::<_, BoxError>(Frame::data(prefix.clone())))
+            .chain(trailers.map(|t| Ok(Frame::trailers(t)))),
+    );
+    let rebuilt = if ended {
+        StreamBody::new(head).boxed_unsync()
+    } else {
+        let rest = BodyStream::new(body).map(|frame| frame.map_err(|error| -> BoxError { Box::new(error) }));
+        StreamBody::new(head.chain(rest)).boxed_unsync()
+    };
+    (prefix, rebuilt)
 }

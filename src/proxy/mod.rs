@@ -47,10 +47,10 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The first snapshot: routes from `config`, every credential fetched once.
-    pub async fn load(config: &Config, upstream: &Upstream) -> Self {
+    pub async fn load(config: &Config, upstream: &Upstream, metrics: &Arc<Metrics>) -> Self {
         Self {
             routes: Arc::new(RouteTable::new(&config.routes)),
-            credentials: CredentialTable::load(config, upstream).await,
+            credentials: CredentialTable::load(config, upstream, metrics).await,
             unmatched: config.unmatched,
         }
     }

@@ -3,6 +3,9 @@
 //! requests inside intercepted TLS and for absolute-form requests sent to the proxy in plain HTTP.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
@@ -12,12 +15,13 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::config::Unmatched;
-use crate::credentials::Version as CredentialVersion;
+use crate::breaker::{Admission, Breaker, Verdict};
+use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
 use crate::inject;
 use crate::proxy::body::{self, ProxyBody};
 use crate::proxy::upstream::UpstreamProtocol;
-use crate::proxy::{ProxyState, Snapshot};
+use crate::proxy::ProxyState;
 use crate::routes::{Route, RouteMatch};
 
 /// How the request reached keystamp.
@@ -58,22 +62,11 @@ async fn forward_stages(
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let target = target_of(origin, &request)?;
-    let snapshot = state.snapshot();
-    let route = match snapshot
-        .routes
-        .lookup(&target.host, request.uri().path(), request.method())
-    {
-        RouteMatch::Matched(route) => Some(route.clone()),
-        RouteMatch::Denied => return Err(ProxyError::RouteDenied),
-        RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => None,
-        RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
-    };
-    let version = match &route {
-        Some(route) => Some(current_version(state, &snapshot, route).await?),
+    let stamping = select_route(state, &target, &request).await?;
+    let admitted = match &stamping {
+        Some(stamping) => Some(admit(state, stamping)?),
         None => None,
     };
-    // Long requests must not pin the snapshot: everything needed is cloned out of it.
-    drop(snapshot);
     let protocol = match request.version() {
         Version::HTTP_2 => UpstreamProtocol::PreferH2,
         _ => UpstreamProtocol::Http1,
@@ -81,61 +74,52 @@ async fn forward_stages(
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();
-    let unstamped = Unstamped::new(parts, &target, route.as_deref(), upgrade)?;
-    let stamp = route.as_deref().zip(version.as_deref());
-
-    let replayable = match stamp {
-        Some(_) if !upgrade => {
-            keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?
-        }
+    let route = stamping.as_ref().map(|s| s.route.as_ref());
+    let unstamped = Unstamped::new(parts, &target, route, upgrade)?;
+    let body = match &stamping {
+        Some(_) if !upgrade => keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?,
         _ => Err(incoming),
     };
-    let (mut response, replay) = match replayable {
-        Ok(bytes) => {
-            let request = unstamped
-                .clone()
-                .into_request(stamp, body::full(bytes.clone()))?;
-            (
-                state.upstream.send(request, protocol).await?,
-                Some((unstamped, bytes)),
-            )
-        }
-        Err(incoming) => {
-            let request = unstamped.into_request(stamp, body::stream(incoming))?;
-            (state.upstream.send(request, protocol).await?, None)
-        }
-    };
-
-    // Stage 5: a 401 on a replayable request with a version that has since been replaced (or can
-    // be replaced now) is retried once with the new version; the agent never sees the stale 401.
-    if response.status() == StatusCode::UNAUTHORIZED {
-        if let (Some(route), Some(version), Some((unstamped, bytes))) = (&route, &version, replay) {
-            if let Some(newer) = state
-                .reloads
-                .newer_than(&route.credential, &version.fingerprint)
-                .await
-            {
-                tracing::info!(
-                    credential = %route.credential,
-                    rejected = %version.fingerprint,
-                    retrying_with = %newer.fingerprint,
-                    "upstream rejected a replaced credential version; retrying once"
-                );
-                let request = unstamped
-                    .into_request(Some((route.as_ref(), newer.as_ref())), body::full(bytes))?;
-                response = state.upstream.send(request, protocol).await?;
-            }
-        }
-    }
-    if let Some(route) = &route {
-        tracing::debug!(route = %route.name, credential = %route.credential, status = response.status().as_u16(), "forwarded");
-    }
+    let (response, admitted) = send(state, unstamped, body, stamping.as_ref(), admitted, protocol).await?;
+    let response = judge(state, stamping.as_ref(), admitted, response).await;
+    let mut response = response;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(agent_upgrade) = agent_upgrade {
             splice_upgrade(state, agent_upgrade, hyper::upgrade::on(&mut response));
         }
     }
     Ok(relay(response, upgrade))
+}
+
+/// The route a request takes and the credential version it will carry.
+struct Stamping {
+    route: Arc<Route>,
+    credential: Arc<Credential>,
+    version: Arc<CredentialVersion>,
+}
+
+/// A breaker admission that is always settled: recorded with the upstream's verdict, or released
+/// without one when the request never got a verdict (so a probe slot is never leaked).
+struct Admitted {
+    breaker: Arc<Breaker>,
+    admission: Admission,
+    fingerprint: String,
+    settled: bool,
+}
+
+impl Admitted {
+    fn settle(mut self, verdict: Option<Verdict>) {
+        self.breaker.record(&self.admission, verdict, &self.fingerprint, Instant::now());
+        self.settled = true;
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.record(&self.admission, None, &self.fingerprint, Instant::now());
+        }
+    }
 }
 
 /// Stage 1: the target host, port and scheme. Inside an intercepted connection the request must
@@ -190,43 +174,189 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
     }
 }
 
-/// Stage 2: the credential's current version, or 503 when it has none. An expired version is
-/// never sent: keystamp first asks for a newer one, then answers `credential_expired`.
-async fn current_version(
+/// Stage 2: the route, and the credential's current version, or 503 when it has none. An
+/// expired version is never sent: keystamp first asks for a newer one, then answers
+/// `credential_expired`. `None`: an unrouted host that `unmatched: tunnel` lets through unstamped.
+async fn select_route(
     state: &ProxyState,
-    snapshot: &Snapshot,
-    route: &Route,
-) -> Result<Arc<CredentialVersion>, ProxyError> {
-    let credential = snapshot.credentials.get(&route.credential);
+    target: &Target,
+    request: &Request<Incoming>,
+) -> Result<Option<Stamping>, ProxyError> {
+    // Long requests must not pin the snapshot: what is needed is cloned out of it.
+    let (route, credential) = {
+        let snapshot = state.snapshot();
+        let route = match snapshot.routes.lookup(&target.host, request.uri().path(), request.method()) {
+            RouteMatch::Matched(route) => route.clone(),
+            RouteMatch::Denied => return Err(ProxyError::RouteDenied),
+            RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => return Ok(None),
+            RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
+        };
+        let credential = snapshot.credentials.get(&route.credential).cloned();
+        (route, credential)
+    };
     let Some(credential) = credential else {
         return Err(ProxyError::CredentialUnavailable {
             credential: route.credential.to_string(),
             reason: "not defined".into(),
         });
     };
-    let Some(version) = &credential.current else {
-        let reason = credential
-            .last_error
-            .as_ref()
-            .map_or_else(|| "no value yet".to_string(), ToString::to_string);
-        return Err(ProxyError::CredentialUnavailable {
-            credential: route.credential.to_string(),
-            reason,
-        });
+    let Some(version) = credential.current.clone() else {
+        let reason = credential.last_error.as_ref().map_or_else(|| "no value yet".to_string(), ToString::to_string);
+        return Err(ProxyError::CredentialUnavailable { credential: route.credential.to_string(), reason });
     };
-    if !version.is_expired(tokio::time::Instant::now()) {
-        return Ok(version.clone());
+    let version = if version.is_expired(Instant::now()) {
+        state
+            .reloads
+            .newer_than(&route.credential, &version.fingerprint)
+            .await
+            .ok_or_else(|| ProxyError::CredentialExpired { credential: route.credential.to_string() })?
+    } else {
+        version
+    };
+    Ok(Some(Stamping { route, credential, version }))
+}
+
+/// Stage 3: the credential's breaker and rate limit. Neither contacts the upstream.
+fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError> {
+    let now = Instant::now();
+    let credential = &stamping.credential;
+    let admission = match credential.breaker.admit(now) {
+        Admission::Reject(rejection) => {
+            return Err(ProxyError::CircuitOpen {
+                credential: credential.name.to_string(),
+                reason: rejection.reason,
+                retry_after: rejection.retry_after,
+                fingerprint: rejection.fingerprint,
+            });
+        }
+        admission => admission,
+    };
+    let admitted = Admitted {
+        breaker: credential.breaker.clone(),
+        admission,
+        fingerprint: stamping.version.fingerprint.clone(),
+        settled: false,
+    };
+    if let Err(wait) = credential.limits.check(now) {
+        state.metrics.rate_limited.with_label_values(&[credential.name.as_ref()]).inc();
+        return Err(ProxyError::RateLimited { credential: credential.name.to_string(), retry_after: wait });
     }
-    match state
-        .reloads
-        .newer_than(&route.credential, &version.fingerprint)
-        .await
-    {
-        Some(newer) => Ok(newer),
-        None => Err(ProxyError::CredentialExpired {
-            credential: route.credential.to_string(),
-        }),
+    Ok(admitted)
+}
+
+/// Stages 4 and 5: stamp and send. A 401 on a replayable request whose version has since been
+/// replaced (or can be replaced now) is retried once with the new version, admitted afresh; the
+/// agent never sees the stale 401, and never a retry with the same version.
+async fn send(
+    state: &ProxyState,
+    unstamped: Unstamped,
+    body: Result<Bytes, Incoming>,
+    stamping: Option<&Stamping>,
+    admitted: Option<Admitted>,
+    protocol: UpstreamProtocol,
+) -> Result<(Response<Incoming>, Option<Admitted>), ProxyError> {
+    let stamp = stamping.map(|s| (s.route.as_ref(), s.version.as_ref()));
+    let bytes = match body {
+        Err(incoming) => {
+            let request = unstamped.into_request(stamp, body::stream(incoming))?;
+            return Ok((state.upstream.send(request, protocol).await?, admitted));
+        }
+        Ok(bytes) => bytes,
+    };
+    let request = unstamped.clone().into_request(stamp, body::full(bytes.clone()))?;
+    let response = state.upstream.send(request, protocol).await?;
+    let Some(stamping) = stamping.filter(|_| response.status() == StatusCode::UNAUTHORIZED) else {
+        return Ok((response, admitted));
+    };
+    let Some(newer) = state.reloads.newer_than(&stamping.route.credential, &stamping.version.fingerprint).await else {
+        return Ok((response, admitted));
+    };
+    tracing::info!(
+        credential = %stamping.route.credential,
+        rejected = %stamping.version.fingerprint,
+        retrying_with = %newer.fingerprint,
+        "upstream rejected a replaced credential version; retrying once"
+    );
+    // The first attempt's 401 was for a replaced version: it says nothing about the new one.
+    drop(admitted);
+    let retry_admission = Admitted {
+        breaker: stamping.credential.breaker.clone(),
+        admission: stamping.credential.breaker.admit(Instant::now()),
+        fingerprint: newer.fingerprint.clone(),
+        settled: false,
+    };
+    if let Admission::Reject(_) = retry_admission.admission {
+        return Ok((response, None));
     }
+    let request = unstamped.into_request(Some((stamping.route.as_ref(), newer.as_ref())), body::full(bytes))?;
+    Ok((state.upstream.send(request, protocol).await?, Some(retry_admission)))
+}
+
+/// Stage 6: what the upstream's answer says about the credential, for the breaker, the
+/// auth-failure count and `respect_retry_after`.
+async fn judge(
+    state: &ProxyState,
+    stamping: Option<&Stamping>,
+    admitted: Option<Admitted>,
+    response: Response<Incoming>,
+) -> Response<ProxyBody> {
+    let (Some(stamping), Some(admitted)) = (stamping, admitted) else {
+        return response.map(body::stream);
+    };
+    let route = &stamping.route;
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS && route.respect_retry_after {
+        if let Some(seconds) = retry_after_seconds(response.headers()) {
+            stamping.credential.limits.hold(Instant::now() + Duration::from_secs(seconds));
+        }
+    }
+    let (auth_failure, response) = match status {
+        StatusCode::UNAUTHORIZED => (true, response.map(body::stream)),
+        StatusCode::FORBIDDEN => forbidden_says_credential_is_bad(response, &route.auth_failure_markers).await,
+        _ => (false, response.map(body::stream)),
+    };
+    let verdict = if auth_failure {
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&[stamping.credential.name.as_ref(), status.as_str()])
+            .inc();
+        Verdict::AuthFailure { status: status.as_u16() }
+    } else {
+        Verdict::NotAuthFailure
+    };
+    admitted.settle(Some(verdict));
+    tracing::debug!(route = %route.name, credential = %route.credential, status = status.as_u16(), "forwarded");
+    response
+}
+
+/// Bytes of a 403 body searched for `auth_failure_markers`.
+const MARKER_PEEK: usize = 1024;
+
+/// A 403 means "this credential is bad" only when it says so: `WWW-Authenticate` with
+/// `error="invalid_token"`, or a configured marker in a header value or the body's first KiB.
+/// Other 403s are permission answers and leave the breaker alone.
+async fn forbidden_says_credential_is_bad(response: Response<Incoming>, markers: &[String]) -> (bool, Response<ProxyBody>) {
+    let headers = response.headers();
+    let invalid_token = headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("invalid_token"));
+    let marked_header = !markers.is_empty()
+        && headers.values().filter_map(|v| v.to_str().ok()).any(|v| markers.iter().any(|m| v.contains(m.as_str())));
+    if invalid_token || marked_header || markers.is_empty() {
+        return (invalid_token || marked_header, response.map(body::stream));
+    }
+    let (parts, incoming) = response.into_parts();
+    let (prefix, rest) = body::peek(incoming, MARKER_PEEK).await;
+    let text = String::from_utf8_lossy(&prefix);
+    let marked = markers.iter().any(|m| text.contains(m.as_str()));
+    (marked, Response::from_parts(parts, rest))
+}
+
+fn retry_after_seconds(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// Stage 3: the request as the upstream will see it, before the credential is stamped: absolute
@@ -327,12 +457,12 @@ fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
 }
 
 /// Stage 5: the upstream's response, streamed back without its hop-by-hop headers.
-fn relay(response: Response<Incoming>, upgrade: bool) -> Response<ProxyBody> {
-    let (mut parts, incoming) = response.into_parts();
+fn relay(response: Response<ProxyBody>, upgrade: bool) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_response_headers(&mut parts.headers, upgrade && switching);
     parts.version = Version::HTTP_11;
-    Response::from_parts(parts, body::stream(incoming))
+    Response::from_parts(parts, body)
 }
 
 fn strip_response_headers(headers: &mut HeaderMap, upgrade: bool) {

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounterVec,
     pub connections_open: IntGauge,
     pub build_info: IntGaugeVec,
+    pub breaker_manual: IntCounterVec,
+    pub rate_limited: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -117,6 +119,16 @@ impl Metrics {
         let connections_open =
             IntGauge::new("keystamp_connections_open", "Agent connections open now.")?;
         registry.register(Box::new(connections_open.clone()))?;
+        let breaker_manual = counter(
+            "keystamp_breaker_manual_actions_total",
+            "Breakers forced open or closed by an operator through the admin listener.",
+            &["credential", "action"],
+        )?;
+        let rate_limited = counter(
+            "keystamp_rate_limited_total",
+            "Requests keystamp answered 429 itself: over the credential's rate limit or held after an upstream 429.",
+            &["credential"],
+        )?;
         let build_info = gauge(
             "keystamp_build_info",
             "keystamp's version (value 1).",
@@ -140,6 +152,8 @@ impl Metrics {
             tls_handshake_errors,
             connections_open,
             build_info,
+            breaker_manual,
+            rate_limited,
         })
     }
 
@@ -198,5 +212,6 @@ impl Metrics {
                 .remove_label_values(&[name, fingerprint]);
         }
         let _ = self.credential_expiry.remove_label_values(&[name]);
+        let _ = self.breaker_state.remove_label_values(&[name]);
     }
 }
