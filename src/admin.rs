@@ -100,11 +100,19 @@ fn answer(
 fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, String) {
     let mut parts = path.trim_start_matches("/breakers/").splitn(2, '/');
     let (Some(name), Some(action)) = (parts.next(), parts.next()) else {
-        return (StatusCode::NOT_FOUND, "text/plain", "use /breakers/NAME/open or /breakers/NAME/close\n".into());
+        return (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "use /breakers/NAME/open or /breakers/NAME/close\n".into(),
+        );
     };
     let snapshot = state.snapshot();
     let Some(credential) = snapshot.credentials.get(name) else {
-        return (StatusCode::NOT_FOUND, "text/plain", "no such credential\n".into());
+        return (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such credential\n".into(),
+        );
     };
     let action = match action {
         "open" => {
@@ -115,10 +123,20 @@ fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, 
             credential.breaker.force_close();
             "close"
         }
-        _ => return (StatusCode::NOT_FOUND, "text/plain", "use open or close\n".into()),
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "use open or close\n".into(),
+            )
+        }
     };
     tracing::warn!(credential = %credential.name, action, "breaker set by an operator");
-    state.metrics.breaker_manual.with_label_values(&[credential.name.as_ref(), action]).inc();
+    state
+        .metrics
+        .breaker_manual
+        .with_label_values(&[credential.name.as_ref(), action])
+        .inc();
     let body = serde_json::json!({ "credential": credential.name.as_ref(), "breaker": credential.breaker.state().label() });
     (StatusCode::OK, "application/json", body.to_string())
 }

@@ -102,14 +102,22 @@ pub struct Breaker {
 
 impl std::fmt::Debug for Breaker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Breaker").field("credential", &self.credential).field("state", &self.state()).finish()
+        f.debug_struct("Breaker")
+            .field("credential", &self.credential)
+            .field("state", &self.state())
+            .finish()
     }
 }
 
 impl Breaker {
     pub fn new(credential: Arc<str>, settings: BreakerSettings, metrics: Arc<Metrics>) -> Self {
-        metrics.breaker_state.with_label_values(&[credential.as_ref()]).set(0);
-        let jitter_seed = credential.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        metrics
+            .breaker_state
+            .with_label_values(&[credential.as_ref()])
+            .set(0);
+        let jitter_seed = credential.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         Self {
             credential,
             settings,
@@ -144,11 +152,17 @@ impl Breaker {
         };
         match self.state() {
             BreakerState::Closed => Admission::Pass { generation },
-            BreakerState::Open if inner.forced || now < inner.open_until => Admission::Reject(Rejection {
-                retry_after: if inner.forced { inner.open_for } else { inner.open_until - now },
-                reason: inner.reason.clone(),
-                fingerprint: inner.fingerprint.clone(),
-            }),
+            BreakerState::Open if inner.forced || now < inner.open_until => {
+                Admission::Reject(Rejection {
+                    retry_after: if inner.forced {
+                        inner.open_for
+                    } else {
+                        inner.open_until - now
+                    },
+                    reason: inner.reason.clone(),
+                    fingerprint: inner.fingerprint.clone(),
+                })
+            }
             BreakerState::Open => {
                 inner.probe_in_flight = true;
                 self.transition(BreakerState::HalfOpen);
@@ -169,7 +183,13 @@ impl Breaker {
     /// Records the upstream's verdict for a request admitted as `admission`, made with the
     /// version `fingerprint`. `None`: no verdict (the upstream was never reached), which only
     /// frees the probe slot.
-    pub fn record(&self, admission: &Admission, verdict: Option<Verdict>, fingerprint: &str, now: Instant) {
+    pub fn record(
+        &self,
+        admission: &Admission,
+        verdict: Option<Verdict>,
+        fingerprint: &str,
+        now: Instant,
+    ) {
         let (generation, probe) = match admission {
             Admission::Pass { generation } => (*generation, false),
             Admission::Probe { generation } => (*generation, true),
@@ -184,7 +204,9 @@ impl Breaker {
             }
             return;
         }
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         if generation != self.generation.load(Ordering::Acquire) {
             // Admitted before a new version arrived: says nothing about the new one.
             return;
@@ -222,7 +244,9 @@ impl Breaker {
 
     /// A new version was published: start closed at once, whatever happened before.
     pub fn reset(&self) {
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         self.generation.fetch_add(1, Ordering::AcqRel);
         inner.forced = false;
         if self.state() != BreakerState::Closed {
@@ -233,14 +257,18 @@ impl Breaker {
 
     /// Incident response: a leaked key. Stays open until closed by hand or rotated.
     pub fn force_open(&self, now: Instant) {
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         inner.forced = true;
         inner.reason = "forced open by an operator".into();
         self.open(&mut inner, now);
     }
 
     pub fn force_close(&self) {
-        let Ok(mut inner) = self.inner.lock() else { return };
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
         inner.forced = false;
         self.close(&mut inner);
     }
@@ -248,11 +276,16 @@ impl Breaker {
     /// Seconds until the breaker lets a probe through, while open.
     pub fn retry_after(&self, now: Instant) -> Option<Duration> {
         let inner = self.inner.lock().ok()?;
-        (self.state() != BreakerState::Closed).then(|| inner.open_until.saturating_duration_since(now))
+        (self.state() != BreakerState::Closed)
+            .then(|| inner.open_until.saturating_duration_since(now))
     }
 
     fn open(&self, inner: &mut Inner, now: Instant) {
-        let period = if self.settings.jitter { jittered(inner.open_for, &mut inner.jitter_seed) } else { inner.open_for };
+        let period = if self.settings.jitter {
+            jittered(inner.open_for, &mut inner.jitter_seed)
+        } else {
+            inner.open_for
+        };
         inner.open_until = now + period;
         inner.probe_in_flight = false;
         self.transition(BreakerState::Open);
@@ -273,8 +306,14 @@ impl Breaker {
             return;
         }
         let name = self.credential.as_ref();
-        self.metrics.breaker_state.with_label_values(&[name]).set(to as i64);
-        self.metrics.breaker_transitions.with_label_values(&[name, to.label()]).inc();
+        self.metrics
+            .breaker_state
+            .with_label_values(&[name])
+            .set(to as i64);
+        self.metrics
+            .breaker_transitions
+            .with_label_values(&[name, to.label()])
+            .inc();
     }
 }
 
@@ -298,12 +337,21 @@ mod tests {
             max_open_for: Duration::from_secs(300),
             jitter: false,
         };
-        Arc::new(Breaker::new(Arc::from("k"), settings, Arc::new(Metrics::new().unwrap())))
+        Arc::new(Breaker::new(
+            Arc::from("k"),
+            settings,
+            Arc::new(Metrics::new().unwrap()),
+        ))
     }
 
     fn fail(b: &Breaker) {
         let admission = b.admit(Instant::now());
-        b.record(&admission, Some(Verdict::AuthFailure { status: 401 }), "fp1", Instant::now());
+        b.record(
+            &admission,
+            Some(Verdict::AuthFailure { status: 401 }),
+            "fp1",
+            Instant::now(),
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -315,7 +363,9 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         fail(&b);
         assert_eq!(b.state(), BreakerState::Open);
-        let Admission::Reject(rejection) = b.admit(Instant::now()) else { panic!("must reject") };
+        let Admission::Reject(rejection) = b.admit(Instant::now()) else {
+            panic!("must reject")
+        };
         assert_eq!(rejection.retry_after, Duration::from_secs(30));
         assert_eq!(rejection.reason, "upstream 401 x5");
         assert_eq!(rejection.fingerprint.as_deref(), Some("fp1"));
@@ -327,12 +377,20 @@ mod tests {
             async move { b.admit(Instant::now()) }
         }))
         .await;
-        let probes: Vec<&Admission> = admissions.iter().filter(|a| matches!(a, Admission::Probe { .. })).collect();
+        let probes: Vec<&Admission> = admissions
+            .iter()
+            .filter(|a| matches!(a, Admission::Probe { .. }))
+            .collect();
         assert_eq!(probes.len(), 1);
         assert_eq!(b.state(), BreakerState::HalfOpen);
 
         // The probe fails: open for twice as long.
-        b.record(probes[0], Some(Verdict::AuthFailure { status: 401 }), "fp1", Instant::now());
+        b.record(
+            probes[0],
+            Some(Verdict::AuthFailure { status: 401 }),
+            "fp1",
+            Instant::now(),
+        );
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.retry_after(Instant::now()), Some(Duration::from_secs(60)));
         tokio::time::advance(Duration::from_secs(59)).await;
@@ -356,16 +414,29 @@ mod tests {
         for _ in 0..6 {
             tokio::time::advance(Duration::from_secs(expected)).await;
             let probe = b.admit(Instant::now());
-            b.record(&probe, Some(Verdict::AuthFailure { status: 401 }), "fp1", Instant::now());
+            b.record(
+                &probe,
+                Some(Verdict::AuthFailure { status: 401 }),
+                "fp1",
+                Instant::now(),
+            );
             expected = (expected * 2).min(300);
-            assert_eq!(b.retry_after(Instant::now()), Some(Duration::from_secs(expected)));
+            assert_eq!(
+                b.retry_after(Instant::now()),
+                Some(Duration::from_secs(expected))
+            );
         }
         b.reset();
         assert_eq!(b.state(), BreakerState::Closed);
         // A failure admitted before the reset does not count against the new version.
         let stale = Admission::Pass { generation: 0 };
         for _ in 0..10 {
-            b.record(&stale, Some(Verdict::AuthFailure { status: 401 }), "fp1", Instant::now());
+            b.record(
+                &stale,
+                Some(Verdict::AuthFailure { status: 401 }),
+                "fp1",
+                Instant::now(),
+            );
         }
         assert_eq!(b.state(), BreakerState::Closed);
     }

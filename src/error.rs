@@ -29,9 +29,17 @@ pub enum ProxyError {
     #[error("credential `{credential}` expired and no newer version could be fetched")]
     CredentialExpired { credential: String },
     #[error("credential `{credential}` is rejected by the upstream ({reason}); requests are held back until it is rotated or the breaker probes again")]
-    CircuitOpen { credential: String, reason: String, retry_after: Duration, fingerprint: Option<String> },
+    CircuitOpen {
+        credential: String,
+        reason: String,
+        retry_after: Duration,
+        fingerprint: Option<String>,
+    },
     #[error("credential `{credential}` is over its rate limit")]
-    RateLimited { credential: String, retry_after: Duration },
+    RateLimited {
+        credential: String,
+        retry_after: Duration,
+    },
     #[error("the upstream's TLS certificate could not be verified or the handshake failed")]
     UpstreamTls,
     #[error("could not connect to the upstream: {0}")]
@@ -104,10 +112,16 @@ impl ProxyError {
         body.insert("message".into(), self.to_string().into());
         let mut retry_after = None;
         match &self {
-            ProxyError::CredentialUnavailable { credential, .. } | ProxyError::CredentialExpired { credential } => {
+            ProxyError::CredentialUnavailable { credential, .. }
+            | ProxyError::CredentialExpired { credential } => {
                 body.insert("credential".into(), credential.as_str().into());
             }
-            ProxyError::CircuitOpen { credential, reason, retry_after: wait, fingerprint } => {
+            ProxyError::CircuitOpen {
+                credential,
+                reason,
+                retry_after: wait,
+                fingerprint,
+            } => {
                 let seconds = whole_seconds(*wait);
                 body.insert("credential".into(), credential.as_str().into());
                 body.insert("reason".into(), reason.as_str().into());
@@ -115,7 +129,10 @@ impl ProxyError {
                 body.insert("fingerprint".into(), fingerprint.clone().into());
                 retry_after = Some(seconds);
             }
-            ProxyError::RateLimited { credential, retry_after: wait } => {
+            ProxyError::RateLimited {
+                credential,
+                retry_after: wait,
+            } => {
                 let seconds = whole_seconds(*wait);
                 body.insert("credential".into(), credential.as_str().into());
                 body.insert("retry_after_s".into(), seconds.into());

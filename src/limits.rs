@@ -21,7 +21,9 @@ pub struct Limits {
 
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Limits").field("limited", &self.limiter.is_some()).finish()
+        f.debug_struct("Limits")
+            .field("limited", &self.limiter.is_some())
+            .finish()
     }
 }
 
@@ -32,7 +34,11 @@ impl Limits {
             let burst = NonZeroU32::new(spec.burst).unwrap_or(per_second);
             RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
         });
-        Self { limiter, clock: DefaultClock::default(), held_until: Mutex::new(None) }
+        Self {
+            limiter,
+            clock: DefaultClock::default(),
+            held_until: Mutex::new(None),
+        }
     }
 
     /// `Err(wait)` when the request must not go upstream now.
@@ -45,7 +51,9 @@ impl Limits {
             }
         }
         match &self.limiter {
-            Some(limiter) => limiter.check().map_err(|not_until| not_until.wait_time_from(self.clock.now())),
+            Some(limiter) => limiter
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now())),
             None => Ok(()),
         }
     }

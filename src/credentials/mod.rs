@@ -17,9 +17,9 @@ use tokio::time::Instant;
 use crate::breaker::Breaker;
 use crate::config::{Config, CredentialSpec, SourceSpec};
 use crate::limits::Limits;
-use crate::telemetry::Metrics;
 use crate::proxy::upstream::Upstream;
 use crate::secret::Secret;
+use crate::telemetry::Metrics;
 
 pub use source::{fetch, normalize, parse_value, read_local, Fetched, SourceError};
 
@@ -94,7 +94,14 @@ impl Credential {
     pub fn fresh(name: Arc<str>, spec: CredentialSpec, metrics: &Arc<Metrics>) -> Self {
         let breaker = Arc::new(Breaker::new(name.clone(), spec.breaker, metrics.clone()));
         let limits = Arc::new(Limits::new(spec.rate_limit));
-        Credential { name, spec, current: None, last_error: None, breaker, limits }
+        Credential {
+            name,
+            spec,
+            current: None,
+            last_error: None,
+            breaker,
+            limits,
+        }
     }
 
     /// The credential after a read: a new version if the value changed, the old one kept if the
@@ -215,10 +222,21 @@ impl CredentialTable {
         let fresh: Vec<Arc<Credential>> = config
             .credentials
             .iter()
-            .map(|(name, spec)| Arc::new(Credential::fresh(Arc::from(name.as_str()), spec.clone(), metrics)))
+            .map(|(name, spec)| {
+                Arc::new(Credential::fresh(
+                    Arc::from(name.as_str()),
+                    spec.clone(),
+                    metrics,
+                ))
+            })
             .collect();
         let read = read_all(fresh, upstream).await;
-        Self { by_name: read.into_iter().map(|(c, _)| (c.name.clone(), Arc::new(c))).collect() }
+        Self {
+            by_name: read
+                .into_iter()
+                .map(|(c, _)| (c.name.clone(), Arc::new(c)))
+                .collect(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Credential>> {

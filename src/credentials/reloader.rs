@@ -404,11 +404,18 @@ impl Reloader {
             match snapshot.credentials.get(name.as_str()) {
                 // Same definition: keep the version and everything keyed to it.
                 Some(existing) if existing.spec == *spec => kept.push(existing.clone()),
-                _ => loads.push(Arc::new(Credential::fresh(Arc::from(name.as_str()), spec.clone(), &self.state.metrics))),
+                _ => loads.push(Arc::new(Credential::fresh(
+                    Arc::from(name.as_str()),
+                    spec.clone(),
+                    &self.state.metrics,
+                ))),
             }
         }
-        let loaded: Vec<Credential> =
-            read_all(loads, &self.state.upstream).await.into_iter().map(|(credential, _)| credential).collect();
+        let loaded: Vec<Credential> = read_all(loads, &self.state.upstream)
+            .await
+            .into_iter()
+            .map(|(credential, _)| credential)
+            .collect();
         for old in snapshot.credentials.iter() {
             if !config.credentials.contains_key(old.name.as_ref()) {
                 self.schedule.remove(&old.name);

@@ -54,7 +54,8 @@ pub async fn peek(mut body: hyper::body::Incoming, limit: usize) -> (Bytes, Prox
     let rebuilt = if ended {
         StreamBody::new(head).boxed_unsync()
     } else {
-        let rest = BodyStream::new(body).map(|frame| frame.map_err(|error| -> BoxError { Box::new(error) }));
+        let rest = BodyStream::new(body)
+            .map(|frame| frame.map_err(|error| -> BoxError { Box::new(error) }));
         StreamBody::new(head.chain(rest)).boxed_unsync()
     };
     (prefix, rebuilt)

@@ -14,8 +14,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::config::Unmatched;
 use crate::breaker::{Admission, Breaker, Verdict};
+use crate::config::Unmatched;
 use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
 use crate::inject;
@@ -77,10 +77,20 @@ async fn forward_stages(
     let route = stamping.as_ref().map(|s| s.route.as_ref());
     let unstamped = Unstamped::new(parts, &target, route, upgrade)?;
     let body = match &stamping {
-        Some(_) if !upgrade => keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?,
+        Some(_) if !upgrade => {
+            keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?
+        }
         _ => Err(incoming),
     };
-    let (response, admitted) = send(state, unstamped, body, stamping.as_ref(), admitted, protocol).await?;
+    let (response, admitted) = send(
+        state,
+        unstamped,
+        body,
+        stamping.as_ref(),
+        admitted,
+        protocol,
+    )
+    .await?;
     let response = judge(state, stamping.as_ref(), admitted, response).await;
     let mut response = response;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -109,7 +119,8 @@ struct Admitted {
 
 impl Admitted {
     fn settle(mut self, verdict: Option<Verdict>) {
-        self.breaker.record(&self.admission, verdict, &self.fingerprint, Instant::now());
+        self.breaker
+            .record(&self.admission, verdict, &self.fingerprint, Instant::now());
         self.settled = true;
     }
 }
@@ -117,7 +128,8 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         if !self.settled {
-            self.breaker.record(&self.admission, None, &self.fingerprint, Instant::now());
+            self.breaker
+                .record(&self.admission, None, &self.fingerprint, Instant::now());
         }
     }
 }
@@ -185,12 +197,18 @@ async fn select_route(
     // Long requests must not pin the snapshot: what is needed is cloned out of it.
     let (route, credential) = {
         let snapshot = state.snapshot();
-        let route = match snapshot.routes.lookup(&target.host, request.uri().path(), request.method()) {
-            RouteMatch::Matched(route) => route.clone(),
-            RouteMatch::Denied => return Err(ProxyError::RouteDenied),
-            RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => return Ok(None),
-            RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
-        };
+        let route =
+            match snapshot
+                .routes
+                .lookup(&target.host, request.uri().path(), request.method())
+            {
+                RouteMatch::Matched(route) => route.clone(),
+                RouteMatch::Denied => return Err(ProxyError::RouteDenied),
+                RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => {
+                    return Ok(None)
+                }
+                RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
+            };
         let credential = snapshot.credentials.get(&route.credential).cloned();
         (route, credential)
     };
@@ -201,19 +219,31 @@ async fn select_route(
         });
     };
     let Some(version) = credential.current.clone() else {
-        let reason = credential.last_error.as_ref().map_or_else(|| "no value yet".to_string(), ToString::to_string);
-        return Err(ProxyError::CredentialUnavailable { credential: route.credential.to_string(), reason });
+        let reason = credential
+            .last_error
+            .as_ref()
+            .map_or_else(|| "no value yet".to_string(), ToString::to_string);
+        return Err(ProxyError::CredentialUnavailable {
+            credential: route.credential.to_string(),
+            reason,
+        });
     };
     let version = if version.is_expired(Instant::now()) {
         state
             .reloads
             .newer_than(&route.credential, &version.fingerprint)
             .await
-            .ok_or_else(|| ProxyError::CredentialExpired { credential: route.credential.to_string() })?
+            .ok_or_else(|| ProxyError::CredentialExpired {
+                credential: route.credential.to_string(),
+            })?
     } else {
         version
     };
-    Ok(Some(Stamping { route, credential, version }))
+    Ok(Some(Stamping {
+        route,
+        credential,
+        version,
+    }))
 }
 
 /// Stage 3: the credential's breaker and rate limit. Neither contacts the upstream.
@@ -238,8 +268,15 @@ fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError
         settled: false,
     };
     if let Err(wait) = credential.limits.check(now) {
-        state.metrics.rate_limited.with_label_values(&[credential.name.as_ref()]).inc();
-        return Err(ProxyError::RateLimited { credential: credential.name.to_string(), retry_after: wait });
+        state
+            .metrics
+            .rate_limited
+            .with_label_values(&[credential.name.as_ref()])
+            .inc();
+        return Err(ProxyError::RateLimited {
+            credential: credential.name.to_string(),
+            retry_after: wait,
+        });
     }
     Ok(admitted)
 }
@@ -263,12 +300,18 @@ async fn send(
         }
         Ok(bytes) => bytes,
     };
-    let request = unstamped.clone().into_request(stamp, body::full(bytes.clone()))?;
+    let request = unstamped
+        .clone()
+        .into_request(stamp, body::full(bytes.clone()))?;
     let response = state.upstream.send(request, protocol).await?;
     let Some(stamping) = stamping.filter(|_| response.status() == StatusCode::UNAUTHORIZED) else {
         return Ok((response, admitted));
     };
-    let Some(newer) = state.reloads.newer_than(&stamping.route.credential, &stamping.version.fingerprint).await else {
+    let Some(newer) = state
+        .reloads
+        .newer_than(&stamping.route.credential, &stamping.version.fingerprint)
+        .await
+    else {
         return Ok((response, admitted));
     };
     tracing::info!(
@@ -288,8 +331,14 @@ async fn send(
     if let Admission::Reject(_) = retry_admission.admission {
         return Ok((response, None));
     }
-    let request = unstamped.into_request(Some((stamping.route.as_ref(), newer.as_ref())), body::full(bytes))?;
-    Ok((state.upstream.send(request, protocol).await?, Some(retry_admission)))
+    let request = unstamped.into_request(
+        Some((stamping.route.as_ref(), newer.as_ref())),
+        body::full(bytes),
+    )?;
+    Ok((
+        state.upstream.send(request, protocol).await?,
+        Some(retry_admission),
+    ))
 }
 
 /// Stage 6: what the upstream's answer says about the credential, for the breaker, the
@@ -307,12 +356,17 @@ async fn judge(
     let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS && route.respect_retry_after {
         if let Some(seconds) = retry_after_seconds(response.headers()) {
-            stamping.credential.limits.hold(Instant::now() + Duration::from_secs(seconds));
+            stamping
+                .credential
+                .limits
+                .hold(Instant::now() + Duration::from_secs(seconds));
         }
     }
     let (auth_failure, response) = match status {
         StatusCode::UNAUTHORIZED => (true, response.map(body::stream)),
-        StatusCode::FORBIDDEN => forbidden_says_credential_is_bad(response, &route.auth_failure_markers).await,
+        StatusCode::FORBIDDEN => {
+            forbidden_says_credential_is_bad(response, &route.auth_failure_markers).await
+        }
         _ => (false, response.map(body::stream)),
     };
     let verdict = if auth_failure {
@@ -321,7 +375,9 @@ async fn judge(
             .auth_failures
             .with_label_values(&[stamping.credential.name.as_ref(), status.as_str()])
             .inc();
-        Verdict::AuthFailure { status: status.as_u16() }
+        Verdict::AuthFailure {
+            status: status.as_u16(),
+        }
     } else {
         Verdict::NotAuthFailure
     };
@@ -336,7 +392,10 @@ const MARKER_PEEK: usize = 1024;
 /// A 403 means "this credential is bad" only when it says so: `WWW-Authenticate` with
 /// `error="invalid_token"`, or a configured marker in a header value or the body's first KiB.
 /// Other 403s are permission answers and leave the breaker alone.
-async fn forbidden_says_credential_is_bad(response: Response<Incoming>, markers: &[String]) -> (bool, Response<ProxyBody>) {
+async fn forbidden_says_credential_is_bad(
+    response: Response<Incoming>,
+    markers: &[String],
+) -> (bool, Response<ProxyBody>) {
     let headers = response.headers();
     let invalid_token = headers
         .get_all(header::WWW_AUTHENTICATE)
@@ -344,7 +403,10 @@ async fn forbidden_says_credential_is_bad(response: Response<Incoming>, markers:
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("invalid_token"));
     let marked_header = !markers.is_empty()
-        && headers.values().filter_map(|v| v.to_str().ok()).any(|v| markers.iter().any(|m| v.contains(m.as_str())));
+        && headers
+            .values()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| markers.iter().any(|m| v.contains(m.as_str())));
     if invalid_token || marked_header || markers.is_empty() {
         return (invalid_token || marked_header, response.map(body::stream));
     }
@@ -356,7 +418,13 @@ async fn forbidden_says_credential_is_bad(response: Response<Incoming>, markers:
 }
 
 fn retry_after_seconds(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Stage 3: the request as the upstream will see it, before the credential is stamped: absolute

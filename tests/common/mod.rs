@@ -191,10 +191,38 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
         }
     }
     if let Some(code) = path.strip_prefix("/status/") {
-        return text(
+        let mut response = text(
             StatusCode::from_u16(code.parse().unwrap()).unwrap(),
             "status",
         );
+        if code == "429" {
+            response
+                .headers_mut()
+                .insert("retry-after", "2".parse().unwrap());
+        }
+        return response;
+    }
+    match path.as_str() {
+        "/forbidden/invalid-token" => {
+            let mut response = text(StatusCode::FORBIDDEN, "");
+            response.headers_mut().insert(
+                "www-authenticate",
+                "Bearer error=\"invalid_token\", error_description=\"revoked\""
+                    .parse()
+                    .unwrap(),
+            );
+            return response;
+        }
+        "/forbidden/aws" => {
+            return text(
+                StatusCode::FORBIDDEN,
+                "<ErrorResponse><Error><Code>InvalidClientTokenId</Code></Error></ErrorResponse>",
+            );
+        }
+        "/forbidden/permission" => {
+            return text(StatusCode::FORBIDDEN, "{\"error\":\"insufficient_scope\"}")
+        }
+        _ => {}
     }
     match path.as_str() {
         "/sse" => {
