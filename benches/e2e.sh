@@ -26,6 +26,7 @@ listen: 127.0.0.1:18140
 admin: 127.0.0.1:18141
 ca: { generate: true, cert_out: ./ca.crt }
 unmatched: deny
+egress: { allow_cidrs: [127.0.0.0/8] }   # the bench upstream is on loopback
 upstream_tls: { extra_roots: [$UPSTREAM_CA] }
 credentials:
   bench: { source: { file: ./secrets/token } }

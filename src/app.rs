@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use crate::admin::{self, Readiness};
 use crate::config::{CaOrigin, Config};
 use crate::credentials::reloader::{ReloadHandle, Reloader};
-use crate::proxy::upstream::{Dialer, Upstream};
+use crate::proxy::upstream::{DialRules, Dialer, Upstream};
 use crate::proxy::{self, ProxyState, Snapshot};
 use crate::telemetry::Metrics;
 use crate::tls::{upstream_roots, CertificateAuthority, LeafCache};
@@ -41,7 +41,7 @@ impl App {
         let ca_pem = ca.cert_pem().to_string();
         let leaves = LeafCache::new(ca, config.ca.leaf_cache_size);
         let upstream = Upstream::new(
-            Dialer::new(config.resolve.clone()),
+            Dialer::new(DialRules::from_config(&config)),
             upstream_roots(&config.extra_roots),
         )
         .context("building the upstream TLS client")?;

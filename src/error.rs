@@ -46,6 +46,8 @@ pub enum ProxyError {
     UpstreamConnect(String),
     #[error("the upstream connection failed before a response arrived")]
     UpstreamFailed,
+    #[error("the destination resolves to an internal address that egress policy does not allow")]
+    EgressDenied,
     #[error("the request's host does not match the CONNECT host")]
     HostMismatch,
     #[error("{0}")]
@@ -68,6 +70,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::HostMismatch => "host_mismatch",
+            ProxyError::EgressDenied => "egress_denied",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Internal(_) => "internal",
         }
@@ -75,7 +78,9 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::UnmatchedDenied | ProxyError::RouteDenied => StatusCode::FORBIDDEN,
+            ProxyError::UnmatchedDenied | ProxyError::RouteDenied | ProxyError::EgressDenied => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::CredentialUnavailable { .. }
             | ProxyError::CredentialExpired { .. }
             | ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -93,6 +98,7 @@ impl ProxyError {
         match self {
             ProxyError::UnmatchedDenied
             | ProxyError::RouteDenied
+            | ProxyError::EgressDenied
             | ProxyError::HostMismatch
             | ProxyError::BadRequest(_) => Side::Agent,
             ProxyError::UpstreamTls

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod config;
 pub mod credentials;
 mod duration;
+pub mod egress;
 pub mod error;
 pub mod inject;
 pub mod limits;

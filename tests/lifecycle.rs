@@ -555,7 +555,8 @@ async fn token_endpoint() -> (std::net::SocketAddr, Arc<Vec<AtomicUsize>>) {
 #[tokio::test(start_paused = true)]
 async fn tokens_are_refreshed_ahead_of_expiry_over_simulated_hours() {
     let (addr, counts) = token_endpoint().await;
-    let mut yaml = String::from("unmatched: deny\ncredentials:\n");
+    let mut yaml =
+        String::from("unmatched: deny\negress: { allow_cidrs: [127.0.0.0/8] }\ncredentials:\n");
     for lifetime in [120, 900, 3600, 43200] {
         yaml.push_str(&format!(
             "  t{lifetime}:\n    source:\n      oauth2_client_credentials:\n        token_url: http://{addr}/token/{lifetime}\n        client_id: {{ file: ./secrets/id }}\n        client_secret: {{ file: ./secrets/secret }}\n"

@@ -30,6 +30,7 @@ pub struct Config {
     pub routes: Vec<RouteSpec>,
     pub shutdown_grace: Duration,
     pub reload: ReloadConfig,
+    pub egress: crate::egress::EgressPolicy,
 }
 
 #[derive(Debug, Clone)]

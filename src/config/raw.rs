@@ -28,6 +28,16 @@ pub struct RawConfig {
     pub reload: RawReload,
     #[serde(default)]
     pub breaker: RawBreaker,
+    #[serde(default)]
+    pub egress: RawEgress,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEgress {
+    /// Internal ranges keystamp may dial anyway, e.g. `10.20.0.0/16` for an in-cluster API.
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

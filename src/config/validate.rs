@@ -169,7 +169,21 @@ impl Errors<'_> {
             }),
         };
         let reload = self.reload(&raw.reload);
+        let allow = raw
+            .egress
+            .allow_cidrs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, text)| match text.parse() {
+                Ok(cidr) => Some(cidr),
+                Err(message) => {
+                    self.push(&format!("egress.allow_cidrs[{i}]"), message);
+                    None
+                }
+            })
+            .collect();
         Some(Config {
+            egress: crate::egress::EgressPolicy { allow },
             path: self.file.to_path_buf(),
             reload,
             listen: listen?,

@@ -17,6 +17,7 @@ use crate::config::{Config, SourceSpec};
 use crate::credentials::expiry::refresh_delay;
 use crate::credentials::watch::DirWatcher;
 use crate::credentials::{read_all, Credential, CredentialTable, ReadOutcome, Version};
+use crate::proxy::upstream::DialRules;
 use crate::proxy::{ProxyState, Snapshot};
 use crate::routes::RouteTable;
 
@@ -396,7 +397,7 @@ impl Reloader {
         self.state
             .upstream
             .dialer()
-            .set_pins(config.resolve.clone());
+            .set_rules(DialRules::from_config(&config));
         let snapshot = self.state.snapshot_arc();
         let mut kept = Vec::new();
         let mut loads = Vec::new();

@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::config::Config;
+use crate::egress::EgressPolicy;
 use crate::error::ProxyError;
 use crate::proxy::body::ProxyBody;
 use crate::tls::{upstream_client_config, TlsError, ALPN_H2, ALPN_HTTP11};
@@ -56,39 +58,67 @@ pub enum ConnectError {
     Timeout,
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
+    #[error("every address the host resolved to is internal and not allowed by egress policy")]
+    EgressDenied,
 }
 
 /// Opens TCP connections, dialing a `resolve:` pin instead of resolving when one exists.
 #[derive(Clone)]
 pub struct Dialer {
-    pins: Arc<ArcSwap<Pins>>,
+    rules: Arc<ArcSwap<DialRules>>,
+}
+
+/// What the dialer follows; replaced whole on a config reload.
+#[derive(Debug, Clone, Default)]
+pub struct DialRules {
+    pub pins: Pins,
+    pub egress: EgressPolicy,
+}
+
+impl DialRules {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            pins: config.resolve.clone(),
+            egress: config.egress.clone(),
+        }
+    }
 }
 
 impl Dialer {
-    pub fn new(pins: Pins) -> Self {
+    pub fn new(rules: DialRules) -> Self {
         Self {
-            pins: Arc::new(ArcSwap::from_pointee(pins)),
+            rules: Arc::new(ArcSwap::from_pointee(rules)),
         }
     }
 
-    /// Replaces the pins (a config reload).
-    pub fn set_pins(&self, pins: Pins) {
-        self.pins.store(Arc::new(pins));
+    /// Replaces the pins and egress policy (a config reload).
+    pub fn set_rules(&self, rules: DialRules) {
+        self.rules.store(Arc::new(rules));
     }
 
     pub async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let pinned = self
-            .pins
-            .load()
-            .get(&(host.to_ascii_lowercase(), port))
-            .copied();
+        let rules = self.rules.load_full();
+        let pinned = rules.pins.get(&(host.to_ascii_lowercase(), port)).copied();
         let addresses: Vec<SocketAddr> = match pinned {
+            // A pin is the operator's explicit choice: no egress check.
             Some(address) => vec![address],
-            None => tokio::net::lookup_host((host, port))
-                .await
-                .map_err(ConnectError::Resolve)?
-                .collect(),
+            None => {
+                let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+                    .await
+                    .map_err(ConnectError::Resolve)?
+                    .collect();
+                let permitted: Vec<SocketAddr> = resolved
+                    .iter()
+                    .copied()
+                    .filter(|a| rules.egress.permits(a.ip()))
+                    .collect();
+                if permitted.is_empty() && !resolved.is_empty() {
+                    tracing::warn!(%host, port, addresses = ?resolved, "egress denied: the host resolves to internal addresses only");
+                    return Err(ConnectError::EgressDenied);
+                }
+                permitted
+            }
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
         for address in addresses {
@@ -305,5 +335,6 @@ pub fn connect_error(error: &ConnectError) -> ProxyError {
         ConnectError::Resolve(_) => ProxyError::UpstreamConnect("DNS resolution failed".into()),
         ConnectError::Connect(e) => ProxyError::UpstreamConnect(format!("{}", e.kind())),
         ConnectError::Timeout => ProxyError::UpstreamConnect("timed out".into()),
+        ConnectError::EgressDenied => ProxyError::EgressDenied,
     }
 }
