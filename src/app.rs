@@ -13,8 +13,8 @@ use crate::admin::{self, Readiness};
 use crate::config::{CaOrigin, Config};
 use crate::credentials::reloader::{ReloadHandle, Reloader};
 use crate::proxy::upstream::{DialRules, Dialer, Upstream};
-use crate::proxy::{self, ProxyState, Snapshot};
-use crate::telemetry::Metrics;
+use crate::proxy::{self, ProxyState, Snapshot, Telemetry};
+use crate::telemetry::{AuditLog, Metrics};
 use crate::tls::{upstream_roots, CertificateAuthority, LeafCache};
 
 /// Starts keystamp from a validated config.
@@ -52,7 +52,13 @@ impl App {
             snapshot,
             leaves,
             upstream,
-            metrics.clone(),
+            Telemetry {
+                metrics: metrics.clone(),
+                audit: AuditLog::start(&config.audit)
+                    .await
+                    .context("opening the audit log")?,
+                per_request_metrics: config.per_request_metrics,
+            },
             reloads.clone(),
             config.reload.replay_body_limit,
         ));

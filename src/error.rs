@@ -48,6 +48,10 @@ pub enum ProxyError {
     UpstreamFailed,
     #[error("the destination resolves to an internal address that egress policy does not allow")]
     EgressDenied,
+    #[error("keystamp needs the agent's identity: set HTTPS_PROXY=http://NAME:TOKEN@host:port")]
+    IdentityRequired,
+    #[error("this agent may not use this route for this method and path")]
+    ScopeDenied,
     #[error("the request's host does not match the CONNECT host")]
     HostMismatch,
     #[error("{0}")]
@@ -71,6 +75,8 @@ impl ProxyError {
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::HostMismatch => "host_mismatch",
             ProxyError::EgressDenied => "egress_denied",
+            ProxyError::IdentityRequired => "identity_required",
+            ProxyError::ScopeDenied => "scope_denied",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Internal(_) => "internal",
         }
@@ -78,9 +84,11 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::UnmatchedDenied | ProxyError::RouteDenied | ProxyError::EgressDenied => {
-                StatusCode::FORBIDDEN
-            }
+            ProxyError::UnmatchedDenied
+            | ProxyError::RouteDenied
+            | ProxyError::EgressDenied
+            | ProxyError::ScopeDenied => StatusCode::FORBIDDEN,
+            ProxyError::IdentityRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::CredentialUnavailable { .. }
             | ProxyError::CredentialExpired { .. }
             | ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -99,6 +107,8 @@ impl ProxyError {
             ProxyError::UnmatchedDenied
             | ProxyError::RouteDenied
             | ProxyError::EgressDenied
+            | ProxyError::IdentityRequired
+            | ProxyError::ScopeDenied
             | ProxyError::HostMismatch
             | ProxyError::BadRequest(_) => Side::Agent,
             ProxyError::UpstreamTls
@@ -155,6 +165,12 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if matches!(self, ProxyError::IdentityRequired) {
+            headers.insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"keystamp\""),
+            );
+        }
         if let Some(seconds) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }

@@ -12,6 +12,7 @@ pub mod credentials;
 mod duration;
 pub mod egress;
 pub mod error;
+pub mod identity;
 pub mod inject;
 pub mod limits;
 pub mod proxy;

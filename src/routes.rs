@@ -21,6 +21,7 @@ pub struct Route {
     pub strip: Vec<http::HeaderName>,
     pub respect_retry_after: bool,
     pub auth_failure_markers: Vec<String>,
+    pub agents: Option<std::collections::BTreeMap<String, crate::config::AgentScope>>,
 }
 
 /// The outcome of looking a request up.
@@ -55,6 +56,7 @@ impl RouteTable {
                 strip: spec.strip.clone(),
                 respect_retry_after: spec.respect_retry_after,
                 auth_failure_markers: spec.auth_failure_markers.clone(),
+                agents: spec.agents.clone(),
             });
             let bucket = match &spec.host {
                 HostPattern::Exact(host) => table.exact.entry(host.clone()).or_default(),

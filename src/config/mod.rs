@@ -31,6 +31,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub reload: ReloadConfig,
     pub egress: crate::egress::EgressPolicy,
+    pub audit: crate::telemetry::AuditOutput,
+    pub per_request_metrics: bool,
+    /// Agent name -> where its proxy token comes from (file or env).
+    pub identities: BTreeMap<String, SourceSpec>,
+    pub require_identity: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -185,6 +190,15 @@ pub struct RouteSpec {
     pub strip: Vec<HeaderName>,
     pub respect_retry_after: bool,
     pub auth_failure_markers: Vec<String>,
+    /// `None`: any agent (or none). `Some`: only these agents, each within its scope.
+    pub agents: Option<BTreeMap<String, AgentScope>>,
+}
+
+/// How far one agent's use of a route's credential goes (the scoped-per-task credential).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentScope {
+    pub methods: Option<Vec<Method>>,
+    pub path_prefix: Option<String>,
 }
 
 /// `api.example.test` or `*.example.test` (one label or more under it). Lowercase, no dot at the end.

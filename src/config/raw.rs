@@ -30,6 +30,47 @@ pub struct RawConfig {
     pub breaker: RawBreaker,
     #[serde(default)]
     pub egress: RawEgress,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    /// Agents by name, each with the token it presents as `NAME:TOKEN` in the proxy URL.
+    #[serde(default)]
+    pub identities: BTreeMap<String, RawIdentity>,
+    #[serde(default)]
+    pub require_identity: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// `stdout` (default), `off`, or a file path.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Per-request counters and histograms (default true).
+    #[serde(default)]
+    pub per_request: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub source: RawSource,
+}
+
+/// What one agent may do on a route.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgentScope {
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +207,9 @@ pub struct RawRoute {
     /// first KiB), e.g. AWS `InvalidClientTokenId`.
     #[serde(default)]
     pub auth_failure_markers: Vec<String>,
+    /// Only these agents may use the route, each optionally narrowed further.
+    #[serde(default)]
+    pub agents: Option<BTreeMap<String, RawAgentScope>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,12 +10,13 @@ use http::{HeaderName, Method};
 
 use super::locate::{locate, parse_path};
 use super::raw::{
-    RawBreaker, RawCa, RawConfig, RawCredential, RawInject, RawReload, RawRoute, RawSource,
+    RawBreaker, RawCa, RawConfig, RawCredential, RawIdentity, RawInject, RawReload, RawRoute,
+    RawSource,
 };
 use super::{
-    BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError, CredentialSpec,
-    HostPattern, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig, RouteSpec, SourceSpec,
-    Unmatched, ValueFormat,
+    AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
+    CredentialSpec, HostPattern, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig, RouteSpec,
+    SourceSpec, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -159,7 +160,9 @@ impl Errors<'_> {
             .routes
             .iter()
             .enumerate()
-            .filter_map(|(index, route)| self.route(index, route, &raw.credentials))
+            .filter_map(|(index, route)| {
+                self.route(index, route, &raw.credentials, &raw.identities)
+            })
             .collect();
         let shutdown_grace = match raw.shutdown_grace.as_deref() {
             None => DEFAULT_SHUTDOWN_GRACE,
@@ -182,7 +185,43 @@ impl Errors<'_> {
                 }
             })
             .collect();
+        let audit = match raw.audit.output.as_deref() {
+            None | Some("stdout") => crate::telemetry::AuditOutput::Stdout,
+            Some("off") => crate::telemetry::AuditOutput::Off,
+            Some(path) => crate::telemetry::AuditOutput::File(resolve_path(base, path)),
+        };
+        let mut identities = BTreeMap::new();
+        for (name, identity) in &raw.identities {
+            let at = format!("identities.{name}");
+            if !valid_name(name) {
+                self.push(
+                    &at,
+                    "agent names use letters, digits, `_`, `-` and `.` only",
+                );
+                continue;
+            }
+            match self.source(&format!("{at}.source"), &identity.source, base) {
+                Some(source @ (SourceSpec::File { .. } | SourceSpec::Env { .. })) => {
+                    identities.insert(name.clone(), source);
+                }
+                Some(_) => self.push(
+                    &format!("{at}.source"),
+                    "identities take a `file` or `env` source",
+                ),
+                None => {}
+            }
+        }
+        if raw.require_identity && raw.identities.is_empty() {
+            self.push(
+                "require_identity",
+                "no `identities` are defined, so every request would be refused",
+            );
+        }
         Some(Config {
+            audit,
+            per_request_metrics: raw.metrics.per_request.unwrap_or(true),
+            identities,
+            require_identity: raw.require_identity,
             egress: crate::egress::EgressPolicy { allow },
             path: self.file.to_path_buf(),
             reload,
@@ -513,6 +552,7 @@ impl Errors<'_> {
         index: usize,
         raw: &RawRoute,
         credentials: &BTreeMap<String, RawCredential>,
+        identities: &BTreeMap<String, RawIdentity>,
     ) -> Option<RouteSpec> {
         let at = |key: &str| format!("routes[{index}].{key}");
         let errors_before = self.list.len();
@@ -569,6 +609,48 @@ impl Errors<'_> {
                 }
             })
             .collect();
+        let agents = raw.agents.as_ref().map(|agents| {
+            agents
+                .iter()
+                .map(|(agent, scope)| {
+                    let at = format!("routes[{index}].agents.{agent}");
+                    if !identities.contains_key(agent) {
+                        self.push(&at, format!("no identity named `{agent}` is defined"));
+                    }
+                    if scope
+                        .path_prefix
+                        .as_ref()
+                        .is_some_and(|p| !p.starts_with('/'))
+                    {
+                        self.push(&format!("{at}.path_prefix"), "must start with `/`");
+                    }
+                    let methods = scope.methods.as_ref().map(|methods| {
+                        methods
+                            .iter()
+                            .filter_map(|m| match Method::from_bytes(m.as_bytes()) {
+                                Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => {
+                                    Some(method)
+                                }
+                                _ => {
+                                    self.push(
+                                        &format!("{at}.methods"),
+                                        "must be upper-case HTTP methods like GET",
+                                    );
+                                    None
+                                }
+                            })
+                            .collect()
+                    });
+                    (
+                        agent.clone(),
+                        AgentScope {
+                            methods,
+                            path_prefix: scope.path_prefix.clone(),
+                        },
+                    )
+                })
+                .collect()
+        });
         if self.list.len() > errors_before {
             return None;
         }
@@ -587,6 +669,7 @@ impl Errors<'_> {
             strip,
             respect_retry_after: raw.respect_retry_after,
             auth_failure_markers: raw.auth_failure_markers.clone(),
+            agents,
         })
     }
 

@@ -17,6 +17,7 @@ use crate::config::{Config, SourceSpec};
 use crate::credentials::expiry::refresh_delay;
 use crate::credentials::watch::DirWatcher;
 use crate::credentials::{read_all, Credential, CredentialTable, ReadOutcome, Version};
+use crate::identity::IdentityTable;
 use crate::proxy::upstream::DialRules;
 use crate::proxy::{ProxyState, Snapshot};
 use crate::routes::RouteTable;
@@ -169,6 +170,7 @@ impl Reloader {
                 tracing::info!("reloading the config and every credential");
                 self.config_hash = None;
                 self.reload_config().await;
+                self.reread_identities();
                 let names: Vec<Arc<str>> = self
                     .state
                     .snapshot()
@@ -224,6 +226,7 @@ impl Reloader {
             watcher.rearm();
         }
         self.reload_config().await;
+        self.reread_identities();
         let names = self.credentials_where(|spec| !spec.files().is_empty());
         self.reread(names).await;
     }
@@ -234,10 +237,27 @@ impl Reloader {
             watcher.rearm();
         }
         self.reload_config().await;
+        self.reread_identities();
         let names = self.credentials_where(|spec| {
             matches!(spec, SourceSpec::File { .. } | SourceSpec::Env { .. })
         });
         self.reread(names).await;
+    }
+
+    /// Agents' proxy tokens rotate too; publish only when one changed.
+    fn reread_identities(&mut self) {
+        let identities = IdentityTable::load(&self.config);
+        let snapshot = self.state.snapshot_arc();
+        if *snapshot.identities == identities {
+            return;
+        }
+        tracing::info!("agent identities changed");
+        self.state.publish(Snapshot {
+            routes: snapshot.routes.clone(),
+            credentials: snapshot.credentials.clone(),
+            unmatched: snapshot.unmatched,
+            identities: Arc::new(identities),
+        });
     }
 
     async fn refresh_due(&mut self) {
@@ -308,6 +328,7 @@ impl Reloader {
                 routes: snapshot.routes.clone(),
                 credentials: table,
                 unmatched: snapshot.unmatched,
+                identities: snapshot.identities.clone(),
             });
         }
     }
@@ -449,6 +470,7 @@ impl Reloader {
             routes: Arc::new(RouteTable::new(&config.routes)),
             credentials: CredentialTable::from_credentials(credentials),
             unmatched: config.unmatched,
+            identities: Arc::new(IdentityTable::load(&config)),
         });
         tracing::info!(
             routes = config.routes.len(),
@@ -465,6 +487,9 @@ impl Reloader {
         files.insert(self.config.path.clone());
         for spec in self.config.credentials.values() {
             files.extend(spec.source.files().into_iter().map(Path::to_path_buf));
+        }
+        for source in self.config.identities.values() {
+            files.extend(source.files().into_iter().map(Path::to_path_buf));
         }
         if let Some(watcher) = self.watcher.as_mut() {
             watcher.set_files(files);

@@ -60,3 +60,73 @@ pub async fn peek(mut body: hyper::body::Incoming, limit: usize) -> (Bytes, Prox
     };
     (prefix, rebuilt)
 }
+
+/// A body that counts the data bytes passing through it into `counter`, and calls `on_end`
+/// once with the total when it ends or is dropped (the agent went away mid-stream).
+pub struct Counted {
+    inner: ProxyBody,
+    bytes: u64,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Counted {
+    pub fn new(
+        inner: ProxyBody,
+        counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+        on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+    ) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            counter,
+            on_end,
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(self.bytes);
+        }
+    }
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let length = data.len() as u64;
+                    self.bytes += length;
+                    if let Some(counter) = &self.counter {
+                        counter.fetch_add(length, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            std::task::Poll::Ready(None) => self.end(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.end();
+    }
+}

@@ -12,6 +12,7 @@ use hyper_util::server::conn::auto;
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::Unmatched;
+use crate::credentials::expiry::format_rfc3339;
 use crate::error::ProxyError;
 use crate::proxy::body::{self, ProxyBody};
 use crate::proxy::pipeline::{self, Origin};
@@ -27,7 +28,11 @@ pub enum ConnectDecision {
     Deny,
 }
 
-pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    state: Arc<ProxyState>,
+    request: Request<Incoming>,
+    agent: Option<Arc<str>>,
+) -> Response<ProxyBody> {
     let Some(authority) = request.uri().authority() else {
         return ProxyError::BadRequest("CONNECT needs host:port").into_response();
     };
@@ -40,26 +45,101 @@ pub async fn handle(state: Arc<ProxyState>, request: Request<Incoming>) -> Respo
     let port = authority.port_u16().unwrap_or(443);
     let decision = decide(&state, &host);
     tracing::debug!(%host, port, ?decision, "CONNECT");
+    state
+        .metrics
+        .connect
+        .with_label_values(&[decision.label()])
+        .inc();
     match decision {
-        ConnectDecision::Deny => ProxyError::UnmatchedDenied.into_response(),
+        ConnectDecision::Deny => {
+            audit_tunnel(
+                &state,
+                &TunnelRecord::new(agent, host, port, "deny"),
+                Some("unmatched_denied"),
+            );
+            ProxyError::UnmatchedDenied.into_response()
+        }
         ConnectDecision::Tunnel => {
+            let record = TunnelRecord::new(agent, host, port, "tunnel");
             // Dial before answering, so an unreachable host is a clear 502 rather than a reset.
-            let upstream = match state.upstream.dialer().dial(&host, port).await {
+            let upstream = match state.upstream.dialer().dial(&record.host, port).await {
                 Ok(stream) => stream,
-                Err(error) => return connect_error(&error).into_response(),
+                Err(error) => {
+                    let error = connect_error(&error);
+                    audit_tunnel(&state, &record, Some(error.code()));
+                    return error.into_response();
+                }
             };
             let on_upgrade = hyper::upgrade::on(request);
-            state.tasks.spawn(tunnel(on_upgrade, upstream));
+            state
+                .tasks
+                .spawn(tunnel(state.clone(), on_upgrade, upstream, record));
             Response::new(body::empty())
         }
         ConnectDecision::Intercept => {
             let on_upgrade = hyper::upgrade::on(request);
             state
                 .tasks
-                .spawn(intercept(state.clone(), on_upgrade, host, port));
+                .spawn(intercept(state.clone(), on_upgrade, host, port, agent));
             Response::new(body::empty())
         }
     }
+}
+
+impl ConnectDecision {
+    fn label(self) -> &'static str {
+        match self {
+            ConnectDecision::Intercept => "intercept",
+            ConnectDecision::Tunnel => "tunnel",
+            ConnectDecision::Deny => "deny",
+        }
+    }
+}
+
+/// A tunnel's account for the audit log: who, where, how much, how long.
+struct TunnelRecord {
+    agent: Option<Arc<str>>,
+    host: String,
+    port: u16,
+    decision: &'static str,
+    time: std::time::SystemTime,
+    started: tokio::time::Instant,
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl TunnelRecord {
+    fn new(agent: Option<Arc<str>>, host: String, port: u16, decision: &'static str) -> Self {
+        Self {
+            agent,
+            host,
+            port,
+            decision,
+            time: std::time::SystemTime::now(),
+            started: tokio::time::Instant::now(),
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+}
+
+fn audit_tunnel(state: &ProxyState, record: &TunnelRecord, error: Option<&'static str>) {
+    if !state.audit.is_on() {
+        return;
+    }
+    let line = serde_json::json!({
+        "time": format_rfc3339(record.time),
+        "kind": "tunnel",
+        "decision": record.decision,
+        "agent": record.agent.as_deref(),
+        "host": record.host,
+        "port": record.port,
+        "bytes_up": record.bytes_up,
+        "bytes_down": record.bytes_down,
+        "duration_ms": (record.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        "error": error,
+    });
+    state.audit.record(&line, &state.metrics);
 }
 
 fn decide(state: &ProxyState, host: &str) -> ConnectDecision {
@@ -73,7 +153,12 @@ fn decide(state: &ProxyState, host: &str) -> ConnectDecision {
     }
 }
 
-async fn tunnel(on_upgrade: hyper::upgrade::OnUpgrade, mut upstream: tokio::net::TcpStream) {
+async fn tunnel(
+    state: Arc<ProxyState>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mut upstream: tokio::net::TcpStream,
+    mut record: TunnelRecord,
+) {
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(error) => {
@@ -83,9 +168,13 @@ async fn tunnel(on_upgrade: hyper::upgrade::OnUpgrade, mut upstream: tokio::net:
     };
     let mut agent = TokioIo::new(upgraded);
     match tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
-        Ok((to_upstream, to_agent)) => tracing::debug!(to_upstream, to_agent, "tunnel closed"),
+        Ok((up, down)) => {
+            record.bytes_up = up;
+            record.bytes_down = down;
+        }
         Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
     }
+    audit_tunnel(&state, &record, None);
 }
 
 async fn intercept(
@@ -93,6 +182,7 @@ async fn intercept(
     on_upgrade: hyper::upgrade::OnUpgrade,
     host: String,
     port: u16,
+    agent: Option<Arc<str>>,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
@@ -114,6 +204,7 @@ async fn intercept(
             host,
             port,
             tls: false,
+            agent,
         };
         serve_intercepted(state, origin, stream).await;
         return;
@@ -141,6 +232,11 @@ async fn intercept(
     let tls = match start.into_stream(config).await {
         Ok(tls) => tls,
         Err(error) => {
+            state
+                .metrics
+                .tls_handshake_errors
+                .with_label_values(&["agent"])
+                .inc();
             tracing::debug!(%host, %error, "agent TLS handshake failed (does the agent trust keystamp's CA?)");
             return;
         }
@@ -151,6 +247,7 @@ async fn intercept(
             host,
             port,
             tls: true,
+            agent,
         },
         tls,
     )

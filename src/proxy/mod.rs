@@ -27,8 +27,9 @@ use crate::config::{Config, Unmatched};
 use crate::credentials::reloader::ReloadHandle;
 use crate::credentials::CredentialTable;
 use crate::error::ProxyError;
+use crate::identity::IdentityTable;
 use crate::routes::RouteTable;
-use crate::telemetry::Metrics;
+use crate::telemetry::{AuditLog, Metrics};
 use crate::tls::LeafCache;
 use body::ProxyBody;
 use upstream::Upstream;
@@ -43,6 +44,7 @@ pub struct Snapshot {
     pub routes: Arc<RouteTable>,
     pub credentials: CredentialTable,
     pub unmatched: Unmatched,
+    pub identities: Arc<IdentityTable>,
 }
 
 impl Snapshot {
@@ -52,8 +54,16 @@ impl Snapshot {
             routes: Arc::new(RouteTable::new(&config.routes)),
             credentials: CredentialTable::load(config, upstream, metrics).await,
             unmatched: config.unmatched,
+            identities: Arc::new(IdentityTable::load(config)),
         }
     }
+}
+
+/// What the state reports through.
+pub struct Telemetry {
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditLog,
+    pub per_request_metrics: bool,
 }
 
 /// State shared by every connection.
@@ -66,6 +76,9 @@ pub struct ProxyState {
     pub reloads: ReloadHandle,
     /// Largest request body kept in memory so a request can be replayed after a 401.
     pub replay_body_limit: usize,
+    pub audit: AuditLog,
+    /// `keystamp_requests_total` and `keystamp_request_duration_seconds` on or off.
+    pub per_request_metrics: bool,
     /// Cancelled when keystamp starts draining.
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
@@ -77,11 +90,18 @@ impl ProxyState {
         snapshot: Snapshot,
         leaves: LeafCache,
         upstream: Upstream,
-        metrics: Arc<Metrics>,
+        telemetry: Telemetry,
         reloads: ReloadHandle,
         replay_body_limit: usize,
     ) -> Self {
+        let Telemetry {
+            metrics,
+            audit,
+            per_request_metrics,
+        } = telemetry;
         Self {
+            audit,
+            per_request_metrics,
             snapshot: ArcSwap::from_pointee(snapshot),
             leaves,
             upstream,
@@ -127,7 +147,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
         };
         let _ = stream.set_nodelay(true);
         let connection_state = state.clone();
+        let open = OpenConnection::new(&state.metrics);
         state.tasks.spawn(async move {
+            let _open = open;
             let shutdown = connection_state.shutdown.clone();
             let service = service_fn(move |request| {
                 let state = connection_state.clone();
@@ -143,12 +165,36 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
     }
 }
 
+/// Counts an agent connection in `keystamp_connections_open` for as long as it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.connections_open.inc();
+        Self(metrics.connections_open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn route_request(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let identified = state.snapshot().identities.identify(request.headers());
+    let agent = match identified {
+        Ok(agent) => agent,
+        Err(error) => {
+            tracing::debug!(?error, "agent identity refused");
+            return ProxyError::IdentityRequired.into_response();
+        }
+    };
     if request.method() == Method::CONNECT {
-        return connect::handle(state, request).await;
+        return connect::handle(state, request, agent).await;
     }
     if request.uri().scheme().is_some() && request.uri().authority().is_some() {
-        return pipeline::forward(state, pipeline::Origin::AbsoluteForm, request).await;
+        return pipeline::forward(state, pipeline::Origin::AbsoluteForm { agent }, request).await;
     }
     ProxyError::BadRequest("keystamp is a proxy: send CONNECT or an absolute URL").into_response()
 }

@@ -19,19 +19,34 @@ use crate::config::Unmatched;
 use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
 use crate::inject;
-use crate::proxy::body::{self, ProxyBody};
+use crate::proxy::body::{self, Counted, ProxyBody};
 use crate::proxy::upstream::UpstreamProtocol;
 use crate::proxy::ProxyState;
 use crate::routes::{Route, RouteMatch};
+use crate::telemetry::RequestRecord;
 
 /// How the request reached keystamp.
 #[derive(Debug, Clone)]
 pub enum Origin {
     /// Inside a `CONNECT host:port` tunnel keystamp terminated (TLS, or plain HTTP when the agent
-    /// tunnels an `http://` URL); the request must stay on that host.
-    Intercepted { host: String, port: u16, tls: bool },
+    /// tunnels an `http://` URL); the request must stay on that host. `agent` was identified on
+    /// the CONNECT.
+    Intercepted {
+        host: String,
+        port: u16,
+        tls: bool,
+        agent: Option<Arc<str>>,
+    },
     /// An absolute-form request (`GET http://host/...` or `GET https://host/...`) to the proxy.
-    AbsoluteForm,
+    AbsoluteForm { agent: Option<Arc<str>> },
+}
+
+impl Origin {
+    pub fn agent(&self) -> Option<&Arc<str>> {
+        match self {
+            Origin::Intercepted { agent, .. } | Origin::AbsoluteForm { agent } => agent.as_ref(),
+        }
+    }
 }
 
 /// Where a request goes.
@@ -47,22 +62,58 @@ pub async fn forward(
     origin: Origin,
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    match forward_stages(&state, &origin, request).await {
+    let host = match &origin {
+        Origin::Intercepted { host, .. } => host.clone(),
+        Origin::AbsoluteForm { .. } => request
+            .uri()
+            .host()
+            .unwrap_or_default()
+            .to_ascii_lowercase(),
+    };
+    let mut record = RequestRecord::start(
+        origin.agent().cloned(),
+        request.method(),
+        &host,
+        request.uri().path(),
+    );
+    let response = match forward_stages(&state, &origin, request, &mut record).await {
         Ok(response) => response,
         Err(error) => {
             tracing::debug!(code = error.code(), "keystamp answered the request itself");
+            if matches!(error, ProxyError::UpstreamTls) {
+                state
+                    .metrics
+                    .tls_handshake_errors
+                    .with_label_values(&["upstream"])
+                    .inc();
+            }
+            record.by_keystamp = true;
+            record.error = Some(error.code());
             error.into_response()
         }
-    }
+    };
+    record.status = response.status();
+    // The account closes when the response body ends, so streamed responses are counted whole.
+    let finished_state = state.clone();
+    response.map(|body| {
+        let on_end = Box::new(move |bytes: u64| record.finish(&finished_state, bytes));
+        Counted::new(body, None, Some(on_end)).boxed_unsync()
+    })
 }
 
 async fn forward_stages(
     state: &ProxyState,
     origin: &Origin,
     mut request: Request<Incoming>,
+    record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let target = target_of(origin, &request)?;
-    let stamping = select_route(state, &target, &request).await?;
+    let stamping = select_route(state, &target, &request, origin.agent()).await?;
+    if let Some(stamping) = &stamping {
+        record.route = Some(stamping.route.name.clone());
+        record.credential = Some(stamping.credential.name.clone());
+        record.fingerprint = Some(stamping.version.fingerprint.clone());
+    }
     let admitted = match &stamping {
         Some(stamping) => Some(admit(state, stamping)?),
         None => None,
@@ -81,6 +132,18 @@ async fn forward_stages(
             keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?
         }
         _ => Err(incoming),
+    };
+    let body = match body {
+        Ok(bytes) => {
+            record
+                .request_bytes
+                .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(bytes)
+        }
+        Err(incoming) => {
+            let counter = Some(record.request_bytes.clone());
+            Err(Counted::new(body::stream(incoming), counter, None).boxed_unsync())
+        }
     };
     let (response, admitted) = send(
         state,
@@ -138,7 +201,9 @@ impl Drop for Admitted {
 /// name the CONNECT host (or nothing); anything else is 421 and goes nowhere.
 fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, ProxyError> {
     match origin {
-        Origin::Intercepted { host, port, tls } => {
+        Origin::Intercepted {
+            host, port, tls, ..
+        } => {
             let (named_host, named_port) = match request.uri().authority() {
                 Some(authority) => (authority.host().to_string(), authority.port_u16()),
                 None => {
@@ -164,7 +229,7 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
                 port: *port,
             })
         }
-        Origin::AbsoluteForm => {
+        Origin::AbsoluteForm { .. } => {
             let uri = request.uri();
             let https = match uri.scheme_str() {
                 Some("https") => true,
@@ -193,6 +258,7 @@ async fn select_route(
     state: &ProxyState,
     target: &Target,
     request: &Request<Incoming>,
+    request_agent: Option<&Arc<str>>,
 ) -> Result<Option<Stamping>, ProxyError> {
     // Long requests must not pin the snapshot: what is needed is cloned out of it.
     let (route, credential) = {
@@ -212,6 +278,22 @@ async fn select_route(
         let credential = snapshot.credentials.get(&route.credential).cloned();
         (route, credential)
     };
+    if let Some(agents) = &route.agents {
+        let scope = request_agent.and_then(|agent| agents.get(agent.as_ref()));
+        let allowed = scope.is_some_and(|scope| {
+            scope
+                .methods
+                .as_ref()
+                .is_none_or(|methods| methods.contains(request.method()))
+                && scope
+                    .path_prefix
+                    .as_ref()
+                    .is_none_or(|prefix| request.uri().path().starts_with(prefix.as_str()))
+        });
+        if !allowed {
+            return Err(ProxyError::ScopeDenied);
+        }
+    }
     let Some(credential) = credential else {
         return Err(ProxyError::CredentialUnavailable {
             credential: route.credential.to_string(),
@@ -287,15 +369,15 @@ fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError
 async fn send(
     state: &ProxyState,
     unstamped: Unstamped,
-    body: Result<Bytes, Incoming>,
+    body: Result<Bytes, ProxyBody>,
     stamping: Option<&Stamping>,
     admitted: Option<Admitted>,
     protocol: UpstreamProtocol,
 ) -> Result<(Response<Incoming>, Option<Admitted>), ProxyError> {
     let stamp = stamping.map(|s| (s.route.as_ref(), s.version.as_ref()));
     let bytes = match body {
-        Err(incoming) => {
-            let request = unstamped.into_request(stamp, body::stream(incoming))?;
+        Err(streaming) => {
+            let request = unstamped.into_request(stamp, streaming)?;
             return Ok((state.upstream.send(request, protocol).await?, admitted));
         }
         Ok(bytes) => bytes,

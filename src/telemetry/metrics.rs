@@ -29,6 +29,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub breaker_manual: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub audit_dropped: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,6 +130,11 @@ impl Metrics {
             "Requests keystamp answered 429 itself: over the credential's rate limit or held after an upstream 429.",
             &["credential"],
         )?;
+        let audit_dropped = prometheus::IntCounter::new(
+            "keystamp_audit_dropped_total",
+            "Audit lines dropped because the writer fell behind.",
+        )?;
+        registry.register(Box::new(audit_dropped.clone()))?;
         let build_info = gauge(
             "keystamp_build_info",
             "keystamp's version (value 1).",
@@ -154,6 +160,7 @@ impl Metrics {
             build_info,
             breaker_manual,
             rate_limited,
+            audit_dropped,
         })
     }
 

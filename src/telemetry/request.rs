@@ -1,0 +1,111 @@
+//! One request's account: filled in as the pipeline learns the route, credential and outcome,
+//! and finished when the response body ends (or the agent goes away), so durations and byte
+//! counts cover streamed responses whole. Finishing records the metrics and the audit line.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{Method, StatusCode};
+use tokio::time::Instant;
+
+use crate::credentials::expiry::format_rfc3339;
+use crate::proxy::ProxyState;
+
+/// Placeholder label for "none" (unrouted request, anonymous agent).
+const NONE: &str = "-";
+
+#[derive(Debug)]
+pub struct RequestRecord {
+    pub time: SystemTime,
+    pub started: Instant,
+    pub agent: Option<Arc<str>>,
+    pub method: Method,
+    pub host: String,
+    /// Without the query string: a query-injected key would be in it.
+    pub path: String,
+    pub route: Option<Arc<str>>,
+    pub credential: Option<Arc<str>>,
+    pub fingerprint: Option<String>,
+    pub status: StatusCode,
+    /// Whether keystamp made the response itself.
+    pub by_keystamp: bool,
+    pub error: Option<&'static str>,
+    pub request_bytes: Arc<AtomicU64>,
+}
+
+impl RequestRecord {
+    pub fn start(agent: Option<Arc<str>>, method: &Method, host: &str, path: &str) -> Self {
+        Self {
+            time: SystemTime::now(),
+            started: Instant::now(),
+            agent,
+            method: method.clone(),
+            host: host.to_string(),
+            path: path.to_string(),
+            route: None,
+            credential: None,
+            fingerprint: None,
+            status: StatusCode::OK,
+            by_keystamp: false,
+            error: None,
+            request_bytes: Arc::default(),
+        }
+    }
+
+    /// Records the metrics and the audit line; `response_bytes` is what reached the agent.
+    pub fn finish(&self, state: &ProxyState, response_bytes: u64) {
+        let duration = self.started.elapsed();
+        let route = self.route.as_deref().unwrap_or(NONE);
+        let credential = self.credential.as_deref().unwrap_or(NONE);
+        let agent = self.agent.as_deref().unwrap_or(NONE);
+        let origin = if self.by_keystamp {
+            "keystamp"
+        } else {
+            "upstream"
+        };
+        if state.per_request_metrics {
+            let class = status_class(self.status);
+            state
+                .metrics
+                .requests
+                .with_label_values(&[route, credential, agent, class, origin])
+                .inc();
+            state
+                .metrics
+                .request_duration
+                .with_label_values(&[route, credential])
+                .observe(duration.as_secs_f64());
+        }
+        if state.audit.is_on() {
+            let line = serde_json::json!({
+                "time": format_rfc3339(self.time),
+                "kind": "request",
+                "agent": self.agent.as_deref(),
+                "route": self.route.as_deref(),
+                "credential": self.credential.as_deref(),
+                "fingerprint": self.fingerprint,
+                "method": self.method.as_str(),
+                "host": self.host,
+                "path": self.path,
+                "status": self.status.as_u16(),
+                "origin": origin,
+                "duration_ms": (duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+                "bytes_in": self.request_bytes.load(Ordering::Relaxed),
+                "bytes_out": response_bytes,
+                "error": self.error,
+            });
+            state.audit.record(&line, &state.metrics);
+        }
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
