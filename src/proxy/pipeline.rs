@@ -108,12 +108,7 @@ async fn forward_stages(
     record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let target = target_of(origin, &request)?;
-    let stamping = select_route(state, &target, &request, origin.agent()).await?;
-    if let Some(stamping) = &stamping {
-        record.route = Some(stamping.route.name.clone());
-        record.credential = Some(stamping.credential.name.clone());
-        record.fingerprint = Some(stamping.version.fingerprint.clone());
-    }
+    let stamping = select_route(state, &target, &request, origin.agent(), record).await?;
     let admitted = match &stamping {
         Some(stamping) => Some(admit(state, stamping)?),
         None => None,
@@ -259,6 +254,7 @@ async fn select_route(
     target: &Target,
     request: &Request<Incoming>,
     request_agent: Option<&Arc<str>>,
+    record: &mut RequestRecord,
 ) -> Result<Option<Stamping>, ProxyError> {
     // Long requests must not pin the snapshot: what is needed is cloned out of it.
     let (route, credential) = {
@@ -278,6 +274,9 @@ async fn select_route(
         let credential = snapshot.credentials.get(&route.credential).cloned();
         (route, credential)
     };
+    // Known from here on, whatever keystamp answers: the account names the route and credential.
+    record.route = Some(route.name.clone());
+    record.credential = Some(route.credential.clone());
     if let Some(agents) = &route.agents {
         let scope = request_agent.and_then(|agent| agents.get(agent.as_ref()));
         let allowed = scope.is_some_and(|scope| {
@@ -321,6 +320,7 @@ async fn select_route(
     } else {
         version
     };
+    record.fingerprint = Some(version.fingerprint.clone());
     Ok(Some(Stamping {
         route,
         credential,
