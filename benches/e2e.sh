@@ -18,7 +18,7 @@ command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked"
 eval "$("$peers_dir/up.sh" | grep -E '^[A-Z_]+=')"
 cargo build --release -q
 work=$(mktemp -d)
-trap 'kill $ks_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $ks_pid $quiet_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$work/secrets"
 printf 'bench-secret\n' >"$work/secrets/token"
 cat >"$work/keystamp.yaml" <<YAML
@@ -33,9 +33,17 @@ credentials:
 routes:
   - { host: upstream.test, credential: bench, inject: { type: bearer } }
 YAML
+# A second keystamp with per-request metrics and the audit log off, to price them.
+sed -e 's/18140/18142/; s/18141/18143/' -e 's|^unmatched: deny$|unmatched: deny\naudit: { output: off }\nmetrics: { per_request: false }|' \
+  -e 's|cert_out: ./ca.crt|cert_out: ./ca-quiet.crt|' "$work/keystamp.yaml" >"$work/quiet.yaml"
+printf 'audit: { output: ./audit.jsonl }\n' >>"$work/keystamp.yaml"
 RUST_LOG=warn ./target/release/keystamp run --config "$work/keystamp.yaml" 2>"$work/keystamp.log" &
 ks_pid=$!
-for _ in $(seq 100); do curl -sf http://127.0.0.1:18141/readyz >/dev/null && break; sleep 0.1; done
+RUST_LOG=warn ./target/release/keystamp run --config "$work/quiet.yaml" 2>"$work/quiet.log" &
+quiet_pid=$!
+for port in 18141 18143; do
+  for _ in $(seq 100); do curl -sf http://127.0.0.1:$port/readyz >/dev/null && break; sleep 0.1; done
+done
 KS_PROXY=http://127.0.0.1:18140
 KS_CA=$work/ca.crt
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -54,12 +62,13 @@ target_args() {
   case $1 in
     direct) echo "--cacert $UPSTREAM_CA" ;;
     keystamp) echo "--cacert $KS_CA -x $KS_PROXY" ;;
+    keystamp-quiet) echo "--cacert $work/ca-quiet.crt -x http://127.0.0.1:18142" ;;
     hudsucker) echo "--cacert $HUD_CA -x $HUD_PROXY" ;;
     squid) echo "--cacert $SQUID_CA -x $SQUID_PROXY" ;;
     mitm) echo "--cacert $MITM_CA -x $MITM_PROXY" ;;
   esac
 }
-targets="direct keystamp $peers"
+targets="direct keystamp keystamp-quiet $peers"
 declare -A ka one fresh
 for t in $targets; do
   # shellcheck disable=SC2046
@@ -97,4 +106,5 @@ echo "keystamp added p50 latency, 1 conn: $(python3 -c "print(f'{($(col "${one[k
 for p in $peers; do
   echo "keystamp / $p: keep-alive $(ratio "$ks_ka" "$(col "${ka[$p]}" 1)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 1)" "$(col "${fresh[$p]}" 1)")×"
 done
+echo "metrics + audit cost, keep-alive: keystamp $(col "${ka[keystamp]}" 1) req/s with them, $(col "${ka[keystamp-quiet]}" 1) without ($(python3 -c "print(f'{(1 - $(col "${ka[keystamp]}" 1) / $(col "${ka[keystamp-quiet]}" 1)) * 100:.1f}')") % slower)"
 echo "keystamp RSS: idle $((idle_rss / 1024)) MiB, after the runs $((after_rss / 1024)) MiB, holding $open_conns keep-alive connections $((held_rss / 1024)) MiB"

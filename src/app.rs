@@ -15,7 +15,7 @@ use crate::credentials::reloader::{ReloadHandle, Reloader};
 use crate::proxy::upstream::{DialRules, Dialer, Upstream};
 use crate::proxy::{self, ProxyState, Snapshot, Telemetry};
 use crate::telemetry::{AuditLog, Metrics};
-use crate::tls::{upstream_roots, CertificateAuthority, LeafCache};
+use crate::tls::{combined_bundle, upstream_roots, CertificateAuthority, LeafCache};
 
 /// Starts keystamp from a validated config.
 pub struct App;
@@ -89,6 +89,11 @@ impl App {
             write_atomically(path, ca_pem.as_bytes())
                 .with_context(|| format!("writing the CA certificate to {}", path.display()))?;
             tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
+        }
+        if let Some(path) = &config.ca.bundle_out {
+            write_atomically(path, combined_bundle(&ca_pem).as_bytes())
+                .with_context(|| format!("writing the CA bundle to {}", path.display()))?;
+            tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
         }
         tokio::spawn(Reloader::new(state.clone(), config.clone(), reload_requests).run());
         tokio::spawn(proxy::serve(listener, state.clone()));

@@ -213,6 +213,23 @@ pub fn upstream_roots(extra_roots: &[PathBuf]) -> RootCertStore {
     roots
 }
 
+/// The system roots (as `rustls-native-certs` finds them) followed by `ca_pem`, as one PEM
+/// bundle: what Python, curl and OpenSSL-based runtimes take in a single file.
+pub fn combined_bundle(ca_pem: &str) -> String {
+    let mut bundle = String::new();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        bundle.push_str("-----BEGIN CERTIFICATE-----\n");
+        let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cert.as_ref());
+        for line in encoded.as_bytes().chunks(64) {
+            bundle.push_str(&String::from_utf8_lossy(line));
+            bundle.push('\n');
+        }
+        bundle.push_str("-----END CERTIFICATE-----\n");
+    }
+    bundle.push_str(ca_pem);
+    bundle
+}
+
 /// A verifying client config offering the given ALPN protocols.
 pub fn upstream_client_config(
     roots: RootCertStore,

@@ -185,7 +185,7 @@ async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
     std::fs::write(dir.path().join("secrets/other"), &canary).unwrap();
     let (proxy_port, admin_port) = (free_port(), free_port());
     let config = format!(
-        "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\nshutdown_grace: 10s\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{}",
+        "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\nshutdown_grace: 10s\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n  bundle_out: ./run/bundle.crt\n{}",
         example_config(upstream.addr, &ca_path, "deny")
     );
     let config_path = dir.path().join("keystamp.yaml");
@@ -220,7 +220,11 @@ async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let proxy = format!("http://127.0.0.1:{proxy_port}");
-    let ca = dir.path().join("run/ca.crt");
+    // The combined bundle (system roots + pod CA) is what curl, Python and OpenSSL take.
+    let ca = dir.path().join("run/bundle.crt");
+    let bundle = std::fs::read_to_string(&ca).unwrap();
+    assert!(bundle.contains(std::fs::read_to_string(dir.path().join("run/ca.crt")).unwrap().trim()));
+    assert!(bundle.matches("BEGIN CERTIFICATE").count() > 1, "system roots missing from the bundle");
 
     let (body, code) = finish(curl(
         &proxy,

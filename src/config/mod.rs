@@ -43,6 +43,8 @@ pub struct CaConfig {
     pub origin: CaOrigin,
     /// Where to write the CA certificate (PEM) for agents to trust.
     pub cert_out: Option<PathBuf>,
+    /// Where to write the system roots plus the CA, for SSL_CERT_FILE / REQUESTS_CA_BUNDLE.
+    pub bundle_out: Option<PathBuf>,
     pub leaf_cache_size: usize,
 }
 

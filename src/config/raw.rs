@@ -113,6 +113,9 @@ pub struct RawCa {
     pub key: Option<String>,
     #[serde(default)]
     pub cert_out: Option<String>,
+    /// System roots plus the pod CA, one PEM file, for runtimes that take a single bundle.
+    #[serde(default)]
+    pub bundle_out: Option<String>,
     #[serde(default)]
     pub leaf_cache_size: Option<usize>,
 }

@@ -273,6 +273,7 @@ impl Errors<'_> {
         Some(CaConfig {
             origin,
             cert_out: raw.cert_out.as_deref().map(|p| resolve_path(base, p)),
+            bundle_out: raw.bundle_out.as_deref().map(|p| resolve_path(base, p)),
             leaf_cache_size: leaf_cache_size.max(1),
         })
     }

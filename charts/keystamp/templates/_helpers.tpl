@@ -1,0 +1,209 @@
+{{/*
+Named templates for platform teams to include in their own workloads:
+
+  spec:
+    initContainers:                     # sidecar.native=true (Kubernetes >= 1.29)
+      {{- include "keystamp.sidecar" . | nindent 6 }}
+    containers:
+      - name: agent
+        env:
+          {{- include "keystamp.agentEnv" . | nindent 10 }}
+        volumeMounts:
+          {{- include "keystamp.agentVolumeMounts" . | nindent 10 }}
+    volumes:
+      {{- include "keystamp.volumes" . | nindent 6 }}
+
+With sidecar.native=false, put "keystamp.sidecar" under containers instead.
+*/}}
+
+{{- define "keystamp.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "keystamp.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "keystamp.labels" -}}
+app.kubernetes.io/name: {{ include "keystamp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: keystamp
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{- define "keystamp.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "keystamp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "keystamp.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* Where keystamp writes the pod CA (alone) and the combined bundle (system roots + pod CA). */}}
+{{- define "keystamp.caDir" -}}/var/run/keystamp{{- end }}
+
+{{/* The keystamp config file, rendered from values. Paths point at the mounts below. */}}
+{{- define "keystamp.config" -}}
+listen: 127.0.0.1:{{ .Values.sidecar.proxyPort }}
+admin: 0.0.0.0:{{ .Values.sidecar.adminPort }}
+ca:
+  generate: true
+  cert_out: {{ include "keystamp.caDir" . }}/ca.crt
+  bundle_out: {{ include "keystamp.caDir" . }}/ca-bundle.crt
+unmatched: {{ .Values.config.unmatched }}
+{{- with .Values.config.credentials }}
+credentials:
+  {{- range $name, $credential := . }}
+  {{ $name }}:
+    source:
+      file: /var/run/secrets/keystamp/credentials/{{ $name }}/{{ $credential.key | default "token" }}
+      {{- with $credential.format }}
+      format: {{ . }}
+      {{- end }}
+  {{- end }}
+{{- end }}
+{{- with .Values.config.identities }}
+identities:
+  {{- range $name, $identity := . }}
+  {{ $name }}:
+    source:
+      file: /var/run/secrets/keystamp/identities/{{ $name }}/{{ $identity.key | default "token" }}
+  {{- end }}
+{{- end }}
+{{- if .Values.config.requireIdentity }}
+require_identity: true
+{{- end }}
+{{- with .Values.config.routes }}
+routes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.config.extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The keystamp container. Restricted Pod Security profile; nothing but the CA emptyDir is writable. */}}
+{{- define "keystamp.sidecar" -}}
+- name: keystamp
+  image: {{ include "keystamp.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
+  args: ["--log-format", "{{ .Values.sidecar.logFormat }}", "run", "--config", "/etc/keystamp/keystamp.yaml"]
+  env:
+    - name: RUST_LOG
+      value: {{ .Values.sidecar.logLevel | quote }}
+  ports:
+    - name: ks-admin
+      containerPort: {{ .Values.sidecar.adminPort }}
+      protocol: TCP
+  startupProbe:
+    httpGet: { path: /readyz, port: ks-admin }
+    periodSeconds: 1
+    failureThreshold: 60
+  readinessProbe:
+    httpGet: { path: /readyz, port: ks-admin }
+    periodSeconds: 10
+  livenessProbe:
+    httpGet: { path: /livez, port: ks-admin }
+    periodSeconds: 20
+  resources:
+    {{- toYaml .Values.sidecar.resources | nindent 4 }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 65532
+    runAsGroup: 65532
+    readOnlyRootFilesystem: true
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: ["ALL"]
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    - name: keystamp-config
+      mountPath: /etc/keystamp
+      readOnly: true
+    - name: keystamp-ca
+      mountPath: {{ include "keystamp.caDir" . }}
+    {{- range $name, $_ := .Values.config.credentials }}
+    - name: ks-cred-{{ $name | lower | replace "_" "-" | replace "." "-" }}
+      mountPath: /var/run/secrets/keystamp/credentials/{{ $name }}
+      readOnly: true
+    {{- end }}
+    {{- range $name, $_ := .Values.config.identities }}
+    - name: ks-ident-{{ $name | lower | replace "_" "-" | replace "." "-" }}
+      mountPath: /var/run/secrets/keystamp/identities/{{ $name }}
+      readOnly: true
+    {{- end }}
+{{- end }}
+
+{{/* Environment for the agent container: every common runtime uses the proxy and trusts the pod CA. */}}
+{{- define "keystamp.agentEnv" -}}
+{{- $ca := include "keystamp.caDir" . -}}
+{{- $noProxy := concat (list "localhost" "127.0.0.1" "::1" ".svc" ".cluster.local") .Values.agent.noProxy | join "," -}}
+{{- if .Values.agent.identity.enabled }}
+- name: KEYSTAMP_AGENT_NAME
+  value: {{ .Values.agent.identity.name | quote }}
+- name: KEYSTAMP_AGENT_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.agent.identity.secretName }}
+      key: {{ .Values.agent.identity.secretKey }}
+{{- end }}
+{{- $proxy := printf "http://127.0.0.1:%v" .Values.sidecar.proxyPort }}
+{{- if .Values.agent.identity.enabled }}
+{{- $proxy = printf "http://$(KEYSTAMP_AGENT_NAME):$(KEYSTAMP_AGENT_TOKEN)@127.0.0.1:%v" .Values.sidecar.proxyPort }}
+{{- end }}
+{{- range $name := list "HTTPS_PROXY" "https_proxy" "HTTP_PROXY" "http_proxy" }}
+- name: {{ $name }}
+  value: {{ $proxy | quote }}
+{{- end }}
+- name: NO_PROXY
+  value: {{ $noProxy | quote }}
+- name: no_proxy
+  value: {{ $noProxy | quote }}
+- name: NODE_USE_ENV_PROXY
+  value: "1"
+- name: NODE_EXTRA_CA_CERTS
+  value: {{ printf "%s/ca.crt" $ca | quote }}
+{{- range $name := list "SSL_CERT_FILE" "REQUESTS_CA_BUNDLE" "CURL_CA_BUNDLE" }}
+- name: {{ $name }}
+  value: {{ printf "%s/ca-bundle.crt" $ca | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "keystamp.agentVolumeMounts" -}}
+- name: keystamp-ca
+  mountPath: {{ include "keystamp.caDir" . }}
+  readOnly: true
+{{- end }}
+
+{{/* Volumes: the config as a directory (reloaded when the ConfigMap changes), the CA emptyDir,
+     and each Secret as a directory. Never subPath: kubelet does not update subPath mounts. */}}
+{{- define "keystamp.volumes" -}}
+- name: keystamp-config
+  configMap:
+    name: {{ include "keystamp.fullname" . }}-config
+- name: keystamp-ca
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+{{- range $name, $credential := .Values.config.credentials }}
+- name: ks-cred-{{ $name | lower | replace "_" "-" | replace "." "-" }}
+  secret:
+    secretName: {{ $credential.secretName }}
+{{- end }}
+{{- range $name, $identity := .Values.config.identities }}
+- name: ks-ident-{{ $name | lower | replace "_" "-" | replace "." "-" }}
+  secret:
+    secretName: {{ $identity.secretName }}
+{{- end }}
+{{- end }}
