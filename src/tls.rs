@@ -219,7 +219,8 @@ pub fn combined_bundle(ca_pem: &str) -> String {
     let mut bundle = String::new();
     for cert in rustls_native_certs::load_native_certs().certs {
         bundle.push_str("-----BEGIN CERTIFICATE-----\n");
-        let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cert.as_ref());
+        let encoded =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, cert.as_ref());
         for line in encoded.as_bytes().chunks(64) {
             bundle.push_str(&String::from_utf8_lossy(line));
             bundle.push('\n');

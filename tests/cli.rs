@@ -223,8 +223,15 @@ async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
     // The combined bundle (system roots + pod CA) is what curl, Python and OpenSSL take.
     let ca = dir.path().join("run/bundle.crt");
     let bundle = std::fs::read_to_string(&ca).unwrap();
-    assert!(bundle.contains(std::fs::read_to_string(dir.path().join("run/ca.crt")).unwrap().trim()));
-    assert!(bundle.matches("BEGIN CERTIFICATE").count() > 1, "system roots missing from the bundle");
+    assert!(bundle.contains(
+        std::fs::read_to_string(dir.path().join("run/ca.crt"))
+            .unwrap()
+            .trim()
+    ));
+    assert!(
+        bundle.matches("BEGIN CERTIFICATE").count() > 1,
+        "system roots missing from the bundle"
+    );
 
     let (body, code) = finish(curl(
         &proxy,

