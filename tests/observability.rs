@@ -92,16 +92,14 @@ async fn known_traffic_gives_exact_metrics_status_and_audit_lines() {
         .build()
         .unwrap();
     let status = |r: reqwest::Response| r.status().as_u16();
-    assert_eq!(
-        status(
-            client
-                .get("https://api.example.test/v1/a?secret=no")
-                .send()
-                .await
-                .unwrap()
-        ),
-        200
-    );
+    // Read whole, so the audit line's byte count is what the agent received.
+    let first = client
+        .get("https://api.example.test/v1/a?secret=no")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(!first.bytes().await.unwrap().is_empty());
     assert_eq!(
         status(
             client
