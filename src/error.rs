@@ -35,9 +35,11 @@ pub enum ProxyError {
         retry_after: Duration,
         fingerprint: Option<String>,
     },
-    #[error("credential `{credential}` is over its rate limit")]
+    #[error("{subject} `{name}` is over its rate limit")]
     RateLimited {
-        credential: String,
+        /// `credential` or `agent`: whose limit it is.
+        subject: &'static str,
+        name: String,
         retry_after: Duration,
     },
     #[error("the upstream's TLS certificate could not be verified or the handshake failed")]
@@ -146,11 +148,12 @@ impl ProxyError {
                 retry_after = Some(seconds);
             }
             ProxyError::RateLimited {
-                credential,
+                subject,
+                name,
                 retry_after: wait,
             } => {
                 let seconds = whole_seconds(*wait);
-                body.insert("credential".into(), credential.as_str().into());
+                body.insert((*subject).into(), name.as_str().into());
                 body.insert("retry_after_s".into(), seconds.into());
                 retry_after = Some(seconds);
             }

@@ -11,13 +11,28 @@ use http::{header, HeaderMap};
 
 use crate::config::Config;
 use crate::credentials::read_local;
+use crate::limits::Limits;
 use crate::secret::Secret;
 
 /// Every identity with a readable token.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 pub struct IdentityTable {
     tokens: HashMap<Arc<str>, Secret>,
+    /// Per-agent rate limits, carried across reloads while their settings are unchanged.
+    limits: HashMap<Arc<str>, Arc<Limits>>,
     pub required: bool,
+}
+
+impl PartialEq for IdentityTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens == other.tokens
+            && self.required == other.required
+            && self.limits.len() == other.limits.len()
+            && self
+                .limits
+                .iter()
+                .all(|(name, l)| other.limits.get(name).is_some_and(|o| Arc::ptr_eq(l, o)))
+    }
 }
 
 /// Why a request has no valid identity.
@@ -32,10 +47,19 @@ pub enum IdentityError {
 impl IdentityTable {
     /// Reads every identity's token. One that cannot be read is logged and left out: its agent
     /// cannot authenticate until it can.
-    pub fn load(config: &Config) -> Self {
+    pub fn load(config: &Config, previous: Option<&IdentityTable>) -> Self {
         let mut tokens = HashMap::new();
-        for (name, source) in &config.identities {
-            match read_local(source) {
+        let mut limits = HashMap::new();
+        for (name, spec) in &config.identities {
+            if spec.rate_limit.is_some() {
+                let kept = previous
+                    .and_then(|p| p.limits.get(name.as_str()))
+                    .filter(|l| l.spec == spec.rate_limit)
+                    .cloned();
+                let limiter = kept.unwrap_or_else(|| Arc::new(Limits::new(spec.rate_limit)));
+                limits.insert(Arc::from(name.as_str()), limiter);
+            }
+            match read_local(&spec.source) {
                 Some(Ok(fetched)) => {
                     tokens.insert(Arc::from(name.as_str()), fetched.secret);
                 }
@@ -47,8 +71,14 @@ impl IdentityTable {
         }
         Self {
             tokens,
+            limits,
             required: config.require_identity,
         }
+    }
+
+    /// The agent's own rate limit, if it has one.
+    pub fn limits(&self, agent: &str) -> Option<&Arc<Limits>> {
+        self.limits.get(agent)
     }
 
     /// The agent named by `Proxy-Authorization`, `None` for an anonymous request that is allowed.

@@ -13,6 +13,8 @@ use tokio::time::Instant;
 use crate::config::RateLimitSpec;
 
 pub struct Limits {
+    /// What the limiter was built from, so a reload can tell whether to keep it.
+    pub spec: Option<RateLimitSpec>,
     limiter: Option<DefaultDirectRateLimiter>,
     clock: DefaultClock,
     /// Until when the upstream asked this credential's traffic to wait.
@@ -35,6 +37,7 @@ impl Limits {
             RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
         });
         Self {
+            spec,
             limiter,
             clock: DefaultClock::default(),
             held_until: Mutex::new(None),

@@ -340,7 +340,7 @@ async fn known_traffic_gives_exact_metrics_status_and_audit_lines() {
     drop(rig.plain);
 }
 
-const IDENTITIES: &str = "identities:\n  reader: { source: { file: ./secrets/reader } }\n  writer: { source: { env: KEYSTAMP_TEST_WRITER_TOKEN } }\nrequire_identity: true\n";
+const IDENTITIES: &str = "identities:\n  reader: { source: { file: ./secrets/reader } }\n  writer: { source: { env: KEYSTAMP_TEST_WRITER_TOKEN }, rate_limit: { per_second: 1, burst: 2 } }\nrequire_identity: true\n";
 
 async fn identity_rig() -> (TestUpstream, TestKeystamp, tempfile::TempDir) {
     std::env::set_var("KEYSTAMP_TEST_WRITER_TOKEN", "writer-token");
@@ -470,6 +470,40 @@ async fn identities_are_required_and_scopes_narrow_a_shared_credential_per_agent
     })
     .await, "{metrics}");
     assert!(!metrics.contains("reader-token") && !metrics.contains("writer-token"));
+
+    // The writer's own rate limit (1/s, burst 2): a quick run of requests is cut off by
+    // keystamp itself, naming the agent, without reaching the upstream; the reader is unaffected.
+    let before = upstream.seen.count();
+    let mut passed = 0;
+    let mut limited = None;
+    for _ in 0..4 {
+        let response = writer
+            .get("https://api.example.test/v1/a")
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => passed += 1,
+            429 => {
+                assert_eq!(response.headers()["x-keystamp-error"], "rate_limited");
+                limited = Some(response.json::<serde_json::Value>().await.unwrap());
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let limited = limited.expect("the writer was never rate limited");
+    assert_eq!(limited["agent"], "writer");
+    assert!(passed <= 3);
+    assert_eq!(
+        reader
+            .get("https://api.example.test/v1/c")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(upstream.seen.count() - before, passed + 1);
 }
 
 async fn raw_connect(keystamp: &TestKeystamp, authorization: Option<&str>) -> String {

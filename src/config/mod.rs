@@ -34,7 +34,7 @@ pub struct Config {
     pub audit: crate::telemetry::AuditOutput,
     pub per_request_metrics: bool,
     /// Agent name -> where its proxy token comes from (file or env).
-    pub identities: BTreeMap<String, SourceSpec>,
+    pub identities: BTreeMap<String, IdentitySpec>,
     pub require_identity: bool,
 }
 
@@ -194,6 +194,13 @@ pub struct RouteSpec {
     pub auth_failure_markers: Vec<String>,
     /// `None`: any agent (or none). `Some`: only these agents, each within its scope.
     pub agents: Option<BTreeMap<String, AgentScope>>,
+}
+
+/// One agent's identity: where its proxy token comes from, and its own rate limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentitySpec {
+    pub source: SourceSpec,
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 /// How far one agent's use of a route's credential goes (the scoped-per-task credential).

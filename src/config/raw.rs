@@ -61,6 +61,9 @@ pub struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub struct RawIdentity {
     pub source: RawSource,
+    /// Requests per second this agent may make through keystamp (on stamped routes).
+    #[serde(default)]
+    pub rate_limit: Option<RawRateLimit>,
 }
 
 /// What one agent may do on a route.

@@ -15,8 +15,8 @@ use super::raw::{
 };
 use super::{
     AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
-    CredentialSpec, HostPattern, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig, RouteSpec,
-    SourceSpec, Unmatched, ValueFormat,
+    CredentialSpec, HostPattern, IdentitySpec, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig,
+    RouteSpec, SourceSpec, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -200,9 +200,23 @@ impl Errors<'_> {
                 );
                 continue;
             }
+            let rate_limit = match &identity.rate_limit {
+                Some(limit) if limit.per_second == 0 || limit.burst == Some(0) => {
+                    self.push(
+                        &format!("{at}.rate_limit"),
+                        "per_second and burst must be at least 1",
+                    );
+                    continue;
+                }
+                Some(limit) => Some(RateLimitSpec {
+                    per_second: limit.per_second,
+                    burst: limit.burst.unwrap_or(limit.per_second),
+                }),
+                None => None,
+            };
             match self.source(&format!("{at}.source"), &identity.source, base) {
                 Some(source @ (SourceSpec::File { .. } | SourceSpec::Env { .. })) => {
-                    identities.insert(name.clone(), source);
+                    identities.insert(name.clone(), IdentitySpec { source, rate_limit });
                 }
                 Some(_) => self.push(
                     &format!("{at}.source"),

@@ -246,8 +246,8 @@ impl Reloader {
 
     /// Agents' proxy tokens rotate too; publish only when one changed.
     fn reread_identities(&mut self) {
-        let identities = IdentityTable::load(&self.config);
         let snapshot = self.state.snapshot_arc();
+        let identities = IdentityTable::load(&self.config, Some(&snapshot.identities));
         if *snapshot.identities == identities {
             return;
         }
@@ -470,7 +470,7 @@ impl Reloader {
             routes: Arc::new(RouteTable::new(&config.routes)),
             credentials: CredentialTable::from_credentials(credentials),
             unmatched: config.unmatched,
-            identities: Arc::new(IdentityTable::load(&config)),
+            identities: Arc::new(IdentityTable::load(&config, Some(&snapshot.identities))),
         });
         tracing::info!(
             routes = config.routes.len(),
@@ -488,8 +488,8 @@ impl Reloader {
         for spec in self.config.credentials.values() {
             files.extend(spec.source.files().into_iter().map(Path::to_path_buf));
         }
-        for source in self.config.identities.values() {
-            files.extend(source.files().into_iter().map(Path::to_path_buf));
+        for identity in self.config.identities.values() {
+            files.extend(identity.source.files().into_iter().map(Path::to_path_buf));
         }
         if let Some(watcher) = self.watcher.as_mut() {
             watcher.set_files(files);

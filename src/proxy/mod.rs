@@ -54,7 +54,7 @@ impl Snapshot {
             routes: Arc::new(RouteTable::new(&config.routes)),
             credentials: CredentialTable::load(config, upstream, metrics).await,
             unmatched: config.unmatched,
-            identities: Arc::new(IdentityTable::load(config)),
+            identities: Arc::new(IdentityTable::load(config, None)),
         }
     }
 }

@@ -110,7 +110,7 @@ async fn forward_stages(
     let target = target_of(origin, &request)?;
     let stamping = select_route(state, &target, &request, origin.agent(), record).await?;
     let admitted = match &stamping {
-        Some(stamping) => Some(admit(state, stamping)?),
+        Some(stamping) => Some(admit(state, stamping, origin.agent())?),
         None => None,
     };
     let protocol = match request.version() {
@@ -329,7 +329,11 @@ async fn select_route(
 }
 
 /// Stage 3: the credential's breaker and rate limit. Neither contacts the upstream.
-fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError> {
+fn admit(
+    state: &ProxyState,
+    stamping: &Stamping,
+    agent: Option<&Arc<str>>,
+) -> Result<Admitted, ProxyError> {
     let now = Instant::now();
     let credential = &stamping.credential;
     let admission = match credential.breaker.admit(now) {
@@ -356,9 +360,26 @@ fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError
             .with_label_values(&[credential.name.as_ref()])
             .inc();
         return Err(ProxyError::RateLimited {
-            credential: credential.name.to_string(),
+            subject: "credential",
+            name: credential.name.to_string(),
             retry_after: wait,
         });
+    }
+    if let Some(agent) = agent {
+        if let Some(limits) = state.snapshot().identities.limits(agent) {
+            if let Err(wait) = limits.check(now) {
+                state
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&[credential.name.as_ref()])
+                    .inc();
+                return Err(ProxyError::RateLimited {
+                    subject: "agent",
+                    name: agent.to_string(),
+                    retry_after: wait,
+                });
+            }
+        }
     }
     Ok(admitted)
 }
