@@ -10,8 +10,8 @@ use http::{HeaderName, Method};
 
 use super::locate::{locate, parse_path};
 use super::raw::{
-    RawBreaker, RawCa, RawConfig, RawCredential, RawIdentity, RawInject, RawReload, RawRoute,
-    RawSource,
+    RawBreaker, RawCa, RawConfig, RawCredential, RawIdentity, RawInject, RawRateLimit, RawReload,
+    RawRoute, RawSource,
 };
 use super::{
     AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
@@ -200,19 +200,10 @@ impl Errors<'_> {
                 );
                 continue;
             }
-            let rate_limit = match &identity.rate_limit {
-                Some(limit) if limit.per_second == 0 || limit.burst == Some(0) => {
-                    self.push(
-                        &format!("{at}.rate_limit"),
-                        "per_second and burst must be at least 1",
-                    );
-                    continue;
-                }
-                Some(limit) => Some(RateLimitSpec {
-                    per_second: limit.per_second,
-                    burst: limit.burst.unwrap_or(limit.per_second),
-                }),
-                None => None,
+            let Some(rate_limit) =
+                self.rate_limit(&format!("{at}.rate_limit"), identity.rate_limit.as_ref())
+            else {
+                continue;
             };
             match self.source(&format!("{at}.source"), &identity.source, base) {
                 Some(source @ (SourceSpec::File { .. } | SourceSpec::Env { .. })) => {
@@ -341,19 +332,11 @@ impl Errors<'_> {
             else {
                 continue;
             };
-            let rate_limit = match &credential.rate_limit {
-                Some(limit) if limit.per_second == 0 || limit.burst == Some(0) => {
-                    self.push(
-                        &format!("{key_path}.rate_limit"),
-                        "per_second and burst must be at least 1",
-                    );
-                    continue;
-                }
-                Some(limit) => Some(RateLimitSpec {
-                    per_second: limit.per_second,
-                    burst: limit.burst.unwrap_or(limit.per_second),
-                }),
-                None => None,
+            let Some(rate_limit) = self.rate_limit(
+                &format!("{key_path}.rate_limit"),
+                credential.rate_limit.as_ref(),
+            ) else {
+                continue;
             };
             specs.insert(
                 name.clone(),
@@ -393,6 +376,23 @@ impl Errors<'_> {
             max_open_for,
             jitter: raw.jitter.unwrap_or(defaults.jitter),
         }
+    }
+
+    /// `Some(None)`: no limit set; `None`: an invalid one (reported).
+    fn rate_limit(
+        &mut self,
+        key_path: &str,
+        raw: Option<&RawRateLimit>,
+    ) -> Option<Option<RateLimitSpec>> {
+        let Some(limit) = raw else { return Some(None) };
+        if limit.per_second == 0 || limit.burst == Some(0) {
+            self.push(key_path, "per_second and burst must be at least 1");
+            return None;
+        }
+        Some(Some(RateLimitSpec {
+            per_second: limit.per_second,
+            burst: limit.burst.unwrap_or(limit.per_second),
+        }))
     }
 
     fn duration(&mut self, key_path: &str, text: &str) -> Option<Duration> {
