@@ -23,14 +23,7 @@ async fn rig(
     credential_extra: &str,
     route_extra: &str,
 ) -> (TestUpstream, TestKeystamp, tempfile::TempDir) {
-    let ca = Arc::new(TestCa::new("upstream"));
-    let upstream = TestUpstream::start(UpstreamKind::Tls {
-        ca: ca.clone(),
-        h2: true,
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &ca.pem);
+    let (upstream, ca_path, dir) = tls_upstream().await;
     let yaml = config(&upstream, &ca_path, extra, credential_extra, route_extra);
     let keystamp = TestKeystamp::start(&yaml, &[("key", "key-1\n")]).await;
     upstream.seen.accept_only("key-1");

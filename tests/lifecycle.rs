@@ -64,18 +64,6 @@ impl KubeletVolume {
     }
 }
 
-async fn upstream() -> (TestUpstream, PathBuf, tempfile::TempDir) {
-    let ca = Arc::new(TestCa::new("upstream"));
-    let upstream = TestUpstream::start(UpstreamKind::Tls {
-        ca: ca.clone(),
-        h2: true,
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &ca.pem);
-    (upstream, ca_path, dir)
-}
-
 fn single_route_config(upstream: &TestUpstream, ca: &Path, source: &str, reload: &str) -> String {
     format!(
         "unmatched: deny\nupstream_tls: {{ extra_roots: [{ca}] }}\nresolve: {{ 'api.example.test:443': {addr} }}\n{reload}\
@@ -104,7 +92,7 @@ async fn stamped(keystamp: &TestKeystamp) -> Result<String, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubelet_swaps_are_followed_and_invalid_content_never_served() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     let yaml = single_route_config(
         &upstream,
         &ca,
@@ -188,7 +176,7 @@ async fn kubelet_swaps_are_followed_and_invalid_content_never_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_mount_is_picked_up_when_it_appears_and_a_deleted_file_keeps_the_last_value() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     let yaml = single_route_config(
         &upstream,
         &ca,
@@ -229,7 +217,7 @@ async fn a_missing_mount_is_picked_up_when_it_appears_and_a_deleted_file_keeps_t
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_401_with_a_rotated_key_is_retried_once_before_the_watcher_fires() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     // A long debounce and resync: only the 401 path can pick the new key up in time.
     let yaml = single_route_config(
         &upstream,
@@ -317,7 +305,7 @@ async fn a_401_with_a_rotated_key_is_retried_once_before_the_watcher_fires() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn config_reloads_while_requests_flow_and_a_broken_config_keeps_the_last_good_one() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     let header = format!(
         "unmatched: deny\nupstream_tls: {{ extra_roots: [{}] }}\nreload: {{ debounce: 50ms }}\nresolve:\n  'api.example.test:443': {addr}\n  'basic.example.test:443': {addr}\n",
         ca.display(),
@@ -434,7 +422,7 @@ async fn config_reloads_while_requests_flow_and_a_broken_config_keeps_the_last_g
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_credential_is_never_sent() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     let yaml = single_route_config(
         &upstream,
         &ca,
@@ -470,7 +458,7 @@ async fn an_expired_credential_is_never_sent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn command_source_runs_without_a_shell_and_a_failure_keeps_the_last_value() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     let scripts = tempfile::tempdir().unwrap();
     let script = scripts.path().join("token.sh");
     let value_file = scripts.path().join("value");
@@ -595,7 +583,7 @@ async fn tokens_are_refreshed_ahead_of_expiry_over_simulated_hours() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_now_rereads_everything_without_waiting_for_events() {
-    let (upstream, ca, _ca_dir) = upstream().await;
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
     let yaml = single_route_config(
         &upstream,
         &ca,

@@ -344,14 +344,7 @@ const IDENTITIES: &str = "identities:\n  reader: { source: { file: ./secrets/rea
 
 async fn identity_rig() -> (TestUpstream, TestKeystamp, tempfile::TempDir) {
     std::env::set_var("KEYSTAMP_TEST_WRITER_TOKEN", "writer-token");
-    let ca = Arc::new(TestCa::new("upstream"));
-    let upstream = TestUpstream::start(UpstreamKind::Tls {
-        ca: ca.clone(),
-        h2: true,
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &ca.pem);
+    let (upstream, ca_path, dir) = tls_upstream().await;
     let yaml = format!(
         "{IDENTITIES}upstream_tls: {{ extra_roots: [{ca}] }}\nresolve: {{ 'api.example.test:443': {up} }}\n\
          credentials:\n  shared: {{ source: {{ file: ./secrets/shared }} }}\n\

@@ -459,6 +459,20 @@ where
     }
 }
 
+/// A TLS upstream (h2 + http/1.1) and its CA written to a PEM file keystamp can trust
+/// (`upstream_tls.extra_roots`). Keep the directory alive as long as the file is needed.
+pub async fn tls_upstream() -> (TestUpstream, PathBuf, tempfile::TempDir) {
+    let ca = Arc::new(TestCa::new("upstream"));
+    let upstream = TestUpstream::start(UpstreamKind::Tls {
+        ca: ca.clone(),
+        h2: true,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &ca.pem);
+    (upstream, ca_path, dir)
+}
+
 /// Writes a PEM file into `dir`.
 pub fn write_pem(dir: &Path, name: &str, pem: &str) -> PathBuf {
     let path = dir.join(name);
