@@ -87,7 +87,7 @@ fn check(path: &std::path::Path) -> ExitCode {
     };
     println!("{}: ok", path.display());
     println!(
-        "listen {}  admin {}  unmatched {:?}",
+        "listen {}  admin {}  unmatched {}",
         config.listen,
         config.admin.map_or("off".to_string(), |a| a.to_string()),
         config.unmatched
@@ -109,6 +109,17 @@ fn check(path: &std::path::Path) -> ExitCode {
     println!("credentials ({}):", config.credentials.len());
     for (name, spec) in &config.credentials {
         println!("  {name:<24} {}", spec.source.kind());
+    }
+    if !config.identities.is_empty() {
+        let required = if config.require_identity {
+            ", required"
+        } else {
+            ""
+        };
+        println!("identities ({}{required}):", config.identities.len());
+        for (name, identity) in &config.identities {
+            println!("  {name:<24} {}", identity.source.kind());
+        }
     }
     ExitCode::SUCCESS
 }

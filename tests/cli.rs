@@ -26,7 +26,11 @@ fn keystamp() -> Command {
 
 #[test]
 fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
-    for config in ["config/example.yaml", "config/keystamp.yaml"] {
+    for config in [
+        "config/example.yaml",
+        "config/keystamp.yaml",
+        "config/everything.yaml",
+    ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(config);
         let output = keystamp()
             .args(["check", "--config"])
@@ -40,6 +44,17 @@ fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(stdout.contains("routes ("), "{stdout}");
+        assert!(
+            stdout.contains("unmatched deny") || stdout.contains("unmatched tunnel"),
+            "{stdout}"
+        );
+        if config.ends_with("everything.yaml") {
+            assert!(
+                stdout.contains("oauth2_client_credentials") && stdout.contains("command"),
+                "{stdout}"
+            );
+            assert!(stdout.contains("identities (2, required):"), "{stdout}");
+        }
         if config.ends_with("example.yaml") {
             assert!(stdout.contains("*.other.test"), "{stdout}");
             assert!(stdout
