@@ -46,7 +46,7 @@ fn config(
     )
 }
 
-const FAST_BREAKER: &str = "breaker: { failures: 5, open_for: 400ms, max_open_for: 2s, jitter: false }\nreload: { debounce: 50ms }\n";
+const FAST_BREAKER: &str = "breaker: { failures: 5, open_for: 1s, max_open_for: 8s, jitter: false }\nreload: { debounce: 50ms }\n";
 
 async fn get(
     client: &reqwest::Client,
@@ -97,7 +97,7 @@ async fn five_401s_open_it_nothing_reaches_the_upstream_then_one_probe_and_rotat
     );
 
     // After open_for, 50 concurrent requests: exactly one probe reaches the upstream.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     let before = upstream.seen.count();
     let results = futures_util::future::join_all((0..50).map(|_| {
         let client = client.clone();
@@ -109,7 +109,7 @@ async fn five_401s_open_it_nothing_reaches_the_upstream_then_one_probe_and_rotat
     assert_eq!(results.iter().filter(|s| **s == 503).count(), 49);
 
     // The failed probe doubled the wait: still open after the first period.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     assert_eq!(get(&client, "/x").await.0, 503);
 
     // Rotation is the cure: a new version closes it at once.
@@ -296,7 +296,7 @@ async fn fleet_drill_fifty_agents_one_revoked_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limit_allows_the_burst_then_the_steady_rate_with_a_correct_retry_after() {
-    let limit = "    rate_limit: { per_second: 5, burst: 5 }\n";
+    let limit = "    rate_limit: { per_second: 1, burst: 5 }\n";
     let (upstream, keystamp, _dir) = rig(FAST_BREAKER, limit, "").await;
     let client = keystamp.client();
     let before = upstream.seen.count();
@@ -312,8 +312,8 @@ async fn rate_limit_allows_the_burst_then_the_steady_rate_with_a_correct_retry_a
         5,
         "the limited request never reached the upstream"
     );
-    // Steady rate: one more every 200 ms.
-    tokio::time::sleep(Duration::from_millis(220)).await;
+    // Steady rate: one more every second.
+    tokio::time::sleep(Duration::from_millis(1050)).await;
     assert_eq!(get(&client, "/x").await.0, 200);
     assert_eq!(get(&client, "/x").await.0, 429);
     let metrics = keystamp.metrics().await;

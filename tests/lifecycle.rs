@@ -429,7 +429,7 @@ async fn an_expired_credential_is_never_sent() {
         "{ file: ./secrets/token, format: json }",
         "",
     );
-    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
     let expires = expires
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
@@ -450,7 +450,7 @@ async fn an_expired_credential_is_never_sent() {
             .get(..19),
         expires.get(..19)
     );
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let before = upstream.seen.count();
     assert_eq!(stamped(&keystamp).await, Err("credential_expired".into()));
     assert_eq!(upstream.seen.count(), before);
