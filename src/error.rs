@@ -18,6 +18,16 @@ pub enum Side {
     Keystamp,
 }
 
+impl Side {
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Agent => "agent",
+            Side::Upstream => "upstream",
+            Side::Keystamp => "keystamp",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route for this host and unmatched hosts are denied")]

@@ -296,6 +296,9 @@ async fn known_traffic_gives_exact_metrics_status_and_audit_lines() {
         .find(|l| l["host"] == "basic.example.test")
         .unwrap();
     assert_eq!(tls["error"], "upstream_tls");
+    assert_eq!(tls["fault"], "upstream");
+    assert_eq!(denied["fault"], "agent");
+    assert_eq!(first["fault"], serde_json::Value::Null);
     let tunnel = lines.iter().find(|l| l["kind"] == "tunnel").unwrap();
     assert_eq!(
         (tunnel["host"].as_str(), tunnel["port"].as_u64()),

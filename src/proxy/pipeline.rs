@@ -89,6 +89,7 @@ pub async fn forward(
             }
             record.by_keystamp = true;
             record.error = Some(error.code());
+            record.fault = Some(error.side().label());
             error.into_response()
         }
     };

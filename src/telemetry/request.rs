@@ -31,6 +31,8 @@ pub struct RequestRecord {
     /// Whether keystamp made the response itself.
     pub by_keystamp: bool,
     pub error: Option<&'static str>,
+    /// For keystamp's own answers: whose fault (agent, upstream, keystamp).
+    pub fault: Option<&'static str>,
     pub request_bytes: Arc<AtomicU64>,
 }
 
@@ -49,6 +51,7 @@ impl RequestRecord {
             status: StatusCode::OK,
             by_keystamp: false,
             error: None,
+            fault: None,
             request_bytes: Arc::default(),
         }
     }
@@ -95,6 +98,7 @@ impl RequestRecord {
                 bytes_in: self.request_bytes.load(Ordering::Relaxed),
                 bytes_out: response_bytes,
                 error: self.error,
+                fault: self.fault,
             };
             state.audit.record(&line, &state.metrics);
         }
@@ -119,6 +123,7 @@ struct AuditLine<'a> {
     bytes_in: u64,
     bytes_out: u64,
     error: Option<&'static str>,
+    fault: Option<&'static str>,
 }
 
 fn status_class(status: StatusCode) -> &'static str {
