@@ -319,3 +319,108 @@ async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
         );
     }
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_gib_upload_streams_through_without_growing_memory() {
+    let upstream_ca = Arc::new(TestCa::new("upstream"));
+    let upstream = TestUpstream::start(UpstreamKind::Tls {
+        ca: upstream_ca.clone(),
+        h2: true,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &upstream_ca.pem);
+    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/example"), "upload-secret").unwrap();
+    std::fs::write(dir.path().join("secrets/other"), "x").unwrap();
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\naudit: {{ output: off }}\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{}",
+        example_config(upstream.addr, &ca_path, "deny")
+    );
+    let config_path = dir.path().join("keystamp.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = keystamp()
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
+    let started = Instant::now();
+    while !Command::new("curl")
+        .args(["-sf", &ready_url])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "keystamp never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let baseline = rss_kib(child.id());
+    // 1 GiB from a pipe: neither curl nor keystamp knows the size up front, so nothing can be
+    // buffered whole by accident.
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let upload = Command::new("sh")
+        .arg("-c")
+        .arg("head -c 1073741824 /dev/zero | curl -sS --max-time 600 -T - -H 'Transfer-Encoding: chunked' https://api.example.test/upload")
+        .env("HTTPS_PROXY", &proxy)
+        .env("CURL_CA_BUNDLE", dir.path().join("run/ca.crt"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let peak = std::thread::spawn(move || {
+        let mut peak = 0;
+        for _ in 0..6000 {
+            peak = peak.max(rss_kib(pid));
+            std::thread::sleep(Duration::from_millis(100));
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+        }
+        peak
+    });
+    let output = tokio::task::spawn_blocking(move || upload.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+    let peak = peak.join().unwrap();
+    let body = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        body.contains("\"bytes\":1073741824"),
+        "upstream did not receive 1 GiB: {body}"
+    );
+    assert!(
+        peak < baseline + 64 * 1024,
+        "RSS grew from {baseline} KiB to {peak} KiB during a 1 GiB upload"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    eprintln!(
+        "1 GiB upload: RSS {baseline} KiB before, {peak} KiB at peak, {:?}",
+        started.elapsed()
+    );
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
