@@ -1,11 +1,11 @@
-//! The request pipeline, every stage visible in order in [`forward`]: find the target, look the
-//! route up, fetch the credential, strip and stamp, send upstream, relay the response. Used for
-//! requests inside intercepted TLS and for absolute-form requests sent to the proxy in plain HTTP.
+//! The request pipeline, every stage visible in order in `forward_stages`: find the target, look
+//! the route and credential version up, pass the breaker and rate limits, strip and stamp, send
+//! upstream (once more with a newer version after a 401), judge the answer for the breaker, relay
+//! the response. `forward` wraps it with the request's account (metrics and audit line). Used
+//! for requests inside intercepted tunnels and for absolute-form requests to the proxy.
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
@@ -13,6 +13,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
 use crate::breaker::{Admission, Breaker, Verdict};
 use crate::config::Unmatched;
