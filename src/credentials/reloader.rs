@@ -293,18 +293,17 @@ impl Reloader {
             .cloned()
             .collect();
         let results = read_all(credentials, &self.state.upstream).await;
-        let mut table = snapshot.credentials.clone();
-        let mut changed = false;
-        for (credential, outcome) in results {
+        let mut changed = Vec::new();
+        for (index, (credential, outcome)) in results.into_iter().enumerate() {
+            // Thousands of results are bookkeeping on a runtime worker: let requests in between.
+            if index % 256 == 255 {
+                tokio::task::yield_now().await;
+            }
             let previous = snapshot
                 .credentials
                 .get(&credential.name)
                 .and_then(|c| c.current.clone());
-            self.state
-                .metrics
-                .credential_reloads
-                .with_label_values(&[credential.name.as_ref(), outcome.label()])
-                .inc();
+            credential.reload_counters.count(outcome);
             self.plan(&credential, outcome);
             if outcome == ReadOutcome::Changed {
                 // Rotation is the cure: a new version starts with a closed breaker.
@@ -319,14 +318,13 @@ impl Reloader {
                 .get(&credential.name)
                 .is_some_and(|c| c.last_error != credential.last_error);
             if outcome == ReadOutcome::Changed || error_changed {
-                changed = true;
-                table = table.with(credential);
+                changed.push(credential);
             }
         }
-        if changed {
+        if !changed.is_empty() {
             self.state.publish(Snapshot {
                 routes: snapshot.routes.clone(),
-                credentials: table,
+                credentials: snapshot.credentials.with_all(changed),
                 unmatched: snapshot.unmatched,
                 identities: snapshot.identities.clone(),
             });
