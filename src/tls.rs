@@ -150,10 +150,6 @@ impl LeafCache {
         }
     }
 
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.ca
-    }
-
     /// The server config presenting a leaf for `host`, minted on first use.
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, TlsError> {
         let host = host.to_ascii_lowercase();

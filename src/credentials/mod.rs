@@ -238,16 +238,6 @@ pub enum ReadOutcome {
     Failed,
 }
 
-impl ReadOutcome {
-    pub fn label(self) -> &'static str {
-        match self {
-            ReadOutcome::Changed => "changed",
-            ReadOutcome::Unchanged => "unchanged",
-            ReadOutcome::Failed => "error",
-        }
-    }
-}
-
 /// All credentials by name.
 #[derive(Debug, Clone, Default)]
 pub struct CredentialTable {

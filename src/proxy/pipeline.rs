@@ -20,6 +20,7 @@ use crate::config::Unmatched;
 use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
 use crate::inject;
+use crate::limits::Limits;
 use crate::proxy::body::{self, Counted, ProxyBody};
 use crate::proxy::upstream::UpstreamProtocol;
 use crate::proxy::ProxyState;
@@ -112,7 +113,7 @@ async fn forward_stages(
     let target = target_of(origin, &request)?;
     let stamping = select_route(state, &target, &request, origin.agent(), record).await?;
     let admitted = match &stamping {
-        Some(stamping) => Some(admit(state, stamping, origin.agent())?),
+        Some(stamping) => Some(admit(state, stamping)?),
         None => None,
     };
     let protocol = match request.version() {
@@ -166,6 +167,8 @@ struct Stamping {
     route: Arc<Route>,
     credential: Arc<Credential>,
     version: Arc<CredentialVersion>,
+    /// The agent's own rate limit, if it is identified and has one.
+    agent_limits: Option<(Arc<str>, Arc<Limits>)>,
 }
 
 /// A breaker admission that is always settled: recorded with the upstream's verdict, or released
@@ -259,7 +262,7 @@ async fn select_route(
     record: &mut RequestRecord,
 ) -> Result<Option<Stamping>, ProxyError> {
     // Long requests must not pin the snapshot: what is needed is cloned out of it.
-    let (route, credential) = {
+    let (route, credential, agent_limits) = {
         let snapshot = state.snapshot();
         let route =
             match snapshot
@@ -274,7 +277,9 @@ async fn select_route(
                 RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
             };
         let credential = snapshot.credentials.get(&route.credential).cloned();
-        (route, credential)
+        let agent_limits = request_agent
+            .and_then(|agent| Some((agent.clone(), snapshot.identities.limits(agent)?.clone())));
+        (route, credential, agent_limits)
     };
     // Known from here on, whatever keystamp answers: the account names the route and credential.
     record.route = Some(route.name.clone());
@@ -327,15 +332,12 @@ async fn select_route(
         route,
         credential,
         version,
+        agent_limits,
     }))
 }
 
 /// Stage 3: the credential's breaker and rate limit. Neither contacts the upstream.
-fn admit(
-    state: &ProxyState,
-    stamping: &Stamping,
-    agent: Option<&Arc<str>>,
-) -> Result<Admitted, ProxyError> {
+fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError> {
     let now = Instant::now();
     let credential = &stamping.credential;
     let admission = match credential.breaker.admit(now) {
@@ -355,32 +357,23 @@ fn admit(
         fingerprint: stamping.version.fingerprint.clone(),
         settled: false,
     };
-    if let Err(wait) = credential.limits.check(now) {
-        state
-            .metrics
-            .rate_limited
-            .with_label_values(&[credential.name.as_ref()])
-            .inc();
-        return Err(ProxyError::RateLimited {
-            subject: "credential",
-            name: credential.name.to_string(),
-            retry_after: wait,
-        });
-    }
-    if let Some(agent) = agent {
-        if let Some(limits) = state.snapshot().identities.limits(agent) {
-            if let Err(wait) = limits.check(now) {
-                state
-                    .metrics
-                    .rate_limited
-                    .with_label_values(&[credential.name.as_ref()])
-                    .inc();
-                return Err(ProxyError::RateLimited {
-                    subject: "agent",
-                    name: agent.to_string(),
-                    retry_after: wait,
-                });
-            }
+    let credential_limit = ("credential", &credential.name, &credential.limits);
+    let agent_limit = stamping
+        .agent_limits
+        .as_ref()
+        .map(|(agent, limits)| ("agent", agent, limits));
+    for (subject, name, limits) in std::iter::once(credential_limit).chain(agent_limit) {
+        if let Err(wait) = limits.check(now) {
+            state
+                .metrics
+                .rate_limited
+                .with_label_values(&[credential.name.as_ref()])
+                .inc();
+            return Err(ProxyError::RateLimited {
+                subject,
+                name: name.to_string(),
+                retry_after: wait,
+            });
         }
     }
     Ok(admitted)
