@@ -14,7 +14,6 @@ mod common;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -153,6 +152,59 @@ fn version_and_help() {
     assert!(help.contains("run") && help.contains("check") && help.contains("--log-format"));
 }
 
+/// A TLS upstream and a config for the real binary (the example routes pointed at it), on free
+/// ports, with `secrets` written under `secrets/`.
+struct BinaryRig {
+    dir: tempfile::TempDir,
+    config_path: std::path::PathBuf,
+    proxy_port: u16,
+    admin_port: u16,
+}
+
+impl BinaryRig {
+    async fn new(secrets: &[(&str, &str)], top_level: &str, ca_extra: &str) -> Self {
+        // The upstream's server task lives on in the runtime; only its address is needed.
+        let (upstream, ca_path, dir) = tls_upstream().await;
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        for (name, value) in secrets {
+            std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
+        }
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let config = format!(
+            "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\n{top_level}ca:\n  generate: true\n  cert_out: ./run/ca.crt\n{ca_extra}{}",
+            example_config(upstream.addr, &ca_path, "deny")
+        );
+        let config_path = dir.path().join("keystamp.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        Self {
+            dir,
+            config_path,
+            proxy_port,
+            admin_port,
+        }
+    }
+
+    /// Polls `/readyz` until the started binary answers.
+    fn wait_ready(&self) {
+        let ready_url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
+        let started = Instant::now();
+        while !Command::new("curl")
+            .args(["-sf", &ready_url])
+            .env_remove("http_proxy")
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "keystamp never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -187,28 +239,18 @@ fn finish(child: std::process::Child) -> (String, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
     let canary = format!("cnry/{}+x=", std::process::id() as u64 * 7919 + 12345);
-    let upstream_ca = Arc::new(TestCa::new("upstream"));
-    let upstream = TestUpstream::start(UpstreamKind::Tls {
-        ca: upstream_ca.clone(),
-        h2: true,
-    })
+    let secret = format!("{canary}\n");
+    let rig = BinaryRig::new(
+        &[("example", &secret), ("other", &canary)],
+        "shutdown_grace: 10s\n",
+        "  bundle_out: ./run/bundle.crt\n",
+    )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &upstream_ca.pem);
-    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::write(dir.path().join("secrets/example"), format!("{canary}\n")).unwrap();
-    std::fs::write(dir.path().join("secrets/other"), &canary).unwrap();
-    let (proxy_port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\nshutdown_grace: 10s\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n  bundle_out: ./run/bundle.crt\n{}",
-        example_config(upstream.addr, &ca_path, "deny")
-    );
-    let config_path = dir.path().join("keystamp.yaml");
-    std::fs::write(&config_path, config).unwrap();
+    let (dir, proxy_port) = (&rig.dir, rig.proxy_port);
     let log_path = dir.path().join("keystamp.log");
     let mut child = keystamp()
         .args(["--log-format", "json", "run", "--config"])
-        .arg(&config_path)
+        .arg(&rig.config_path)
         .env("RUST_LOG", "trace")
         .stdout(Stdio::from(
             std::fs::File::create(dir.path().join("stdout.log")).unwrap(),
@@ -216,24 +258,7 @@ async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
         .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
         .spawn()
         .unwrap();
-
-    let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
-    let started = Instant::now();
-    loop {
-        let ready = Command::new("curl")
-            .args(["-sf", &ready_url])
-            .env_remove("http_proxy")
-            .output()
-            .unwrap();
-        if ready.status.success() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "keystamp never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    rig.wait_ready();
     let proxy = format!("http://127.0.0.1:{proxy_port}");
     // The combined bundle (system roots + pod CA) is what curl, Python and OpenSSL take.
     let ca = dir.path().join("run/bundle.crt");
@@ -331,47 +356,23 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_one_gib_upload_streams_through_without_growing_memory() {
-    let upstream_ca = Arc::new(TestCa::new("upstream"));
-    let upstream = TestUpstream::start(UpstreamKind::Tls {
-        ca: upstream_ca.clone(),
-        h2: true,
-    })
+    let rig = BinaryRig::new(
+        &[("example", "upload-secret"), ("other", "x")],
+        "audit: { output: off }\n",
+        "",
+    )
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = write_pem(dir.path(), "upstream-ca.pem", &upstream_ca.pem);
-    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::write(dir.path().join("secrets/example"), "upload-secret").unwrap();
-    std::fs::write(dir.path().join("secrets/other"), "x").unwrap();
-    let (proxy_port, admin_port) = (free_port(), free_port());
-    let config = format!(
-        "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\naudit: {{ output: off }}\nca:\n  generate: true\n  cert_out: ./run/ca.crt\n{}",
-        example_config(upstream.addr, &ca_path, "deny")
-    );
-    let config_path = dir.path().join("keystamp.yaml");
-    std::fs::write(&config_path, config).unwrap();
+    let (dir, proxy_port) = (&rig.dir, rig.proxy_port);
     let mut child = keystamp()
         .args(["run", "--config"])
-        .arg(&config_path)
+        .arg(&rig.config_path)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let ready_url = format!("http://127.0.0.1:{admin_port}/readyz");
+    rig.wait_ready();
     let started = Instant::now();
-    while !Command::new("curl")
-        .args(["-sf", &ready_url])
-        .output()
-        .unwrap()
-        .status
-        .success()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "keystamp never became ready"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let baseline = rss_kib(child.id());
     // 1 GiB from a pipe: neither curl nor keystamp knows the size up front, so nothing can be
     // buffered whole by accident.

@@ -377,34 +377,25 @@ impl TestKeystamp {
             .unwrap()
     }
 
-    pub async fn metrics(&self) -> String {
-        let url = format!("http://{}/metrics", self.app.admin_addr().unwrap());
+    /// GET on the admin listener, bypassing any proxy.
+    pub async fn admin(&self, path: &str) -> reqwest::Response {
+        let url = format!("http://{}{path}", self.app.admin_addr().unwrap());
         reqwest::Client::builder()
             .no_proxy()
             .build()
             .unwrap()
             .get(url)
             .send()
-            .await
-            .unwrap()
-            .text()
             .await
             .unwrap()
     }
 
+    pub async fn metrics(&self) -> String {
+        self.admin("/metrics").await.text().await.unwrap()
+    }
+
     pub async fn status(&self) -> serde_json::Value {
-        let url = format!("http://{}/status", self.app.admin_addr().unwrap());
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.admin("/status").await.json().await.unwrap()
     }
 
     pub fn proxy_url(&self) -> String {
