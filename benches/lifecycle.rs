@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 
 use keystamp::config::Config;
 use keystamp::credentials::CredentialTable;
-use keystamp::proxy::upstream::{Dialer, Upstream};
+use keystamp::host::Host;
 use keystamp::routes::{RouteMatch, RouteTable};
+use keystamp::state::{plan_next, Snapshot};
+use keystamp::telemetry::Metrics;
+use keystamp::upstream::{Dialer, Upstream};
 use keystamp::App;
 
 fn config_with(routes: usize, dir: &Path) -> Config {
@@ -42,14 +45,15 @@ fn config_with(routes: usize, dir: &Path) -> Config {
 }
 
 fn lookup_ns(routes: &RouteTable, credentials: &CredentialTable, count: usize) -> f64 {
-    let hosts: Vec<String> = (0..1024)
+    let hosts: Vec<Host> = (0..1024)
         .map(|n| {
             let i = (n * 7919) % count;
-            if i % 2 == 0 {
+            let name = if i % 2 == 0 {
                 format!("api{i}.example.test")
             } else {
                 format!("a.b.svc{i}.example.test")
-            }
+            };
+            Host::parse(&name).expect("host")
         })
         .collect();
     let method = http::Method::GET;
@@ -64,11 +68,27 @@ fn lookup_ns(routes: &RouteTable, credentials: &CredentialTable, count: usize) -
     started.elapsed().as_nanos() as f64 / rounds as f64
 }
 
+/// The start-up load as the reloader does it: plan from nothing, read every source, build.
+async fn load_table(
+    config: &Config,
+    upstream: &Upstream,
+    metrics: &Arc<Metrics>,
+) -> CredentialTable {
+    let mut next = plan_next(&Snapshot::before_first_load(config), config, metrics);
+    let fresh = std::mem::take(&mut next.fresh);
+    let loaded = keystamp::credentials::read_all(fresh, upstream)
+        .await
+        .into_iter()
+        .map(|(credential, _)| credential)
+        .collect();
+    next.build(loaded, config).credentials
+}
+
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let upstream = runtime.block_on(async {
         Upstream::new(
-            Dialer::new(Default::default()),
+            Dialer::fixed(Default::default()),
             rustls::RootCertStore::empty(),
         )
         .expect("upstream")
@@ -89,7 +109,7 @@ fn main() {
         let config = config_with(count, dir.path());
         let routes = RouteTable::new(&config.routes);
         let started = Instant::now();
-        let credentials = runtime.block_on(CredentialTable::load(&config, &upstream, &metrics));
+        let credentials = runtime.block_on(load_table(&config, &upstream, &metrics));
         let load = started.elapsed();
         assert_eq!(credentials.len(), count);
         // A reload (SIGHUP, resync, a file event) re-reads existing credentials.

@@ -6,15 +6,18 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::credentials::expiry::format_rfc3339;
-use crate::proxy::body::{full, ProxyBody};
-use crate::proxy::ProxyState;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{full, ProxyBody};
+use crate::state::SharedState;
+use crate::telemetry::Metrics;
+use crate::time::format_rfc3339;
 
 /// Set once keystamp can serve; cleared when it starts draining.
 #[derive(Debug, Default)]
@@ -30,8 +33,14 @@ impl Readiness {
     }
 }
 
-pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, state: Arc<ProxyState>) {
-    let shutdown = state.shutdown.clone();
+/// What the admin listener reads and acts on.
+pub struct Admin {
+    pub readiness: Arc<Readiness>,
+    pub state: Arc<SharedState>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -40,13 +49,11 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, state: Arc<
             },
             () = shutdown.cancelled() => break,
         };
-        let readiness = readiness.clone();
-        let state = state.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let readiness = readiness.clone();
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&readiness, &state, &request)) }
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&admin, &request)) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -55,14 +62,10 @@ pub async fn serve(listener: TcpListener, readiness: Arc<Readiness>, state: Arc<
     }
 }
 
-fn answer(
-    readiness: &Readiness,
-    state: &ProxyState,
-    request: &Request<Incoming>,
-) -> Response<ProxyBody> {
+fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        (&Method::GET, "/readyz") if readiness.is_ready() => {
+        (&Method::GET, "/readyz") if admin.readiness.is_ready() => {
             (StatusCode::OK, "text/plain", "ready\n".to_string())
         }
         (&Method::GET, "/readyz") => (
@@ -73,14 +76,14 @@ fn answer(
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            state.metrics.render(),
+            admin.metrics.render(),
         ),
         (&Method::GET, "/status") => (
             StatusCode::OK,
             "application/json",
-            status_json(state).to_string(),
+            status_json(&admin.state).to_string(),
         ),
-        (&Method::POST, path) if path.starts_with("/breakers/") => breaker_action(state, path),
+        (&Method::POST, path) if path.starts_with("/breakers/") => breaker_action(admin, path),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -97,7 +100,7 @@ fn answer(
 
 /// `POST /breakers/NAME/open` (a leaked key: nothing goes out with it until it is rotated or
 /// closed by hand) and `POST /breakers/NAME/close`. Logged and counted.
-fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, String) {
+fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, String) {
     let mut parts = path.trim_start_matches("/breakers/").splitn(2, '/');
     let (Some(name), Some(action)) = (parts.next(), parts.next()) else {
         return (
@@ -106,7 +109,7 @@ fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, 
             "use /breakers/NAME/open or /breakers/NAME/close\n".into(),
         );
     };
-    let snapshot = state.snapshot();
+    let snapshot = admin.state.load();
     let Some(credential) = snapshot.credentials.get(name) else {
         return (
             StatusCode::NOT_FOUND,
@@ -132,7 +135,7 @@ fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, 
         }
     };
     tracing::warn!(credential = %credential.name, action, "breaker set by an operator");
-    state
+    admin
         .metrics
         .breaker_manual
         .with_label_values(&[credential.name.as_ref(), action])
@@ -142,8 +145,8 @@ fn breaker_action(state: &ProxyState, path: &str) -> (StatusCode, &'static str, 
 }
 
 /// Routes and credentials as they are now. Names, kinds and fingerprints only, never a value.
-fn status_json(state: &ProxyState) -> serde_json::Value {
-    let snapshot = state.snapshot();
+fn status_json(state: &SharedState) -> serde_json::Value {
+    let snapshot = state.load();
     let mut credentials: Vec<_> = snapshot.credentials.iter().collect();
     credentials.sort_by(|a, b| a.name.cmp(&b.name));
     let credentials: Vec<serde_json::Value> = credentials

@@ -8,14 +8,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, Readiness};
+use crate::admin::{self, Admin, Readiness};
 use crate::config::{CaOrigin, Config};
-use crate::credentials::reloader::{ReloadHandle, Reloader};
-use crate::proxy::upstream::{DialRules, Dialer, Upstream};
-use crate::proxy::{self, ProxyState, Snapshot, Telemetry};
-use crate::telemetry::{AuditLog, Metrics};
+use crate::proxy::{self, ProxyState};
+use crate::reload::{ReloadContext, ReloadHandle, Reloader};
+use crate::state::{SharedState, Snapshot};
+use crate::telemetry::{AuditLog, Metrics, Telemetry};
 use crate::tls::{combined_bundle, upstream_roots, CertificateAuthority, LeafCache};
+use crate::upstream::{Dialer, Upstream};
 
 /// Starts keystamp from a validated config.
 pub struct App;
@@ -40,28 +43,43 @@ impl App {
         };
         let ca_pem = ca.cert_pem().to_string();
         let leaves = LeafCache::new(ca, config.ca.leaf_cache_size);
+        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+        // The dialer reads pins and egress policy from the published snapshot on every dial.
+        let shared = Arc::new(SharedState::new(Snapshot::before_first_load(&config)));
         let upstream = Upstream::new(
-            Dialer::new(DialRules::from_config(&config)),
+            Dialer::new(shared.clone()),
             upstream_roots(&config.extra_roots),
         )
         .context("building the upstream TLS client")?;
-        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
-        let snapshot = Snapshot::load(&config, &upstream, &metrics).await;
+        let shutdown = CancellationToken::new();
         let (reloads, reload_requests) = ReloadHandle::channel();
-        let state = Arc::new(ProxyState::new(
-            snapshot,
+        let reloader = Reloader::start(
+            ReloadContext {
+                state: shared.clone(),
+                upstream: upstream.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            },
+            config.clone(),
+            reload_requests,
+        )
+        .await;
+        let state = Arc::new(ProxyState {
+            state: shared.clone(),
             leaves,
             upstream,
-            Telemetry {
+            telemetry: Telemetry {
                 metrics: metrics.clone(),
                 audit: AuditLog::start(&config.audit)
                     .await
                     .context("opening the audit log")?,
                 per_request_metrics: config.per_request_metrics,
             },
-            reloads.clone(),
-            config.reload.replay_body_limit,
-        ));
+            reloads,
+            replay_body_limit: config.reload.replay_body_limit,
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -74,10 +92,15 @@ impl App {
                     .await
                     .with_context(|| format!("binding the admin listener on {address}"))?;
                 let bound = admin_listener.local_addr()?;
+                let admin = Admin {
+                    readiness: readiness.clone(),
+                    state: shared.clone(),
+                    metrics: metrics.clone(),
+                };
                 tokio::spawn(admin::serve(
                     admin_listener,
-                    readiness.clone(),
-                    state.clone(),
+                    Arc::new(admin),
+                    state.shutdown.clone(),
                 ));
                 Some(bound)
             }
@@ -95,7 +118,7 @@ impl App {
                 .with_context(|| format!("writing the CA bundle to {}", path.display()))?;
             tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
         }
-        tokio::spawn(Reloader::new(state.clone(), config.clone(), reload_requests).run());
+        tokio::spawn(reloader.run());
         tokio::spawn(proxy::serve(listener, state.clone()));
         readiness.set(true);
         tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::proxy::body::{full, ProxyBody};
+use crate::body::{full, ProxyBody};
 
 pub const ERROR_HEADER: &str = "x-keystamp-error";
 

@@ -23,18 +23,6 @@ pub struct IdentityTable {
     pub required: bool,
 }
 
-impl PartialEq for IdentityTable {
-    fn eq(&self, other: &Self) -> bool {
-        self.tokens == other.tokens
-            && self.required == other.required
-            && self.limits.len() == other.limits.len()
-            && self
-                .limits
-                .iter()
-                .all(|(name, l)| other.limits.get(name).is_some_and(|o| Arc::ptr_eq(l, o)))
-    }
-}
-
 /// Why a request has no valid identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityError {
@@ -46,19 +34,11 @@ pub enum IdentityError {
 
 impl IdentityTable {
     /// Reads every identity's token. One that cannot be read is logged and left out: its agent
-    /// cannot authenticate until it can.
-    pub fn load(config: &Config, previous: Option<&IdentityTable>) -> Self {
+    /// cannot authenticate until it can. `limits` are the per-agent limiters, carried over from
+    /// the previous table by `state::plan_next`.
+    pub fn read(config: &Config, limits: HashMap<Arc<str>, Arc<Limits>>) -> Self {
         let mut tokens = HashMap::new();
-        let mut limits = HashMap::new();
         for (name, spec) in &config.identities {
-            if spec.rate_limit.is_some() {
-                let kept = previous
-                    .and_then(|p| p.limits.get(name.as_str()))
-                    .filter(|l| l.spec == spec.rate_limit)
-                    .cloned();
-                let limiter = kept.unwrap_or_else(|| Arc::new(Limits::new(spec.rate_limit)));
-                limits.insert(Arc::from(name.as_str()), limiter);
-            }
             match read_local(&spec.source) {
                 Some(Ok(fetched)) => {
                     tokens.insert(Arc::from(name.as_str()), fetched.secret);
@@ -74,6 +54,16 @@ impl IdentityTable {
             limits,
             required: config.require_identity,
         }
+    }
+
+    /// Every agent's limiter, to carry into the next table.
+    pub fn all_limits(&self) -> &HashMap<Arc<str>, Arc<Limits>> {
+        &self.limits
+    }
+
+    /// Whether both tables accept exactly the same tokens (a rotation changes this).
+    pub fn same_tokens(&self, other: &Self) -> bool {
+        self.tokens == other.tokens && self.required == other.required
     }
 
     /// The agent's own rate limit, if it has one.

@@ -6,20 +6,26 @@
 
 mod admin;
 pub mod app;
+pub mod body;
 pub mod breaker;
 pub mod config;
 pub mod credentials;
 mod duration;
 pub mod egress;
 pub mod error;
+pub mod host;
 pub mod identity;
 pub mod inject;
 pub mod limits;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod secret;
+pub mod state;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
+pub mod upstream;
 
 pub use app::{App, RunningApp};
 pub use config::Config;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::Method;
 
 use crate::config::{HostPattern, Injection, RouteSpec};
+use crate::host::Host;
 
 /// A route as the request path uses it.
 #[derive(Debug)]
@@ -37,7 +38,7 @@ pub enum RouteMatch<'a> {
 /// All routes, indexed for lookups that cost a few hash probes whatever the route count.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    exact: HashMap<String, Vec<Arc<Route>>>,
+    exact: HashMap<Host, Vec<Arc<Route>>>,
     /// Keyed by suffix with its leading dot (`.example.test`).
     wildcard: HashMap<String, Vec<Arc<Route>>>,
 }
@@ -78,14 +79,13 @@ impl RouteTable {
     }
 
     /// Whether any route names this host (exactly or by wildcard).
-    pub fn routes_host(&self, host: &str) -> bool {
-        self.candidates(&normalize_host(host)).next().is_some()
+    pub fn routes_host(&self, host: &Host) -> bool {
+        self.candidates(host.as_str()).next().is_some()
     }
 
-    pub fn lookup(&self, host: &str, path: &str, method: &Method) -> RouteMatch<'_> {
-        let host = normalize_host(host);
+    pub fn lookup(&self, host: &Host, path: &str, method: &Method) -> RouteMatch<'_> {
         let mut any = false;
-        for bucket in self.candidates(&host) {
+        for bucket in self.candidates(host.as_str()) {
             any = true;
             if let Some(route) = bucket.iter().find(|r| r.allows(path, method)) {
                 return RouteMatch::Matched(route);
@@ -115,6 +115,25 @@ impl RouteTable {
 }
 
 impl Route {
+    /// Whether `agent` may use this route for `method` and `path`: any agent (or none) when the
+    /// route lists no `agents:`, else only a listed agent within its scope.
+    pub fn admits_agent(&self, agent: Option<&str>, path: &str, method: &Method) -> bool {
+        let Some(agents) = &self.agents else {
+            return true;
+        };
+        let Some(scope) = agent.and_then(|agent| agents.get(agent)) else {
+            return false;
+        };
+        scope
+            .methods
+            .as_ref()
+            .is_none_or(|methods| methods.contains(method))
+            && scope
+                .path_prefix
+                .as_ref()
+                .is_none_or(|prefix| path.starts_with(prefix.as_str()))
+    }
+
     fn allows(&self, path: &str, method: &Method) -> bool {
         if let Some(methods) = &self.methods {
             if !methods.contains(method) {
@@ -127,10 +146,6 @@ impl Route {
             Some(prefix) => path.starts_with(prefix.as_str()) && !has_ambiguous_segments(path),
         }
     }
-}
-
-fn normalize_host(host: &str) -> String {
-    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Dot segments and encoded separators let `/v1/../admin` pass a `/v1/` prefix check.
@@ -160,7 +175,7 @@ mod tests {
     }
 
     fn matched(table: &RouteTable, host: &str, path: &str, method: Method) -> Option<String> {
-        match table.lookup(host, path, &method) {
+        match table.lookup(&Host::parse(host).unwrap(), path, &method) {
             RouteMatch::Matched(route) => Some(route.name.to_string()),
             RouteMatch::Denied => Some("denied".into()),
             RouteMatch::HostNotRouted => None,

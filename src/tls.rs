@@ -17,6 +17,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+use crate::host::Host;
+
 /// How long a minted leaf is valid, and when the cache mints a fresh one.
 const LEAF_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 const LEAF_REMINT_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -137,7 +139,7 @@ fn read_text(path: &Path) -> Result<String, TlsError> {
 pub struct LeafCache {
     ca: CertificateAuthority,
     provider: Arc<CryptoProvider>,
-    cache: Mutex<LruCache<String, (Arc<ServerConfig>, Instant)>>,
+    cache: Mutex<LruCache<Host, (Arc<ServerConfig>, Instant)>>,
 }
 
 impl LeafCache {
@@ -151,17 +153,16 @@ impl LeafCache {
     }
 
     /// The server config presenting a leaf for `host`, minted on first use.
-    pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, TlsError> {
-        let host = host.to_ascii_lowercase();
+    pub fn server_config(&self, host: &Host) -> Result<Arc<ServerConfig>, TlsError> {
         if let Ok(mut cache) = self.cache.lock() {
-            if let Some((config, minted)) = cache.get(&host) {
+            if let Some((config, minted)) = cache.get(host) {
                 if minted.elapsed() < LEAF_REMINT_AFTER {
                     return Ok(config.clone());
                 }
             }
         }
         // Minted outside the lock: two racing handshakes may both mint, which is harmless.
-        let (cert, key) = self.ca.mint_leaf(&host)?;
+        let (cert, key) = self.ca.mint_leaf(host.as_str())?;
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
@@ -169,7 +170,7 @@ impl LeafCache {
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         let config = Arc::new(config);
         if let Ok(mut cache) = self.cache.lock() {
-            cache.put(host, (config.clone(), Instant::now()));
+            cache.put(host.clone(), (config.clone(), Instant::now()));
         }
         Ok(config)
     }

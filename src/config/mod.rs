@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+use crate::host::Host;
+
 pub use locate::{locate, parse_path, Segment};
 
 /// A validated configuration. Paths in it are absolute (resolved against the file's directory).
@@ -25,7 +27,7 @@ pub struct Config {
     pub ca: CaConfig,
     pub unmatched: Unmatched,
     pub extra_roots: Vec<PathBuf>,
-    pub resolve: HashMap<(String, u16), SocketAddr>,
+    pub resolve: HashMap<(Host, u16), SocketAddr>,
     pub credentials: BTreeMap<String, CredentialSpec>,
     pub routes: Vec<RouteSpec>,
     pub shutdown_grace: Duration,
@@ -213,7 +215,7 @@ pub struct AgentScope {
 /// `api.example.test` or `*.example.test` (one label or more under it). Lowercase, no dot at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostPattern {
-    Exact(String),
+    Exact(Host),
     /// Holds the suffix with its leading dot: `.example.test`.
     Wildcard(String),
 }
@@ -221,7 +223,7 @@ pub enum HostPattern {
 impl fmt::Display for HostPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HostPattern::Exact(host) => f.write_str(host),
+            HostPattern::Exact(host) => f.write_str(host.as_str()),
             HostPattern::Wildcard(suffix) => write!(f, "*{suffix}"),
         }
     }
@@ -311,12 +313,5 @@ impl Config {
     /// `path`'s directory).
     pub fn from_yaml(path: &Path, text: &str) -> Result<Config, ConfigLoadError> {
         validate::parse(path, text).map_err(ConfigLoadError::Invalid)
-    }
-
-    /// Where a connection to `host:port` should actually go, when `resolve:` pins it.
-    pub fn pinned_address(&self, host: &str, port: u16) -> Option<SocketAddr> {
-        self.resolve
-            .get(&(host.to_ascii_lowercase(), port))
-            .copied()
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use http::{HeaderName, Method};
 
+use crate::host::Host;
+
 use super::locate::{locate, parse_path};
 use super::raw::{
     RawBreaker, RawCa, RawConfig, RawCredential, RawIdentity, RawInject, RawRateLimit, RawReload,
@@ -283,14 +285,16 @@ impl Errors<'_> {
         })
     }
 
-    fn resolve(&mut self, raw: &BTreeMap<String, String>) -> HashMap<(String, u16), SocketAddr> {
+    fn resolve(&mut self, raw: &BTreeMap<String, String>) -> HashMap<(Host, u16), SocketAddr> {
         let mut pins = HashMap::new();
         for (from, to) in raw {
             let key_path = format!("resolve.{from}");
             let target = match from.rsplit_once(':') {
-                Some((host, port)) if valid_host(host) => {
-                    port.parse::<u16>().ok().map(|p| (host, p))
-                }
+                Some((host, port)) if valid_host(host) => port
+                    .parse::<u16>()
+                    .ok()
+                    .zip(Host::parse(host).ok())
+                    .map(|(port, host)| (host, port)),
                 _ => None,
             };
             let Some((host, port)) = target else {
@@ -303,7 +307,7 @@ impl Errors<'_> {
             let Some(addr) = self.socket_addr(&key_path, to) else {
                 continue;
             };
-            pins.insert((host.to_ascii_lowercase(), port), addr);
+            pins.insert((host, port), addr);
         }
         pins
     }
@@ -811,5 +815,8 @@ pub fn parse_host_pattern(text: &str) -> Option<HostPattern> {
     if let Some(suffix) = text.strip_prefix("*.") {
         return valid_host(suffix).then(|| HostPattern::Wildcard(format!(".{suffix}")));
     }
-    valid_host(&text).then_some(HostPattern::Exact(text))
+    if !valid_host(&text) {
+        return None;
+    }
+    Host::parse(&text).ok().map(HostPattern::Exact)
 }

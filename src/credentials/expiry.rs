@@ -44,20 +44,6 @@ pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_secs_f64(exp))
 }
 
-/// Parses an RFC 3339 timestamp (`2026-11-27T16:00:00Z`).
-pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let parsed =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    Some(SystemTime::from(parsed))
-}
-
-/// Formats a wall-clock time as RFC 3339 for logs and `/status`.
-pub fn format_rfc3339(at: SystemTime) -> String {
-    time::OffsetDateTime::from(at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,12 +77,5 @@ mod tests {
         );
         assert_eq!(jwt_expiry("not-a-jwt"), None);
         assert_eq!(jwt_expiry("a.b.c"), None);
-    }
-
-    #[test]
-    fn rfc3339_round_trips() {
-        let at = parse_rfc3339("2026-11-27T16:00:00Z").unwrap();
-        assert_eq!(format_rfc3339(at), "2026-11-27T16:00:00Z");
-        assert!(parse_rfc3339("tomorrow").is_none());
     }
 }

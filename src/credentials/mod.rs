@@ -1,12 +1,11 @@
-//! Credentials: every configured credential's current version (or why it has none), read from
-//! its source, refreshed ahead of expiry and re-read when its files change. A table is immutable
-//! once built; the reloader (the only writer) builds the next one and publishes it whole.
+//! How a credential's value is obtained: its sources (file, env, command, OAuth2), versions and
+//! their expiry, and the immutable table of every credential's current version. Deciding *when*
+//! to read belongs to `reload/`; publishing the table belongs to `state.rs`.
 
 pub mod expiry;
 mod oauth;
-pub mod reloader;
 mod source;
-mod watch;
+mod value;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,11 +16,12 @@ use tokio::time::Instant;
 use crate::breaker::Breaker;
 use crate::config::{Config, CredentialSpec, SourceSpec};
 use crate::limits::Limits;
-use crate::proxy::upstream::Upstream;
 use crate::secret::Secret;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, ObservedVersion};
+use crate::upstream::Upstream;
 
-pub use source::{fetch, normalize, parse_value, read_local, Fetched, SourceError};
+pub use source::{fetch, read_local};
+pub use value::{normalize, parse_value, Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
 #[derive(Debug)]
@@ -124,6 +124,15 @@ impl Credential {
         self.spec.source.kind()
     }
 
+    /// Brings the version and expiry gauges in line with this credential's current version.
+    pub fn observe(&self, metrics: &Metrics, previous_fingerprint: Option<&str>) {
+        let current = self.current.as_ref().map(|version| ObservedVersion {
+            fingerprint: &version.fingerprint,
+            expires_at: version.expiry.map(|e| e.at),
+        });
+        metrics.observe_version(&self.name, current, previous_fingerprint);
+    }
+
     /// A credential with no version yet and fresh runtime state (a closed breaker).
     pub fn fresh(name: Arc<str>, spec: CredentialSpec, metrics: &Arc<Metrics>) -> Self {
         let breaker = Arc::new(Breaker::new(name.clone(), spec.breaker, metrics.clone()));
@@ -156,7 +165,7 @@ impl Credential {
                         credential = %self.name,
                         source = self.source_kind(),
                         fingerprint = %version.fingerprint,
-                        expires_at = version.expiry.map(|e| expiry::format_rfc3339(e.at)),
+                        expires_at = version.expiry.map(|e| crate::time::format_rfc3339(e.at)),
                         "credential version loaded"
                     );
                     (Some(version), None, ReadOutcome::Changed)

@@ -8,25 +8,32 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request};
 use http_body_util::{BodyExt, Limited};
 
+use crate::body;
 use crate::config::OAuth2Spec;
-use crate::credentials::source::{fetch, normalize, Fetched, SourceError};
-use crate::proxy::body;
-use crate::proxy::upstream::{Upstream, UpstreamProtocol};
+use crate::credentials::value::{normalize, Fetched, SourceError};
 use crate::secret::Secret;
+use crate::upstream::{Upstream, UpstreamProtocol};
 
 /// Token responses larger than this are refused.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
-pub async fn fetch_token(spec: &OAuth2Spec, upstream: &Upstream) -> Result<Fetched, SourceError> {
-    // Boxed: a source may be an OAuth2 source whose secret is itself a source.
-    let client_id = Box::pin(fetch(&spec.client_id, upstream)).await?;
-    let client_secret = Box::pin(fetch(&spec.client_secret, upstream)).await?;
+/// The client's id and secret, already read from their sources.
+pub struct Client<'a> {
+    pub id: &'a Secret,
+    pub secret: &'a Secret,
+}
+
+pub async fn fetch_token(
+    spec: &OAuth2Spec,
+    client: Client<'_>,
+    upstream: &Upstream,
+) -> Result<Fetched, SourceError> {
     let form = {
         // Scoped: the serializer is not `Send` and must not live across an await.
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", "client_credentials");
-        form.append_pair("client_id", client_id.secret.expose());
-        form.append_pair("client_secret", client_secret.secret.expose());
+        form.append_pair("client_id", client.id.expose());
+        form.append_pair("client_secret", client.secret.expose());
         if !spec.scopes.is_empty() {
             form.append_pair("scope", &spec.scopes.join(" "));
         }

@@ -11,14 +11,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::body::{self, ProxyBody};
 use crate::config::Unmatched;
-use crate::credentials::expiry::format_rfc3339;
 use crate::error::ProxyError;
-use crate::proxy::body::{self, ProxyBody};
+use crate::host::Host;
 use crate::proxy::pipeline::{self, Origin};
 use crate::proxy::sniff::sniff_tls;
-use crate::proxy::upstream::connect_error;
-use crate::proxy::{serve_until_shutdown, ProxyState};
+use crate::proxy::{serve_until_shutdown, ProxyState, HEADER_READ_TIMEOUT};
+use crate::time::format_rfc3339;
+use crate::upstream::connect_error;
 
 /// What keystamp does with a CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,16 +37,14 @@ pub async fn handle(
     let Some(authority) = request.uri().authority() else {
         return ProxyError::BadRequest("CONNECT needs host:port").into_response();
     };
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
+    let Ok(host) = Host::parse(authority.host()) else {
+        return ProxyError::BadRequest("CONNECT needs host:port").into_response();
+    };
     let port = authority.port_u16().unwrap_or(443);
     let decision = decide(&state, &host);
     tracing::debug!(%host, port, ?decision, "CONNECT");
     state
+        .telemetry
         .metrics
         .connect
         .with_label_values(&[decision.label()])
@@ -99,7 +98,7 @@ impl ConnectDecision {
 /// A tunnel's account for the audit log: who, where, how much, how long.
 struct TunnelRecord {
     agent: Option<Arc<str>>,
-    host: String,
+    host: Host,
     port: u16,
     decision: &'static str,
     time: std::time::SystemTime,
@@ -109,7 +108,7 @@ struct TunnelRecord {
 }
 
 impl TunnelRecord {
-    fn new(agent: Option<Arc<str>>, host: String, port: u16, decision: &'static str) -> Self {
+    fn new(agent: Option<Arc<str>>, host: Host, port: u16, decision: &'static str) -> Self {
         Self {
             agent,
             host,
@@ -124,7 +123,7 @@ impl TunnelRecord {
 }
 
 fn audit_tunnel(state: &ProxyState, record: &TunnelRecord, error: Option<&'static str>) {
-    if !state.audit.is_on() {
+    if !state.telemetry.audit.is_on() {
         return;
     }
     let line = serde_json::json!({
@@ -132,18 +131,21 @@ fn audit_tunnel(state: &ProxyState, record: &TunnelRecord, error: Option<&'stati
         "kind": "tunnel",
         "decision": record.decision,
         "agent": record.agent.as_deref(),
-        "host": record.host,
+        "host": record.host.as_str(),
         "port": record.port,
         "bytes_up": record.bytes_up,
         "bytes_down": record.bytes_down,
         "duration_ms": (record.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
         "error": error,
     });
-    state.audit.record(&line, &state.metrics);
+    state
+        .telemetry
+        .audit
+        .record(&line, &state.telemetry.metrics);
 }
 
-fn decide(state: &ProxyState, host: &str) -> ConnectDecision {
-    let snapshot = state.snapshot();
+fn decide(state: &ProxyState, host: &Host) -> ConnectDecision {
+    let snapshot = state.state.load();
     if snapshot.routes.routes_host(host) {
         return ConnectDecision::Intercept;
     }
@@ -180,7 +182,7 @@ async fn tunnel(
 async fn intercept(
     state: Arc<ProxyState>,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    host: String,
+    host: Host,
     port: u16,
     agent: Option<Arc<str>>,
 ) {
@@ -220,7 +222,7 @@ async fn intercept(
     let leaf_name = start
         .client_hello()
         .server_name()
-        .map(str::to_string)
+        .and_then(|name| Host::parse(name).ok())
         .unwrap_or_else(|| host.clone());
     let config = match state.leaves.server_config(&leaf_name) {
         Ok(config) => config,
@@ -233,6 +235,7 @@ async fn intercept(
         Ok(tls) => tls,
         Err(error) => {
             state
+                .telemetry
                 .metrics
                 .tls_handshake_errors
                 .with_label_values(&["agent"])
@@ -269,7 +272,7 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(super::HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     serve_until_shutdown(connection, shutdown, |c| c.graceful_shutdown()).await;
 }

@@ -1,8 +1,10 @@
-//! The request pipeline, every stage visible in order in `forward_stages`: find the target, look
-//! the route and credential version up, pass the breaker and rate limits, strip and stamp, send
-//! upstream (once more with a newer version after a 401), judge the answer for the breaker, relay
-//! the response. `forward` wraps it with the request's account (metrics and audit line). Used
-//! for requests inside intercepted tunnels and for absolute-form requests to the proxy.
+//! The request pipeline, every stage called in order from `forward_stages`, each a function whose
+//! doc names it: **target** (host, port, scheme), **route** (route and agent scope), **version**
+//! (the credential version to stamp), **admit** (breaker, rate limits), **strip** (hop-by-hop and
+//! the agent's credentials), the request body (kept for a replay or streamed), **send** (stamp,
+//! send, once more with a newer version after a 401), **judge** (the answer, for the breaker) and
+//! **relay**. `forward` wraps it with the request's account (metrics and audit line). Used for
+//! requests inside intercepted tunnels and for absolute-form requests to the proxy.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,17 +17,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use crate::body::{self, Counted, ProxyBody};
 use crate::breaker::{Admission, Breaker, Verdict};
 use crate::config::Unmatched;
 use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
+use crate::host::Host;
 use crate::inject;
 use crate::limits::Limits;
-use crate::proxy::body::{self, Counted, ProxyBody};
-use crate::proxy::upstream::UpstreamProtocol;
 use crate::proxy::ProxyState;
 use crate::routes::{Route, RouteMatch};
 use crate::telemetry::RequestRecord;
+use crate::upstream::UpstreamProtocol;
 
 /// How the request reached keystamp.
 #[derive(Debug, Clone)]
@@ -34,7 +37,7 @@ pub enum Origin {
     /// tunnels an `http://` URL); the request must stay on that host. `agent` was identified on
     /// the CONNECT.
     Intercepted {
-        host: String,
+        host: Host,
         port: u16,
         tls: bool,
         agent: Option<Arc<str>>,
@@ -55,7 +58,7 @@ impl Origin {
 #[derive(Debug, Clone)]
 struct Target {
     https: bool,
-    host: String,
+    host: Host,
     port: u16,
 }
 
@@ -65,17 +68,13 @@ pub async fn forward(
     request: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let host = match &origin {
-        Origin::Intercepted { host, .. } => host.clone(),
-        Origin::AbsoluteForm { .. } => request
-            .uri()
-            .host()
-            .unwrap_or_default()
-            .to_ascii_lowercase(),
+        Origin::Intercepted { host, .. } => Some(host.clone()),
+        Origin::AbsoluteForm { .. } => request.uri().host().and_then(|h| Host::parse(h).ok()),
     };
     let mut record = RequestRecord::start(
         origin.agent().cloned(),
         request.method(),
-        &host,
+        host.as_ref().map_or("", Host::as_str),
         request.uri().path(),
     );
     let response = match forward_stages(&state, &origin, request, &mut record).await {
@@ -84,6 +83,7 @@ pub async fn forward(
             tracing::debug!(code = error.code(), "keystamp answered the request itself");
             if matches!(error, ProxyError::UpstreamTls) {
                 state
+                    .telemetry
                     .metrics
                     .tls_handshake_errors
                     .with_label_values(&["upstream"])
@@ -99,11 +99,12 @@ pub async fn forward(
     // The account closes when the response body ends, so streamed responses are counted whole.
     let finished_state = state.clone();
     response.map(|body| {
-        let on_end = Box::new(move |bytes: u64| record.finish(&finished_state, bytes));
+        let on_end = Box::new(move |bytes: u64| record.finish(&finished_state.telemetry, bytes));
         Counted::new(body, None, Some(on_end)).boxed_unsync()
     })
 }
 
+/// The stages in order; each is a function below whose doc names it.
 async fn forward_stages(
     state: &ProxyState,
     origin: &Origin,
@@ -111,11 +112,12 @@ async fn forward_stages(
     record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let target = target_of(origin, &request)?;
-    let stamping = select_route(state, &target, &request, origin.agent(), record).await?;
-    let admitted = match &stamping {
-        Some(stamping) => Some(admit(state, stamping)?),
+    let route = choose_route(state, &target, &request, origin.agent(), record)?;
+    let stamping = match route {
+        Some(chosen) => Some(credential_version(state, chosen, record).await?),
         None => None,
     };
+    let admitted = stamping.as_ref().map(|s| admit(state, s)).transpose()?;
     let protocol = match request.version() {
         Version::HTTP_2 => UpstreamProtocol::PreferH2,
         _ => UpstreamProtocol::Http1,
@@ -125,24 +127,9 @@ async fn forward_stages(
     let (parts, incoming) = request.into_parts();
     let route = stamping.as_ref().map(|s| s.route.as_ref());
     let unstamped = Unstamped::new(parts, &target, route, upgrade)?;
-    let body = match &stamping {
-        Some(_) if !upgrade => {
-            keep_if_small(incoming, &unstamped.headers, state.replay_body_limit).await?
-        }
-        _ => Err(incoming),
-    };
-    let body = match body {
-        Ok(bytes) => {
-            record
-                .request_bytes
-                .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            Ok(bytes)
-        }
-        Err(incoming) => {
-            let counter = Some(record.request_bytes.clone());
-            Err(Counted::new(body::stream(incoming), counter, None).boxed_unsync())
-        }
-    };
+    // Only a stamped request may need a replay after a 401; an upgrade's body is the new protocol.
+    let replay_limit = (stamping.is_some() && !upgrade).then_some(state.replay_body_limit);
+    let body = RequestBody::read(incoming, &unstamped.headers, replay_limit, record).await?;
     let (response, admitted) = send(
         state,
         unstamped,
@@ -152,14 +139,21 @@ async fn forward_stages(
         protocol,
     )
     .await?;
-    let response = judge(state, stamping.as_ref(), admitted, response).await;
-    let mut response = response;
+    let mut response = judge(state, stamping.as_ref(), admitted, response).await;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(agent_upgrade) = agent_upgrade {
             splice_upgrade(state, agent_upgrade, hyper::upgrade::on(&mut response));
         }
     }
     Ok(relay(response, upgrade))
+}
+
+/// The route chosen for a request and what it needs from the snapshot, cloned out so a long
+/// request does not pin the snapshot.
+struct Chosen {
+    route: Arc<Route>,
+    credential: Option<Arc<Credential>>,
+    agent_limits: Option<(Arc<str>, Arc<Limits>)>,
 }
 
 /// The route a request takes and the credential version it will carry.
@@ -197,30 +191,25 @@ impl Drop for Admitted {
     }
 }
 
-/// Stage 1: the target host, port and scheme. Inside an intercepted connection the request must
+/// **target**: the host, port and scheme. Inside an intercepted connection the request must
 /// name the CONNECT host (or nothing); anything else is 421 and goes nowhere.
 fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, ProxyError> {
     match origin {
         Origin::Intercepted {
             host, port, tls, ..
         } => {
-            let (named_host, named_port) = match request.uri().authority() {
-                Some(authority) => (authority.host().to_string(), authority.port_u16()),
-                None => {
-                    let value = request
-                        .headers()
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .ok_or(ProxyError::BadRequest("the request has no Host header"))?;
-                    let authority: http::uri::Authority = value.parse().map_err(|_| {
-                        ProxyError::BadRequest("the Host header is not a valid authority")
-                    })?;
-                    (authority.host().to_string(), authority.port_u16())
-                }
+            let named = match request.uri().authority() {
+                Some(authority) => authority_without_userinfo(authority),
+                None => request
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .ok_or(ProxyError::BadRequest("the request has no Host header"))?,
             };
-            let same_host = named_host.trim_end_matches('.').eq_ignore_ascii_case(host);
+            let (named_host, named_port) = Host::parse_authority(named)
+                .map_err(|_| ProxyError::BadRequest("the Host header is not a valid authority"))?;
             let default_port = if *tls { 443 } else { 80 };
-            if !same_host || named_port.unwrap_or(default_port) != *port {
+            if named_host != *host || named_port.unwrap_or(default_port) != *port {
                 return Err(ProxyError::HostMismatch);
             }
             Ok(Target {
@@ -240,66 +229,62 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
                     ))
                 }
             };
-            let host = uri
-                .host()
-                .ok_or(ProxyError::BadRequest("the request URL has no host"))?
-                .trim_end_matches('.')
-                .to_ascii_lowercase();
-            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            let authority = uri
+                .authority()
+                .ok_or(ProxyError::BadRequest("the request URL has no host"))?;
+            let (host, port) = Host::parse_authority(authority_without_userinfo(authority))
+                .map_err(|_| ProxyError::BadRequest("the request URL has no valid host"))?;
+            let port = port.unwrap_or(if https { 443 } else { 80 });
             Ok(Target { https, host, port })
         }
     }
 }
 
-/// Stage 2: the route, and the credential's current version, or 503 when it has none. An
-/// expired version is never sent: keystamp first asks for a newer one, then answers
-/// `credential_expired`. `None`: an unrouted host that `unmatched: tunnel` lets through unstamped.
-async fn select_route(
+/// **route**: the most specific route for host, path and method, and whether this agent may use
+/// it. `None`: an unrouted host that `unmatched: tunnel` lets through unstamped.
+fn choose_route(
     state: &ProxyState,
     target: &Target,
     request: &Request<Incoming>,
-    request_agent: Option<&Arc<str>>,
+    agent: Option<&Arc<str>>,
     record: &mut RequestRecord,
-) -> Result<Option<Stamping>, ProxyError> {
-    // Long requests must not pin the snapshot: what is needed is cloned out of it.
-    let (route, credential, agent_limits) = {
-        let snapshot = state.snapshot();
-        let route =
-            match snapshot
-                .routes
-                .lookup(&target.host, request.uri().path(), request.method())
-            {
-                RouteMatch::Matched(route) => route.clone(),
-                RouteMatch::Denied => return Err(ProxyError::RouteDenied),
-                RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => {
-                    return Ok(None)
-                }
-                RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
-            };
-        let credential = snapshot.credentials.get(&route.credential).cloned();
-        let agent_limits = request_agent
-            .and_then(|agent| Some((agent.clone(), snapshot.identities.limits(agent)?.clone())));
-        (route, credential, agent_limits)
+) -> Result<Option<Chosen>, ProxyError> {
+    let snapshot = state.state.load();
+    let path = request.uri().path();
+    let route = match snapshot.routes.lookup(&target.host, path, request.method()) {
+        RouteMatch::Matched(route) => route.clone(),
+        RouteMatch::Denied => return Err(ProxyError::RouteDenied),
+        RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => return Ok(None),
+        RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
     };
     // Known from here on, whatever keystamp answers: the account names the route and credential.
     record.route = Some(route.name.clone());
     record.credential = Some(route.credential.clone());
-    if let Some(agents) = &route.agents {
-        let scope = request_agent.and_then(|agent| agents.get(agent.as_ref()));
-        let allowed = scope.is_some_and(|scope| {
-            scope
-                .methods
-                .as_ref()
-                .is_none_or(|methods| methods.contains(request.method()))
-                && scope
-                    .path_prefix
-                    .as_ref()
-                    .is_none_or(|prefix| request.uri().path().starts_with(prefix.as_str()))
-        });
-        if !allowed {
-            return Err(ProxyError::ScopeDenied);
-        }
+    if !route.admits_agent(agent.map(|a| a.as_ref()), path, request.method()) {
+        return Err(ProxyError::ScopeDenied);
     }
+    let credential = snapshot.credentials.get(&route.credential).cloned();
+    let agent_limits =
+        agent.and_then(|agent| Some((agent.clone(), snapshot.identities.limits(agent)?.clone())));
+    Ok(Some(Chosen {
+        route,
+        credential,
+        agent_limits,
+    }))
+}
+
+/// **version**: the credential's current version, or 503 when it has none. An expired version
+/// is never sent: keystamp first asks for a newer one, then answers `credential_expired`.
+async fn credential_version(
+    state: &ProxyState,
+    chosen: Chosen,
+    record: &mut RequestRecord,
+) -> Result<Stamping, ProxyError> {
+    let Chosen {
+        route,
+        credential,
+        agent_limits,
+    } = chosen;
     let Some(credential) = credential else {
         return Err(ProxyError::CredentialUnavailable {
             credential: route.credential.to_string(),
@@ -328,15 +313,16 @@ async fn select_route(
         version
     };
     record.fingerprint = Some(version.fingerprint.clone());
-    Ok(Some(Stamping {
+    Ok(Stamping {
         route,
         credential,
         version,
         agent_limits,
-    }))
+    })
 }
 
-/// Stage 3: the credential's breaker and rate limit. Neither contacts the upstream.
+/// **admit**: the credential's breaker and rate limits (the credential's and the agent's).
+/// Neither contacts the upstream.
 fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError> {
     let now = Instant::now();
     let credential = &stamping.credential;
@@ -365,6 +351,7 @@ fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError
     for (subject, name, limits) in std::iter::once(credential_limit).chain(agent_limit) {
         if let Err(wait) = limits.check(now) {
             state
+                .telemetry
                 .metrics
                 .rate_limited
                 .with_label_values(&[credential.name.as_ref()])
@@ -379,24 +366,24 @@ fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError
     Ok(admitted)
 }
 
-/// Stages 4 and 5: stamp and send. A 401 on a replayable request whose version has since been
+/// **send**: stamp and send. A 401 on a replayable request whose version has since been
 /// replaced (or can be replaced now) is retried once with the new version, admitted afresh; the
 /// agent never sees the stale 401, and never a retry with the same version.
 async fn send(
     state: &ProxyState,
     unstamped: Unstamped,
-    body: Result<Bytes, ProxyBody>,
+    body: RequestBody,
     stamping: Option<&Stamping>,
     admitted: Option<Admitted>,
     protocol: UpstreamProtocol,
 ) -> Result<(Response<Incoming>, Option<Admitted>), ProxyError> {
     let stamp = stamping.map(|s| (s.route.as_ref(), s.version.as_ref()));
     let bytes = match body {
-        Err(streaming) => {
+        RequestBody::Streaming(streaming) => {
             let request = unstamped.into_request(stamp, streaming)?;
             return Ok((state.upstream.send(request, protocol).await?, admitted));
         }
-        Ok(bytes) => bytes,
+        RequestBody::Replayable(bytes) => bytes,
     };
     let request = unstamped
         .clone()
@@ -439,7 +426,7 @@ async fn send(
     ))
 }
 
-/// Stage 6: what the upstream's answer says about the credential, for the breaker, the
+/// **judge**: what the upstream's answer says about the credential, for the breaker, the
 /// auth-failure count and `respect_retry_after`.
 async fn judge(
     state: &ProxyState,
@@ -469,6 +456,7 @@ async fn judge(
     };
     let verdict = if auth_failure {
         state
+            .telemetry
             .metrics
             .auth_failures
             .with_label_values(&[stamping.credential.name.as_ref(), status.as_str()])
@@ -525,8 +513,8 @@ fn retry_after_seconds(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Stage 3: the request as the upstream will see it, before the credential is stamped: absolute
-/// URI for the pooled client, hop-by-hop headers gone, the agent's credentials stripped.
+/// **strip**: the request as the upstream will see it, before the credential is stamped:
+/// absolute URI for the pooled client, hop-by-hop headers gone, the agent's credentials stripped.
 #[derive(Clone)]
 struct Unstamped {
     method: http::Method,
@@ -556,7 +544,7 @@ impl Unstamped {
         })
     }
 
-    /// Stage 4: stamp exactly one credential and attach the body.
+    /// **stamp**: exactly one credential, and the body attached.
     fn into_request(
         self,
         stamp: Option<(&Route, &CredentialVersion)>,
@@ -581,40 +569,55 @@ impl Unstamped {
     }
 }
 
-/// Keeps a body small enough to replay after a 401 (declared length within `limit`, or none);
-/// hands larger or unsized bodies back to be streamed.
-async fn keep_if_small(
-    body: Incoming,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<Result<Bytes, Incoming>, ProxyError> {
-    if body.is_end_stream() {
-        return Ok(Ok(Bytes::new()));
+/// The agent's request body: kept in memory when small enough to replay after a 401, streamed
+/// otherwise. Either way its bytes are counted into the request's account.
+enum RequestBody {
+    Replayable(Bytes),
+    Streaming(ProxyBody),
+}
+
+impl RequestBody {
+    /// Keeps the body when `replay_limit` is set and its declared length is within it (or it is
+    /// empty); hands larger or unsized bodies on as a stream.
+    async fn read(
+        body: Incoming,
+        headers: &HeaderMap,
+        replay_limit: Option<usize>,
+        record: &RequestRecord,
+    ) -> Result<Self, ProxyError> {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let small = replay_limit
+            .filter(|limit| body.is_end_stream() || declared.is_some_and(|l| l <= *limit as u64));
+        let Some(limit) = small else {
+            let counter = Some(record.request_bytes.clone());
+            let streaming = Counted::new(body::stream(body), counter, None).boxed_unsync();
+            return Ok(Self::Streaming(streaming));
+        };
+        let bytes = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
+            .to_bytes();
+        record
+            .request_bytes
+            .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self::Replayable(bytes))
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(length) if length <= limit as u64 => {
-            let collected = Limited::new(body, limit)
-                .collect()
-                .await
-                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
-            Ok(Ok(collected.to_bytes()))
-        }
-        _ => Ok(Err(body)),
-    }
+}
+
+/// `host:port` of an authority, without any `user:password@` in front.
+fn authority_without_userinfo(authority: &http::uri::Authority) -> &str {
+    let text = authority.as_str();
+    text.rsplit_once('@').map_or(text, |(_, host)| host)
 }
 
 fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
     let default_port = if target.https { 443 } else { 80 };
     let scheme = if target.https { "https" } else { "http" };
-    let authority = if target.port == default_port {
-        target.host.clone()
-    } else {
-        format!("{}:{}", target.host, target.port)
-    };
+    let authority = target.host.authority(target.port, default_port);
     let path = original.path_and_query().map_or("/", |p| p.as_str());
     let path = if path.starts_with('/') { path } else { "/" };
     format!("{scheme}://{authority}{path}")
@@ -622,7 +625,7 @@ fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URL"))
 }
 
-/// Stage 5: the upstream's response, streamed back without its hop-by-hop headers.
+/// **relay**: the upstream's response, streamed back without its hop-by-hop headers.
 fn relay(response: Response<ProxyBody>, upgrade: bool) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;

@@ -5,12 +5,17 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::credentials::Credential;
-
 /// Request durations reach well past a minute: LLM calls stream for long.
 const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
+
+/// What the gauges show of one credential version: never its value.
+#[derive(Debug, Clone, Copy)]
+pub struct ObservedVersion<'a> {
+    pub fingerprint: &'a str,
+    pub expires_at: Option<std::time::SystemTime>,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -174,11 +179,14 @@ impl Metrics {
     }
 
     /// Keeps the version and expiry gauges in step with a credential's current version.
-    pub fn observe_credential(&self, credential: &Credential, previous_fingerprint: Option<&str>) {
-        let name = credential.name.as_ref();
-        let current = credential.current.as_ref();
+    pub fn observe_version(
+        &self,
+        name: &str,
+        current: Option<ObservedVersion<'_>>,
+        previous_fingerprint: Option<&str>,
+    ) {
         if let Some(previous) = previous_fingerprint {
-            if current.map(|v| v.fingerprint.as_str()) != Some(previous) {
+            if current.map(|v| v.fingerprint) != Some(previous) {
                 let _ = self
                     .credential_version
                     .remove_label_values(&[name, previous]);
@@ -187,12 +195,11 @@ impl Metrics {
         match current {
             Some(version) => {
                 self.credential_version
-                    .with_label_values(&[name, &version.fingerprint])
+                    .with_label_values(&[name, version.fingerprint])
                     .set(1);
-                match version.expiry {
-                    Some(expiry) => {
-                        let seconds = expiry
-                            .at
+                match version.expires_at {
+                    Some(at) => {
+                        let seconds = at
                             .duration_since(std::time::UNIX_EPOCH)
                             .map(|d| d.as_secs_f64())
                             .unwrap_or(0.0);

@@ -7,5 +7,14 @@ mod metrics;
 mod request;
 
 pub use audit::{AuditLog, AuditOutput};
-pub use metrics::Metrics;
+pub use metrics::{Metrics, ObservedVersion};
 pub use request::RequestRecord;
+
+/// Where requests report: the metrics registry and the audit log, and whether per-request
+/// families are on.
+pub struct Telemetry {
+    pub metrics: std::sync::Arc<Metrics>,
+    pub audit: AuditLog,
+    /// `keystamp_requests_total` and `keystamp_request_duration_seconds` on or off.
+    pub per_request_metrics: bool,
+}

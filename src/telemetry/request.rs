@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use http::{Method, StatusCode};
 use tokio::time::Instant;
 
-use crate::credentials::expiry::format_rfc3339;
-use crate::proxy::ProxyState;
+use crate::telemetry::Telemetry;
+use crate::time::format_rfc3339;
 
 /// Placeholder label for "none" (unrouted request, anonymous agent).
 const NONE: &str = "-";
@@ -57,7 +57,7 @@ impl RequestRecord {
     }
 
     /// Records the metrics and the audit line; `response_bytes` is what reached the agent.
-    pub fn finish(&self, state: &ProxyState, response_bytes: u64) {
+    pub fn finish(&self, telemetry: &Telemetry, response_bytes: u64) {
         let duration = self.started.elapsed();
         let route = self.route.as_deref().unwrap_or(NONE);
         let credential = self.credential.as_deref().unwrap_or(NONE);
@@ -67,20 +67,20 @@ impl RequestRecord {
         } else {
             "upstream"
         };
-        if state.per_request_metrics {
+        if telemetry.per_request_metrics {
             let class = status_class(self.status);
-            state
+            telemetry
                 .metrics
                 .requests
                 .with_label_values(&[route, credential, agent, class, origin])
                 .inc();
-            state
+            telemetry
                 .metrics
                 .request_duration
                 .with_label_values(&[route, credential])
                 .observe(duration.as_secs_f64());
         }
-        if state.audit.is_on() {
+        if telemetry.audit.is_on() {
             let time = format_rfc3339(self.time);
             let line = AuditLine {
                 time: &time,
@@ -100,7 +100,7 @@ impl RequestRecord {
                 error: self.error,
                 fault: self.fault,
             };
-            state.audit.record(&line, &state.metrics);
+            telemetry.audit.record(&line, &telemetry.metrics);
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Everything that dials out: the dialer (honouring `resolve:` pins, for tunnels too), the TLS
-//! connector that always verifies, and the pooled hyper clients that reuse upstream connections
-//! (h2 when the upstream offers it over ALPN, http/1.1 otherwise).
+//! Outbound only: the dialer (honouring `resolve:` pins and egress policy, for tunnels and token
+//! endpoints too), the TLS connector that always verifies, and the pooled hyper clients that
+//! reuse upstream connections (h2 when the upstream offers it over ALPN, http/1.1 otherwise).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -24,17 +23,18 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::egress::EgressPolicy;
 use crate::error::ProxyError;
-use crate::proxy::body::ProxyBody;
+use crate::host::Host;
 use crate::tls::{upstream_client_config, TlsError, ALPN_H2, ALPN_HTTP11};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// `resolve:` pins: (lowercase host, port) -> address to dial instead of resolving.
-pub type Pins = HashMap<(String, u16), SocketAddr>;
+/// `resolve:` pins: (host, port) -> address to dial instead of resolving.
+pub type Pins = HashMap<(Host, u16), SocketAddr>;
 
 /// Which pooled client a request uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,14 +62,29 @@ pub enum ConnectError {
     EgressDenied,
 }
 
+/// Where the dialer reads its rules from on every dial: the published snapshot, so pins and
+/// egress policy change together with the routes that need them.
+pub trait DialRulesSource: Send + Sync {
+    fn dial_rules(&self) -> Arc<DialRules>;
+}
+
+/// Rules that never change, for a dialer outside a running keystamp (benches, tools).
+struct FixedRules(Arc<DialRules>);
+
+impl DialRulesSource for FixedRules {
+    fn dial_rules(&self) -> Arc<DialRules> {
+        self.0.clone()
+    }
+}
+
 /// Opens TCP connections, dialing a `resolve:` pin instead of resolving when one exists.
 #[derive(Clone)]
 pub struct Dialer {
-    rules: Arc<ArcSwap<DialRules>>,
+    rules: Arc<dyn DialRulesSource>,
 }
 
 /// What the dialer follows; replaced whole on a config reload.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DialRules {
     pub pins: Pins,
     pub egress: EgressPolicy,
@@ -85,26 +100,23 @@ impl DialRules {
 }
 
 impl Dialer {
-    pub fn new(rules: DialRules) -> Self {
-        Self {
-            rules: Arc::new(ArcSwap::from_pointee(rules)),
-        }
+    pub fn new(rules: Arc<dyn DialRulesSource>) -> Self {
+        Self { rules }
     }
 
-    /// Replaces the pins and egress policy (a config reload).
-    pub fn set_rules(&self, rules: DialRules) {
-        self.rules.store(Arc::new(rules));
+    /// A dialer whose rules never change.
+    pub fn fixed(rules: DialRules) -> Self {
+        Self::new(Arc::new(FixedRules(Arc::new(rules))))
     }
 
-    pub async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let rules = self.rules.load_full();
-        let pinned = rules.pins.get(&(host.to_ascii_lowercase(), port)).copied();
+    pub async fn dial(&self, host: &Host, port: u16) -> Result<TcpStream, ConnectError> {
+        let rules = self.rules.dial_rules();
+        let pinned = rules.pins.get(&(host.clone(), port)).copied();
         let addresses: Vec<SocketAddr> = match pinned {
             // A pin is the operator's explicit choice: no egress check.
             Some(address) => vec![address],
             None => {
-                let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+                let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
                     .await
                     .map_err(ConnectError::Resolve)?
                     .collect();
@@ -229,18 +241,17 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().ok_or(ConnectError::NoHost)?.to_string();
+            let host = uri
+                .host()
+                .and_then(|host| Host::parse(host).ok())
+                .ok_or(ConnectError::NoHost)?;
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             let tcp = this.dialer.dial(&host, port).await?;
             if !https {
                 return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
             }
-            let bare = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let name = ServerName::try_from(bare).map_err(|_| {
+            let name = ServerName::try_from(host.as_str().to_string()).map_err(|_| {
                 ConnectError::Tls(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "invalid server name",
@@ -261,6 +272,8 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 /// semantics (gRPC) end to end, keeps WebSocket upgrades on HTTP/1.1 where they exist, and lets
 /// many HTTP/1.1 agents use parallel pooled connections instead of queueing on one h2 connection
 /// served by one task (benches/e2e.sh, 16 keep-alive agents: 0.44x of direct before, 0.54x after).
+/// Cloning is cheap: the pools are shared.
+#[derive(Clone)]
 pub struct Upstream {
     auto: Client<UpstreamConnector, ProxyBody>,
     http1: Client<UpstreamConnector, ProxyBody>,

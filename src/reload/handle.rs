@@ -1,0 +1,61 @@
+//! How the rest of keystamp reaches the one writer: "re-read everything now" (SIGHUP) and the
+//! 401 path's "is there a version newer than the one just rejected?". A cheap, cloneable handle.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::credentials::Version;
+
+/// What the rest of keystamp can ask of the reloader.
+pub(super) enum Ask {
+    ReloadAll,
+    NewerThan {
+        credential: Arc<str>,
+        stale: String,
+        reply: oneshot::Sender<Option<Arc<Version>>>,
+    },
+}
+
+impl std::fmt::Debug for Ask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ask::ReloadAll => f.write_str("ReloadAll"),
+            Ask::NewerThan { credential, .. } => write!(f, "NewerThan({credential})"),
+        }
+    }
+}
+
+/// A cheap, cloneable way to reach the reloader.
+#[derive(Clone, Debug)]
+pub struct ReloadHandle {
+    asks: mpsc::UnboundedSender<Ask>,
+}
+
+/// The receiving end, handed to the reloader.
+pub struct ReloadRequests(pub(super) mpsc::UnboundedReceiver<Ask>);
+
+impl ReloadHandle {
+    pub fn channel() -> (Self, ReloadRequests) {
+        let (asks, receiver) = mpsc::unbounded_channel();
+        (Self { asks }, ReloadRequests(receiver))
+    }
+
+    /// Re-reads the config and every source now (SIGHUP).
+    pub fn reload_all(&self) {
+        let _ = self.asks.send(Ask::ReloadAll);
+    }
+
+    /// A version of `credential` newer than the one with fingerprint `stale`, fetching one now if
+    /// the source can say (re-read the file, ask the token endpoint). `None`: there is none.
+    pub async fn newer_than(&self, credential: &Arc<str>, stale: &str) -> Option<Arc<Version>> {
+        let (reply, answer) = oneshot::channel();
+        let ask = Ask::NewerThan {
+            credential: credential.clone(),
+            stale: stale.to_string(),
+            reply,
+        };
+        self.asks.send(ask).ok()?;
+        answer.await.ok().flatten()
+    }
+}

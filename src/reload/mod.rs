@@ -1,0 +1,377 @@
+//! The one writer of snapshots. It re-reads sources when their files change (debounced), on a
+//! periodic resync, on SIGHUP and ahead of expiry ([`schedule`]), reloads the config file when
+//! its bytes change, and answers the 401 path's "is there a newer version?" ([`handle`]). Each
+//! change is built as a whole new snapshot and published at once; a failed read or a broken
+//! config keeps the last good one, is logged and counted. It never serves a request.
+
+mod handle;
+mod schedule;
+mod watch;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SourceSpec};
+use crate::credentials::{read_all, Credential, ReadOutcome, Version};
+use crate::identity::IdentityTable;
+use crate::state::{plan_next, SharedState};
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+use handle::Ask;
+pub use handle::{ReloadHandle, ReloadRequests};
+use schedule::Schedule;
+use watch::DirWatcher;
+
+/// After a 401-triggered fetch that found nothing newer than a version, don't fetch again for
+/// that same version for this long (a rejected key that nobody rotated must not hammer the source).
+const FORCED_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
+
+/// What the writer works with: the cell it publishes to, the client token endpoints are reached
+/// through, the metrics it counts in, and the token that stops it.
+pub struct ReloadContext {
+    pub state: Arc<SharedState>,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+}
+
+pub struct Reloader {
+    context: ReloadContext,
+    config: Config,
+    config_hash: Option<[u8; 32]>,
+    asks: mpsc::UnboundedReceiver<Ask>,
+    fs_events: mpsc::UnboundedReceiver<()>,
+    watcher: Option<DirWatcher>,
+    schedule: Schedule,
+    /// The last 401-triggered fetch per credential: when, and which version it tried to replace.
+    forced_fetches: HashMap<Arc<str>, (Instant, String)>,
+}
+
+impl Reloader {
+    /// Loads `config` (every credential read once) and publishes the first snapshot to serve.
+    pub async fn start(context: ReloadContext, config: Config, asks: ReloadRequests) -> Self {
+        let (events, fs_events) = mpsc::unbounded_channel();
+        let watcher = match DirWatcher::new(events) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, "file watching unavailable; relying on the periodic resync");
+                None
+            }
+        };
+        let config_hash = std::fs::read(&config.path).ok().map(|text| hash(&text));
+        let mut reloader = Self {
+            context,
+            config_hash,
+            asks: asks.0,
+            fs_events,
+            watcher,
+            schedule: Schedule::default(),
+            forced_fetches: HashMap::new(),
+            config: config.clone(),
+        };
+        reloader.apply_config(config).await;
+        reloader
+    }
+
+    pub async fn run(mut self) {
+        let every = self.config.reload.resync_every;
+        let mut resync = tokio::time::interval_at(Instant::now() + every, every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut debounce_until: Option<Instant> = None;
+        loop {
+            let next_refresh = self.schedule.next_at();
+            tokio::select! {
+                () = self.context.shutdown.cancelled() => break,
+                ask = self.asks.recv() => match ask {
+                    Some(ask) => self.answer(ask).await,
+                    None => break,
+                },
+                Some(()) = self.fs_events.recv() => {
+                    debounce_until.get_or_insert_with(|| Instant::now() + self.config.reload.debounce);
+                }
+                () = sleep_until(debounce_until) => {
+                    debounce_until = None;
+                    while self.fs_events.try_recv().is_ok() {}
+                    tracing::debug!("files changed; re-reading");
+                    self.reread_files().await;
+                }
+                () = sleep_until(next_refresh) => self.refresh_due().await,
+                _ = resync.tick() => self.resync().await,
+            }
+        }
+    }
+
+    async fn answer(&mut self, ask: Ask) {
+        match ask {
+            Ask::ReloadAll => {
+                tracing::info!("reloading the config and every credential");
+                self.config_hash = None;
+                self.reload_config().await;
+                self.reread_identities();
+                let names = self.credentials_where(|_| true);
+                self.reread(names).await;
+            }
+            Ask::NewerThan {
+                credential,
+                stale,
+                reply,
+            } => {
+                let _ = reply.send(self.newer_than(&credential, &stale).await);
+            }
+        }
+    }
+
+    /// The 401 path: the version the upstream rejected may already be replaced; if not, read the
+    /// source once more (never faster than the cooldown) and answer with what is new, if anything.
+    async fn newer_than(&mut self, name: &Arc<str>, stale: &str) -> Option<Arc<Version>> {
+        let current = self.context.state.load().credentials.get(name)?.clone();
+        let fresh = |version: &Arc<Version>| {
+            version.fingerprint != stale && !version.is_expired(Instant::now())
+        };
+        if let Some(version) = current.current.as_ref().filter(|v| fresh(v)) {
+            return Some(version.clone());
+        }
+        let now = Instant::now();
+        let recently_tried = self.forced_fetches.get(name).is_some_and(|(at, tried)| {
+            tried == stale && now.duration_since(*at) < FORCED_FETCH_COOLDOWN
+        });
+        if recently_tried {
+            return None;
+        }
+        self.forced_fetches
+            .insert(name.clone(), (now, stale.to_string()));
+        self.reread(vec![name.clone()]).await;
+        let updated = self
+            .context
+            .state
+            .load()
+            .credentials
+            .get(name)?
+            .current
+            .clone()?;
+        fresh(&updated).then_some(updated)
+    }
+
+    /// After file events: re-arm watches, reload the config if it changed, re-read file sources.
+    async fn reread_files(&mut self) {
+        if let Some(watcher) = self.watcher.as_mut() {
+            watcher.rearm();
+        }
+        self.reload_config().await;
+        self.reread_identities();
+        let names = self.credentials_where(|spec| !spec.files().is_empty());
+        self.reread(names).await;
+    }
+
+    /// The backstop for lost events: everything a file or the environment holds.
+    async fn resync(&mut self) {
+        if let Some(watcher) = self.watcher.as_mut() {
+            watcher.rearm();
+        }
+        self.reload_config().await;
+        self.reread_identities();
+        let names = self.credentials_where(|spec| {
+            matches!(spec, SourceSpec::File { .. } | SourceSpec::Env { .. })
+        });
+        self.reread(names).await;
+    }
+
+    /// Agents' proxy tokens rotate too; publish only when one changed.
+    fn reread_identities(&mut self) {
+        let snapshot = self.context.state.load_full();
+        let limits = snapshot.identities.all_limits().clone();
+        let identities = IdentityTable::read(&self.config, limits);
+        if snapshot.identities.same_tokens(&identities) {
+            return;
+        }
+        tracing::info!("agent identities changed");
+        self.context
+            .state
+            .publish(snapshot.with_identities(identities));
+    }
+
+    async fn refresh_due(&mut self) {
+        let due = self.schedule.due(Instant::now());
+        self.reread(due).await;
+    }
+
+    fn credentials_where(&self, wanted: impl Fn(&SourceSpec) -> bool) -> Vec<Arc<str>> {
+        self.context
+            .state
+            .load()
+            .credentials
+            .iter()
+            .filter(|c| wanted(&c.spec.source))
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// Reads each named credential's source and publishes one snapshot if anything changed.
+    async fn reread(&mut self, names: Vec<Arc<str>>) {
+        if names.is_empty() {
+            return;
+        }
+        let snapshot = self.context.state.load_full();
+        let credentials: Vec<Arc<Credential>> = names
+            .iter()
+            .filter_map(|name| snapshot.credentials.get(name))
+            .cloned()
+            .collect();
+        let results = read_all(credentials, &self.context.upstream).await;
+        let mut changed = Vec::new();
+        for (index, (credential, outcome)) in results.into_iter().enumerate() {
+            // Thousands of results are bookkeeping on a runtime worker: let requests in between.
+            if index % 256 == 255 {
+                tokio::task::yield_now().await;
+            }
+            let previous = snapshot.credentials.get(&credential.name);
+            credential.reload_counters.count(outcome);
+            self.schedule
+                .after_read(&credential, outcome, Instant::now());
+            if outcome == ReadOutcome::Changed {
+                // Rotation is the cure: a new version starts with a closed breaker.
+                credential.breaker.reset();
+                let previous_fingerprint = previous
+                    .and_then(|c| c.current.as_ref())
+                    .map(|v| v.fingerprint.as_str());
+                credential.observe(&self.context.metrics, previous_fingerprint);
+            }
+            let error_changed = previous.is_some_and(|c| c.last_error != credential.last_error);
+            if outcome == ReadOutcome::Changed || error_changed {
+                changed.push(credential);
+            }
+        }
+        if !changed.is_empty() {
+            let credentials = snapshot.credentials.with_all(changed);
+            self.context
+                .state
+                .publish(snapshot.with_credentials(credentials));
+        }
+    }
+
+    /// Reloads the config file if its bytes changed. A broken config keeps the current one.
+    async fn reload_config(&mut self) {
+        let text = match std::fs::read(&self.config.path) {
+            Ok(text) => text,
+            Err(error) => {
+                tracing::warn!(path = %self.config.path.display(), %error, "config unreadable; keeping the current one");
+                self.count_config_reload("error");
+                return;
+            }
+        };
+        let digest = hash(&text);
+        if self.config_hash == Some(digest) {
+            return;
+        }
+        self.config_hash = Some(digest);
+        let parsed = std::str::from_utf8(&text)
+            .map_err(|_| vec![format!("{}: not UTF-8", self.config.path.display())])
+            .and_then(|text| Config::from_yaml(&self.config.path, text).map_err(|e| e.errors()));
+        let config = match parsed {
+            Ok(config) => config,
+            Err(errors) => {
+                for error in errors {
+                    tracing::warn!(%error, "config reload rejected; keeping the current config");
+                }
+                self.count_config_reload("error");
+                return;
+            }
+        };
+        if config.listen != self.config.listen || config.admin != self.config.admin {
+            tracing::warn!(
+                "listen/admin addresses changed in the config; they take effect on restart"
+            );
+        }
+        self.apply_config(config).await;
+        tracing::info!(
+            routes = self.config.routes.len(),
+            credentials = self.config.credentials.len(),
+            "config reloaded"
+        );
+        self.count_config_reload("ok");
+    }
+
+    fn count_config_reload(&self, result: &str) {
+        self.context
+            .metrics
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+    }
+
+    /// Moves to `config`: reads what it defines afresh, keeps the rest (see `plan_next`),
+    /// publishes routes, credentials, identities and dial rules as one snapshot.
+    async fn apply_config(&mut self, config: Config) {
+        let previous = self.context.state.load_full();
+        let mut next = plan_next(&previous, &config, &self.context.metrics);
+        for old in &next.dropped {
+            self.schedule.forget(&old.name);
+            self.context.metrics.forget_credential(
+                &old.name,
+                old.current.as_ref().map(|v| v.fingerprint.as_str()),
+            );
+        }
+        if *next.dial_rules != *previous.dial_rules {
+            let rules = next.dial_rules.clone();
+            self.context.state.publish(previous.with_dial_rules(rules));
+        }
+        let fresh = std::mem::take(&mut next.fresh);
+        let loaded: Vec<Credential> = read_all(fresh, &self.context.upstream)
+            .await
+            .into_iter()
+            .map(|(credential, _)| credential)
+            .collect();
+        for credential in &loaded {
+            let previous_fingerprint = previous
+                .credentials
+                .get(&credential.name)
+                .and_then(|c| c.current.as_ref())
+                .map(|v| v.fingerprint.as_str());
+            credential.observe(&self.context.metrics, previous_fingerprint);
+            let outcome = if credential.current.is_some() {
+                ReadOutcome::Changed
+            } else {
+                ReadOutcome::Failed
+            };
+            self.schedule.forget(&credential.name);
+            self.schedule
+                .after_read(credential, outcome, Instant::now());
+        }
+        self.context.state.publish(next.build(loaded, &config));
+        self.config = config;
+        self.watch_config_dirs();
+    }
+
+    /// The config file and every file source, each watched through its directory.
+    fn watch_config_dirs(&mut self) {
+        let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+        files.insert(self.config.path.clone());
+        for spec in self.config.credentials.values() {
+            files.extend(spec.source.files().into_iter().map(Path::to_path_buf));
+        }
+        for identity in self.config.identities.values() {
+            files.extend(identity.source.files().into_iter().map(Path::to_path_buf));
+        }
+        if let Some(watcher) = self.watcher.as_mut() {
+            watcher.set_files(files);
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
