@@ -16,14 +16,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keystamp::config::Config;
-use keystamp::credentials::CredentialTable;
-use keystamp::host::Host;
-use keystamp::routes::{RouteMatch, RouteTable};
-use keystamp::state::{plan_next, Snapshot};
-use keystamp::telemetry::Metrics;
-use keystamp::upstream::{Dialer, Upstream};
-use keystamp::App;
+use keystamp::bench::{
+    plan_next, read_all, Breaker, BreakerSettings, CredentialTable, Dialer, Host, Metrics,
+    RouteMatch, RouteTable, Snapshot, Upstream, Verdict,
+};
+use keystamp::{App, Config};
 
 fn config_with(routes: usize, dir: &Path) -> Config {
     let mut yaml = String::from("listen: 127.0.0.1:0\nca: { generate: true }\ncredentials:\n");
@@ -76,7 +73,7 @@ async fn load_table(
 ) -> CredentialTable {
     let mut next = plan_next(&Snapshot::before_first_load(config), config, metrics);
     let fresh = std::mem::take(&mut next.fresh);
-    let loaded = keystamp::credentials::read_all(fresh, upstream)
+    let loaded = read_all(fresh, upstream)
         .await
         .into_iter()
         .map(|(credential, _)| credential)
@@ -93,7 +90,7 @@ fn main() {
         )
         .expect("upstream")
     });
-    let metrics = Arc::new(keystamp::telemetry::Metrics::new().expect("metrics"));
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
     println!("| measurement | figure |\n|---|---|");
     let mut per_request = Vec::new();
     for count in [10usize, 10_000] {
@@ -115,7 +112,7 @@ fn main() {
         // A reload (SIGHUP, resync, a file event) re-reads existing credentials.
         let existing: Vec<_> = credentials.iter().cloned().collect();
         let started = Instant::now();
-        let reread = runtime.block_on(keystamp::credentials::read_all(existing, &upstream));
+        let reread = runtime.block_on(read_all(existing, &upstream));
         let reload = started.elapsed();
         assert_eq!(reread.len(), count);
         let ns = lookup_ns(&routes, &credentials, count);
@@ -148,11 +145,10 @@ fn main() {
 }
 
 /// The breaker's cost on the request path in its common state: closed, a success recorded.
-fn breaker_ns(metrics: &Arc<keystamp::telemetry::Metrics>) -> f64 {
-    use keystamp::breaker::{Breaker, Verdict};
+fn breaker_ns(metrics: &Arc<Metrics>) -> f64 {
     let breaker = Breaker::new(
         Arc::from("bench"),
-        keystamp::config::BreakerSettings::default(),
+        BreakerSettings::default(),
         metrics.clone(),
     );
     let rounds = 5_000_000;

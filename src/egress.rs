@@ -14,7 +14,8 @@ pub struct Cidr {
 }
 
 impl FromStr for Cidr {
-    type Err = String;
+    /// Says what is wrong without repeating the text (config errors never echo a value).
+    type Err = &'static str;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (address, prefix) = match text.split_once('/') {
@@ -23,14 +24,14 @@ impl FromStr for Cidr {
         };
         let network: IpAddr = address
             .parse()
-            .map_err(|_| format!("`{text}` is not an address or CIDR"))?;
+            .map_err(|_| "is not an address or CIDR like 10.0.0.0/8")?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             Some(p) => p
                 .parse::<u8>()
                 .ok()
                 .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{text}` has a bad prefix length"))?,
+                .ok_or("has a bad prefix length")?,
             None => max,
         };
         Ok(Self { network, prefix })

@@ -2,30 +2,44 @@
 //! secrets. It intercepts TLS for routed hosts, strips whatever credential the agent sent,
 //! stamps a fresh one from an in-memory table and forwards over verified TLS.
 //!
-//! The binary (`src/main.rs`) is a thin CLI over this library; tests and benches use the same API.
+//! The binary (`src/main.rs`) is a thin CLI over this library; tests use the same paved path
+//! ([`App`], [`Config`]). Modules are private; the README's layout section lists them by layer.
 
 mod admin;
-pub mod app;
-pub mod body;
-pub mod breaker;
-pub mod config;
-pub mod credentials;
+mod app;
+mod body;
+mod breaker;
+mod config;
+mod credentials;
 mod duration;
-pub mod egress;
-pub mod error;
-pub mod host;
-pub mod identity;
-pub mod inject;
-pub mod limits;
-pub mod proxy;
-pub mod reload;
-pub mod routes;
-pub mod secret;
-pub mod state;
-pub mod telemetry;
-pub mod time;
-pub mod tls;
-pub mod upstream;
+mod egress;
+mod error;
+mod host;
+mod identity;
+mod inject;
+mod limits;
+mod proxy;
+mod reload;
+mod routes;
+mod secret;
+mod state;
+mod telemetry;
+mod time;
+mod tls;
+mod upstream;
 
 pub use app::{App, RunningApp};
-pub use config::Config;
+pub use config::{Config, ConfigError, ConfigLoadError};
+
+/// What `benches/` measure below the paved path. Not a stable interface.
+#[doc(hidden)]
+pub mod bench {
+    pub use crate::breaker::{Breaker, Verdict};
+    pub use crate::config::BreakerSettings;
+    pub use crate::credentials::{read_all, CredentialTable};
+    pub use crate::host::Host;
+    pub use crate::routes::{RouteMatch, RouteTable};
+    pub use crate::state::{plan_next, Snapshot};
+    pub use crate::telemetry::Metrics;
+    pub use crate::upstream::{Dialer, Upstream};
+}

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use keystamp::config::Config;
 use keystamp::App;
+use keystamp::Config;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

@@ -11,42 +11,39 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 
+/// A real upstream accepting `key-1`, and keystamp stamping credential `key` (file
+/// `./secrets/key`) onto `api.example.test`; `tune` adds to the config.
 async fn rig(
-    extra: &str,
-    credential_extra: &str,
-    route_extra: &str,
+    tune: impl FnOnce(&mut TestConfig),
 ) -> (TestUpstream, TestKeystamp, tempfile::TempDir) {
     let (upstream, ca_path, dir) = tls_upstream().await;
-    let yaml = config(&upstream, &ca_path, extra, credential_extra, route_extra);
-    let keystamp = TestKeystamp::start(&yaml, &[("key", "key-1\n")]).await;
+    let mut config = TestConfig::new();
+    config
+        .trust(&ca_path)
+        .pin("api.example.test:443", upstream.addr)
+        .set("breaker", serde_json::json!({ "failures": 5, "open_for": "1s", "max_open_for": "8s", "jitter": false }))
+        .set("reload", serde_json::json!({ "debounce": "50ms" }))
+        .credential_file("key", serde_json::json!({}))
+        .bearer_route("api.example.test", "key", serde_json::json!({}));
+    tune(&mut config);
+    let keystamp = TestKeystamp::start(&config.yaml(), &[("key", "key-1\n")]).await;
     upstream.seen.accept_only("key-1");
     (upstream, keystamp, dir)
 }
 
-fn config(
-    upstream: &TestUpstream,
-    ca: &Path,
-    extra: &str,
-    credential_extra: &str,
-    route_extra: &str,
-) -> String {
-    format!(
-        "unmatched: deny\nupstream_tls: {{ extra_roots: [{ca}] }}\nresolve: {{ 'api.example.test:443': {addr} }}\n{extra}\
-         credentials:\n  key:\n    source: {{ file: ./secrets/key }}\n{credential_extra}\
-         routes:\n  - host: api.example.test\n    credential: key\n    inject: {{ type: bearer }}\n{route_extra}",
-        ca = ca.display(),
-        addr = upstream.addr,
-    )
+/// The route's extra keys.
+fn route_with(extra: serde_json::Value) -> impl FnOnce(&mut TestConfig) {
+    move |config| {
+        config.routes.clear();
+        config.bearer_route("api.example.test", "key", extra);
+    }
 }
-
-const FAST_BREAKER: &str = "breaker: { failures: 5, open_for: 1s, max_open_for: 8s, jitter: false }\nreload: { debounce: 50ms }\n";
 
 async fn get(
     client: &reqwest::Client,
@@ -72,15 +69,17 @@ async fn get(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn five_401s_open_it_nothing_reaches_the_upstream_then_one_probe_and_rotation_closes_it() {
-    let (upstream, keystamp, _dir) = rig(FAST_BREAKER, "", "").await;
+    let (upstream, keystamp, _dir) = rig(|_| {}).await;
     let client = keystamp.client();
     upstream.seen.accept_only("revoked-elsewhere");
     for _ in 0..5 {
         assert_eq!(get(&client, "/x").await.0, 401);
     }
     let before = upstream.seen.count();
+    let mut last_retry_after = None;
     for _ in 0..20 {
         let (status, code, body, retry_after) = get(&client, "/x").await;
+        last_retry_after = retry_after.clone();
         assert_eq!(status, 503);
         assert_eq!(code.as_deref(), Some("credential_circuit_open"));
         assert_eq!(body["code"], "credential_circuit_open");
@@ -96,8 +95,8 @@ async fn five_401s_open_it_nothing_reaches_the_upstream_then_one_probe_and_rotat
         "nothing reaches the upstream while open"
     );
 
-    // After open_for, 50 concurrent requests: exactly one probe reaches the upstream.
-    tokio::time::sleep(Duration::from_millis(1050)).await;
+    // After the Retry-After keystamp gave, 50 concurrent requests: exactly one probe goes out.
+    wait_out(last_retry_after.as_deref()).await;
     let before = upstream.seen.count();
     let results = futures_util::future::join_all((0..50).map(|_| {
         let client = client.clone();
@@ -108,9 +107,11 @@ async fn five_401s_open_it_nothing_reaches_the_upstream_then_one_probe_and_rotat
     assert_eq!(results.iter().filter(|s| **s == 401).count(), 1);
     assert_eq!(results.iter().filter(|s| **s == 503).count(), 49);
 
-    // The failed probe doubled the wait: still open after the first period.
-    tokio::time::sleep(Duration::from_millis(1050)).await;
-    assert_eq!(get(&client, "/x").await.0, 503);
+    // The failed probe doubled the wait, and keystamp says so.
+    let (status, _, body, retry_after) = get(&client, "/x").await;
+    assert_eq!(status, 503);
+    assert_eq!(body["retry_after_s"], 2);
+    assert_eq!(retry_after.as_deref(), Some("2"));
 
     // Rotation is the cure: a new version closes it at once.
     upstream.seen.accept_only("key-2");
@@ -151,8 +152,12 @@ async fn five_401s_open_it_nothing_reaches_the_upstream_then_one_probe_and_rotat
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_403s_that_say_the_credential_is_bad_count() {
-    let markers = "    auth_failure_markers: [InvalidClientTokenId, ExpiredToken]\n";
-    let (_upstream, keystamp, _dir) = rig(FAST_BREAKER, "", markers).await;
+    let markers = || {
+        route_with(
+            serde_json::json!({ "auth_failure_markers": ["InvalidClientTokenId", "ExpiredToken"] }),
+        )
+    };
+    let (_upstream, keystamp, _dir) = rig(markers()).await;
     let client = keystamp.client();
     for _ in 0..10 {
         assert_eq!(get(&client, "/forbidden/permission").await.0, 403);
@@ -171,7 +176,7 @@ async fn only_403s_that_say_the_credential_is_bad_count() {
     );
 
     // A marker in the body's first KiB counts too (a fresh keystamp, breaker closed).
-    let (_upstream, keystamp, _dir) = rig(FAST_BREAKER, "", markers).await;
+    let (_upstream, keystamp, _dir) = rig(markers()).await;
     let client = keystamp.client();
     for _ in 0..5 {
         let (status, _, _, _) = get(&client, "/forbidden/aws").await;
@@ -185,7 +190,7 @@ async fn only_403s_that_say_the_credential_is_bad_count() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fleet_drill_fifty_agents_one_revoked_key() {
-    let (upstream, keystamp, _dir) = rig(FAST_BREAKER, "", "").await;
+    let (upstream, keystamp, _dir) = rig(|_| {}).await;
     let keystamp = Arc::new(keystamp);
     let revoked = Arc::new(AtomicBool::new(false));
     let rotated_at: Arc<std::sync::Mutex<Option<tokio::time::Instant>>> = Arc::default();
@@ -296,8 +301,11 @@ async fn fleet_drill_fifty_agents_one_revoked_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rate_limit_allows_the_burst_then_the_steady_rate_with_a_correct_retry_after() {
-    let limit = "    rate_limit: { per_second: 1, burst: 5 }\n";
-    let (upstream, keystamp, _dir) = rig(FAST_BREAKER, limit, "").await;
+    let (upstream, keystamp, _dir) = rig(|config| {
+        let limit = serde_json::json!({ "rate_limit": { "per_second": 1, "burst": 5 } });
+        config.credential_file("key", limit);
+    })
+    .await;
     let client = keystamp.client();
     let before = upstream.seen.count();
     for _ in 0..5 {
@@ -312,8 +320,8 @@ async fn rate_limit_allows_the_burst_then_the_steady_rate_with_a_correct_retry_a
         5,
         "the limited request never reached the upstream"
     );
-    // Steady rate: one more every second.
-    tokio::time::sleep(Duration::from_millis(1050)).await;
+    // Steady rate: one more once the Retry-After has passed.
+    wait_out(retry_after.as_deref()).await;
     assert_eq!(get(&client, "/x").await.0, 200);
     assert_eq!(get(&client, "/x").await.0, 429);
     let metrics = keystamp.metrics().await;
@@ -325,7 +333,10 @@ async fn rate_limit_allows_the_burst_then_the_steady_rate_with_a_correct_retry_a
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_429_with_retry_after_holds_the_credential_when_the_route_asks() {
-    let (upstream, keystamp, _dir) = rig(FAST_BREAKER, "", "    respect_retry_after: true\n").await;
+    let (upstream, keystamp, _dir) = rig(route_with(
+        serde_json::json!({ "respect_retry_after": true }),
+    ))
+    .await;
     let client = keystamp.client();
     assert_eq!(get(&client, "/status/429").await.0, 429);
     let before = upstream.seen.count();
@@ -337,7 +348,7 @@ async fn an_upstream_429_with_retry_after_holds_the_credential_when_the_route_as
 
 #[tokio::test(flavor = "multi_thread")]
 async fn operators_force_a_breaker_open_and_closed_on_the_admin_listener() {
-    let (upstream, keystamp, _dir) = rig(FAST_BREAKER, "", "").await;
+    let (upstream, keystamp, _dir) = rig(|_| {}).await;
     let client = keystamp.client();
     let admin = reqwest::Client::builder().no_proxy().build().unwrap();
     let base = format!("http://{}", keystamp.app.admin_addr().unwrap());

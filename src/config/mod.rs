@@ -16,8 +16,6 @@ use http::{HeaderName, Method};
 
 use crate::host::Host;
 
-pub use locate::{locate, parse_path, Segment};
-
 /// A validated configuration. Paths in it are absolute (resolved against the file's directory).
 #[derive(Debug, Clone)]
 pub struct Config {

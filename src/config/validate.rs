@@ -582,35 +582,13 @@ impl Errors<'_> {
                 "must be a host name like api.example.test or *.example.test",
             );
         }
-        if let Some(prefix) = &raw.path_prefix {
-            if !prefix.starts_with('/') {
-                self.push(&at("path_prefix"), "must start with `/`");
-            }
-        }
-        let methods = raw.methods.as_ref().map(|methods| {
-            methods
-                .iter()
-                .enumerate()
-                .filter_map(|(i, m)| {
-                    let valid = !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase());
-                    match Method::from_bytes(m.as_bytes()) {
-                        Ok(method) if valid => Some(method),
-                        _ => {
-                            self.push(
-                                &format!("routes[{index}].methods[{i}]"),
-                                "must be an upper-case HTTP method like GET",
-                            );
-                            None
-                        }
-                    }
-                })
-                .collect::<Vec<_>>()
-        });
+        self.path_prefix(&at("path_prefix"), raw.path_prefix.as_deref());
+        let methods = raw
+            .methods
+            .as_ref()
+            .map(|methods| self.methods(&at("methods"), methods));
         if !credentials.contains_key(&raw.credential) {
-            self.push(
-                &at("credential"),
-                format!("no credential named `{}` is defined", raw.credential),
-            );
+            self.push(&at("credential"), "no credential by this name is defined");
         }
         let inject = self.inject(index, &raw.inject);
         let strip = raw
@@ -634,32 +612,13 @@ impl Errors<'_> {
                 .map(|(agent, scope)| {
                     let at = format!("routes[{index}].agents.{agent}");
                     if !identities.contains_key(agent) {
-                        self.push(&at, format!("no identity named `{agent}` is defined"));
+                        self.push(&at, "no identity by this name is defined");
                     }
-                    if scope
-                        .path_prefix
+                    self.path_prefix(&format!("{at}.path_prefix"), scope.path_prefix.as_deref());
+                    let methods = scope
+                        .methods
                         .as_ref()
-                        .is_some_and(|p| !p.starts_with('/'))
-                    {
-                        self.push(&format!("{at}.path_prefix"), "must start with `/`");
-                    }
-                    let methods = scope.methods.as_ref().map(|methods| {
-                        methods
-                            .iter()
-                            .filter_map(|m| match Method::from_bytes(m.as_bytes()) {
-                                Ok(method) if m.bytes().all(|b| b.is_ascii_uppercase()) => {
-                                    Some(method)
-                                }
-                                _ => {
-                                    self.push(
-                                        &format!("{at}.methods"),
-                                        "must be upper-case HTTP methods like GET",
-                                    );
-                                    None
-                                }
-                            })
-                            .collect()
-                    });
+                        .map(|methods| self.methods(&format!("{at}.methods"), methods));
                     (
                         agent.clone(),
                         AgentScope {
@@ -692,34 +651,55 @@ impl Errors<'_> {
         })
     }
 
+    /// Upper-case HTTP methods; each bad one is reported at its index.
+    fn methods(&mut self, at: &str, list: &[String]) -> Vec<Method> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let method = parse_method(text);
+                if method.is_none() {
+                    self.push(
+                        &format!("{at}[{i}]"),
+                        "must be an upper-case HTTP method like GET",
+                    );
+                }
+                method
+            })
+            .collect()
+    }
+
+    /// A route's or an agent scope's `path_prefix`: the same rule for both.
+    fn path_prefix(&mut self, at: &str, prefix: Option<&str>) {
+        if prefix.is_some_and(|p| !p.starts_with('/')) {
+            self.push(at, "must start with `/`");
+        }
+    }
+
     fn inject(&mut self, index: usize, raw: &RawInject) -> Option<Injection> {
         let at = |key: &str| format!("routes[{index}].inject.{key}");
-        let allowed: &[&str] = match raw.kind.as_str() {
-            "bearer" => &[],
-            "basic" => &["username"],
-            "header" => &["name", "value"],
-            "query" => &["name"],
-            _ => {
-                self.push(
-                    &at("type"),
-                    "must be one of `bearer`, `basic`, `header`, `query`",
-                );
-                return None;
-            }
+        let Some(kind) = InjectKind::parse(&raw.kind) else {
+            self.push(
+                &at("type"),
+                "must be one of `bearer`, `basic`, `header`, `query`",
+            );
+            return None;
         };
         for (key, set) in [
             ("name", raw.name.is_some()),
             ("value", raw.value.is_some()),
             ("username", raw.username.is_some()),
         ] {
-            if set && !allowed.contains(&key) {
-                self.push(&at(key), format!("not used by inject type `{}`", raw.kind));
+            if set && !kind.keys().contains(&key) {
+                self.push(
+                    &at(key),
+                    format!("not used by inject type `{}`", kind.name()),
+                );
                 return None;
             }
         }
-        match raw.kind.as_str() {
-            "bearer" => Some(Injection::Bearer),
-            "basic" => {
+        match kind {
+            InjectKind::Bearer => Some(Injection::Bearer),
+            InjectKind::Basic => {
                 let username = raw.username.clone().unwrap_or_default();
                 if username.contains(':') || username.chars().any(char::is_control) {
                     self.push(
@@ -730,7 +710,7 @@ impl Errors<'_> {
                 }
                 Some(Injection::Basic { username })
             }
-            "header" => {
+            InjectKind::Header => {
                 let Some(name) = raw.name.as_deref() else {
                     self.push(&at("type"), "inject type `header` needs `name`");
                     return None;
@@ -760,7 +740,7 @@ impl Errors<'_> {
                     template,
                 })
             }
-            _ => {
+            InjectKind::Query => {
                 let name = raw.name.clone().unwrap_or_default();
                 if name.is_empty() || name.contains(['&', '=', '#', ' ']) {
                     self.push(&at("name"), "inject type `query` needs a parameter `name`");
@@ -770,6 +750,54 @@ impl Errors<'_> {
             }
         }
     }
+}
+
+/// `inject.type`, parsed once; every later decision matches on this, never on the string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InjectKind {
+    Bearer,
+    Basic,
+    Header,
+    Query,
+}
+
+impl InjectKind {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "bearer" => Some(Self::Bearer),
+            "basic" => Some(Self::Basic),
+            "header" => Some(Self::Header),
+            "query" => Some(Self::Query),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Bearer => "bearer",
+            Self::Basic => "basic",
+            Self::Header => "header",
+            Self::Query => "query",
+        }
+    }
+
+    /// The `inject` keys this type reads; any other is an error.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Bearer => &[],
+            Self::Basic => &["username"],
+            Self::Header => &["name", "value"],
+            Self::Query => &["name"],
+        }
+    }
+}
+
+/// An upper-case HTTP method (`GET`, `PATCH`, an extension method like `PROPFIND`).
+fn parse_method(text: &str) -> Option<Method> {
+    let upper = !text.is_empty() && text.bytes().all(|b| b.is_ascii_uppercase());
+    upper
+        .then(|| Method::from_bytes(text.as_bytes()).ok())
+        .flatten()
 }
 
 fn resolve_path(base: &Path, path: &str) -> PathBuf {
@@ -819,4 +847,71 @@ pub fn parse_host_pattern(text: &str) -> Option<HostPattern> {
         return None;
     }
     Host::parse(&text).ok().map(HostPattern::Exact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASTED: &str = "sk-pasted-9f8e7d";
+
+    #[test]
+    fn every_rejected_value_is_reported_once_and_never_echoed() {
+        let yaml = format!(
+            "listen: {PASTED}\nca: {{ generate: true }}\nunmatched: {PASTED}\nshutdown_grace: {PASTED}\n\
+             egress: {{ allow_cidrs: [{PASTED}] }}\n\
+             credentials:\n  k: {{ source: {{ env: K }}, refresh_before: {PASTED} }}\n\
+             routes:\n  - host: a.test\n    credential: {PASTED}\n    methods: [GET, {PASTED}]\n    \
+             inject: {{ type: {PASTED} }}\n"
+        );
+        let errors = parse(Path::new("/t/k.yaml"), &yaml).unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "listen",
+            "unmatched",
+            "shutdown_grace",
+            "egress.allow_cidrs[0]",
+            "credentials.k.refresh_before",
+            "routes[0].credential",
+            "routes[0].methods[1]",
+            "routes[0].inject.type",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+        for error in &errors {
+            assert!(!error.to_string().contains(PASTED), "{error}");
+        }
+    }
+
+    #[test]
+    fn route_and_agent_scope_share_the_method_and_prefix_rules() {
+        let yaml = "listen: 127.0.0.1:0\nca: { generate: true }\n\
+             identities: { r: { source: { env: R } } }\n\
+             credentials: { k: { source: { env: K } } }\n\
+             routes:\n  - host: a.test\n    credential: k\n    inject: { type: bearer }\n    \
+             path_prefix: v1\n    methods: [get]\n    agents: { r: { methods: [get], path_prefix: v1 } }\n";
+        let errors = parse(Path::new("/t/k.yaml"), yaml).unwrap_err();
+        let shown: Vec<(String, String)> = errors
+            .iter()
+            .map(|e| (e.path.clone(), e.message.clone()))
+            .collect();
+        let message = |path: &str| {
+            shown
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_else(|| panic!("{path} missing from {shown:?}"))
+        };
+        assert_eq!(
+            message("routes[0].methods[0]"),
+            message("routes[0].agents.r.methods[0]")
+        );
+        assert_eq!(
+            message("routes[0].path_prefix"),
+            message("routes[0].agents.r.path_prefix")
+        );
+    }
 }

@@ -21,7 +21,7 @@ use crate::telemetry::{Metrics, ObservedVersion};
 use crate::upstream::Upstream;
 
 pub use source::{fetch, read_local};
-pub use value::{normalize, parse_value, Fetched, SourceError};
+pub use value::{Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
 #[derive(Debug)]

@@ -518,3 +518,90 @@ routes:
 
 pub const EXAMPLE_SECRET: &str = "ex-secret-7f3a9c";
 pub const OTHER_SECRET: &str = "other-secret-41bd";
+
+/// A config below `listen`/`admin`/`ca`, built from values instead of `format!`ed YAML:
+/// `TestConfig::new().trust(&ca).pin("api.example.test:443", addr).credential_file("key")
+/// .bearer_route("api.example.test", "key").yaml()`. Each section is a JSON value, so a test
+/// names only the keys it cares about and YAML quoting is never the test's problem.
+#[derive(Default)]
+pub struct TestConfig {
+    top: serde_json::Map<String, serde_json::Value>,
+    credentials: serde_json::Map<String, serde_json::Value>,
+    pub routes: Vec<serde_json::Value>,
+}
+
+impl TestConfig {
+    pub fn new() -> Self {
+        let mut config = Self::default();
+        config.set("unmatched", serde_json::json!("deny"));
+        config
+    }
+
+    /// Any top-level key (`breaker`, `reload`, `identities`, ...).
+    pub fn set(&mut self, key: &str, value: serde_json::Value) -> &mut Self {
+        self.top.insert(key.to_string(), value);
+        self
+    }
+
+    /// Trust `ca` (a PEM file) for upstream TLS, in addition to the system roots.
+    pub fn trust(&mut self, ca: &Path) -> &mut Self {
+        let roots = serde_json::json!({ "extra_roots": [ca.display().to_string()] });
+        self.set("upstream_tls", roots)
+    }
+
+    /// Dial `address` for `host_port` (a `resolve:` pin).
+    pub fn pin(&mut self, host_port: &str, address: SocketAddr) -> &mut Self {
+        let pins = self
+            .top
+            .entry("resolve")
+            .or_insert_with(|| serde_json::json!({}));
+        pins[host_port] = serde_json::json!(address.to_string());
+        self
+    }
+
+    /// A credential read from `./secrets/NAME`, with any extra keys (`rate_limit`, ...).
+    pub fn credential_file(&mut self, name: &str, extra: serde_json::Value) -> &mut Self {
+        let mut credential =
+            serde_json::json!({ "source": { "file": format!("./secrets/{name}") } });
+        merge(&mut credential, extra);
+        self.credentials.insert(name.to_string(), credential);
+        self
+    }
+
+    /// A route stamping `credential` as a bearer token on `host`, with any extra keys.
+    pub fn bearer_route(
+        &mut self,
+        host: &str,
+        credential: &str,
+        extra: serde_json::Value,
+    ) -> &mut Self {
+        let mut route = serde_json::json!({
+            "host": host,
+            "credential": credential,
+            "inject": { "type": "bearer" },
+        });
+        merge(&mut route, extra);
+        self.routes.push(route);
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        let mut document = serde_json::Value::Object(self.top.clone());
+        document["credentials"] = serde_json::Value::Object(self.credentials.clone());
+        document["routes"] = serde_json::Value::Array(self.routes.clone());
+        serde_norway::to_string(&document).unwrap()
+    }
+}
+
+/// Adds `extra`'s keys to `value` (both JSON objects).
+fn merge(value: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(target), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
+        target.extend(extra);
+    }
+}
+
+/// Sleeps out a `Retry-After` keystamp sent (whole seconds), plus a little for the clock.
+pub async fn wait_out(retry_after: Option<&str>) {
+    let seconds: u64 = retry_after.expect("a Retry-After header").parse().unwrap();
+    tokio::time::sleep(Duration::from_secs(seconds) + Duration::from_millis(50)).await;
+}
