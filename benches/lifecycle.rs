@@ -87,6 +87,7 @@ fn main() {
         Upstream::new(
             Dialer::fixed(Default::default()),
             rustls::RootCertStore::empty(),
+            std::time::Duration::from_secs(300),
         )
         .expect("upstream")
     });

@@ -15,6 +15,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{full, ProxyBody};
+use crate::config::SourceSpec;
+use crate::credentials::read_local;
+use crate::proxy::accept_next;
 use crate::state::SharedState;
 use crate::telemetry::Metrics;
 use crate::time::format_rfc3339;
@@ -38,17 +41,13 @@ pub struct Admin {
     pub readiness: Arc<Readiness>,
     pub state: Arc<SharedState>,
     pub metrics: Arc<Metrics>,
+    /// Where the bearer token for the POST endpoints comes from; read at each POST, so a
+    /// rotated token file takes effect at once. `None`: the POSTs are open (loopback only!).
+    pub token: Option<SourceSpec>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            () = shutdown.cancelled() => break,
-        };
+    while let Some(stream) = accept_next(&listener, &shutdown).await {
         let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
@@ -83,7 +82,12 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
             "application/json",
             status_json(&admin.state).to_string(),
         ),
-        (&Method::POST, path) if path.starts_with("/breakers/") => breaker_action(admin, path),
+        (&Method::POST, path) if path.starts_with("/breakers/") => {
+            match authorized(admin, request) {
+                Ok(()) => breaker_action(admin, path),
+                Err(refusal) => refusal,
+            }
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -96,6 +100,44 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// With an `admin_token`, a POST must carry `Authorization: Bearer <token>`: an agent in the pod
+/// must not be able to undo an operator's kill switch.
+fn authorized(
+    admin: &Admin,
+    request: &Request<Incoming>,
+) -> Result<(), (StatusCode, &'static str, String)> {
+    let Some(source) = &admin.token else {
+        return Ok(());
+    };
+    let expected = match read_local(source) {
+        Some(Ok(fetched)) => fetched.secret,
+        _ => {
+            tracing::warn!("admin token unreadable; refusing admin POSTs");
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "the admin token cannot be read\n".into(),
+            ));
+        }
+    };
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if expected.matches(token) => Ok(()),
+        _ => {
+            tracing::warn!("admin POST refused: missing or wrong token");
+            Err((
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                "this endpoint needs Authorization: Bearer <admin token>\n".into(),
+            ))
+        }
+    }
 }
 
 /// `POST /breakers/NAME/open` (a leaked key: nothing goes out with it until it is rotated or

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Readiness};
 use crate::config::{CaOrigin, Config};
-use crate::proxy::{self, ProxyState};
+use crate::proxy::{self, ConnectionCap, ProxyState};
 use crate::reload::{ReloadContext, ReloadHandle, Reloader};
 use crate::state::{SharedState, Snapshot};
 use crate::telemetry::{AuditLog, Metrics, Telemetry};
@@ -47,8 +47,9 @@ impl App {
         // The dialer reads pins and egress policy from the published snapshot on every dial.
         let shared = Arc::new(SharedState::new(Snapshot::before_first_load(&config)));
         let upstream = Upstream::new(
-            Dialer::new(shared.clone()),
+            Dialer::new(shared.clone(), config.timeouts.connect),
             upstream_roots(&config.extra_roots),
+            config.timeouts.response_head,
         )
         .context("building the upstream TLS client")?;
         let shutdown = CancellationToken::new();
@@ -79,6 +80,8 @@ impl App {
             replay_body_limit: config.reload.replay_body_limit,
             shutdown,
             tasks: TaskTracker::new(),
+            timeouts: config.timeouts,
+            connections: ConnectionCap::new(config.max_connections, metrics.clone()),
         });
 
         let listener = TcpListener::bind(config.listen)
@@ -96,6 +99,7 @@ impl App {
                     readiness: readiness.clone(),
                     state: shared.clone(),
                     metrics: metrics.clone(),
+                    token: config.admin_token.clone(),
                 };
                 tokio::spawn(admin::serve(
                     admin_listener,

@@ -18,6 +18,18 @@ pub fn empty() -> ProxyBody {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
+/// A failure reading the agent's request body (a bad chunk size, oversized chunk extensions or
+/// trailers, an early end): the agent's fault, never to be blamed on the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent's request body could not be read: {0}")]
+pub struct AgentBodyError(#[source] hyper::Error);
+
+/// Streams an agent's request body through as it arrives; its errors are [`AgentBodyError`]s.
+pub fn from_agent(body: hyper::body::Incoming) -> ProxyBody {
+    body.map_err(|error| -> BoxError { Box::new(AgentBodyError(error)) })
+        .boxed_unsync()
+}
+
 /// Streams a hyper body through as it arrives.
 pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
     body.map_err(|error| -> BoxError { Box::new(error) })

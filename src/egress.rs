@@ -71,11 +71,33 @@ impl EgressPolicy {
     }
 }
 
-/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
+/// An IPv6 address that carries an IPv4 address is judged as that IPv4 address: mapped
+/// (`::ffff:a.b.c.d`), compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`, where
+/// `64:ff9b::a9fe:a9fe` reaches the metadata address on an IPv6-only cluster) and 6to4
+/// (`2002:AABB:CCDD::/48`).
 fn canonical(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        v4 => v4,
+    let IpAddr::V6(v6) = address else {
+        return address;
+    };
+    let segments = v6.segments();
+    let low_v4 = || {
+        let bits = u128::from(v6) as u32;
+        IpAddr::V4(Ipv4Addr::from(bits))
+    };
+    if let Some(mapped) = v6.to_ipv4_mapped() {
+        return IpAddr::V4(mapped);
+    }
+    match segments {
+        // IPv4-compatible (deprecated), but not :: or ::1 themselves.
+        [0, 0, 0, 0, 0, 0, high, _] if high != 0 => low_v4(),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => low_v4(),
+        [0x2002, a, b, ..] => IpAddr::V4(Ipv4Addr::new(
+            (a >> 8) as u8,
+            a as u8,
+            (b >> 8) as u8,
+            b as u8,
+        )),
+        _ => address,
     }
 }
 
@@ -98,11 +120,15 @@ fn is_internal_v4(address: Ipv4Addr) -> bool {
 }
 
 fn is_internal_v6(address: Ipv6Addr) -> bool {
-    let first = address.segments()[0];
+    let [first, second, third, ..] = address.segments();
     address.is_loopback()
         || address.is_unspecified()
         || (first & 0xfe00) == 0xfc00 // unique local, fc00::/7
         || (first & 0xffc0) == 0xfe80 // link local, fe80::/10
+        || (first & 0xffc0) == 0xfec0 // site local (deprecated), fec0::/10
+        || (first & 0xff00) == 0xff00 // multicast
+        || (first, second, third) == (0x64, 0xff9b, 1) // local-use NAT64, 64:ff9b:1::/48
+        || (first, second) == (0x2001, 0) // Teredo: the IPv4 inside is obfuscated
 }
 
 #[cfg(test)]
@@ -129,10 +155,27 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::1",
+            "::169.254.169.254",
+            "::127.0.0.1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378::1",
+            "fec0::1",
+            "ff02::1",
         ] {
             assert!(!policy.permits(ip(refused)), "{refused}");
         }
-        for permitted in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "172.32.0.1"] {
+        for permitted in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700::1111",
+            "172.32.0.1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
             assert!(policy.permits(ip(permitted)), "{permitted}");
         }
         let policy = EgressPolicy {

@@ -56,6 +56,18 @@ pub enum ProxyError {
     UpstreamTls,
     #[error("could not connect to the upstream: {0}")]
     UpstreamConnect(String),
+    #[error("the upstream sent no response head in time")]
+    UpstreamTimeout,
+    #[error(
+        "keystamp never forwards {0} to a routed host: the upstream could reflect the credential"
+    )]
+    MethodRefused(&'static str),
+    #[error("this route stamps its credential only over TLS; use an https:// URL")]
+    TlsRequired,
+    #[error("only the chunked transfer coding is supported")]
+    TransferCodingUnsupported,
+    #[error("too many agent connections; try again shortly")]
+    TooManyConnections,
     #[error("the upstream connection failed before a response arrived")]
     UpstreamFailed,
     #[error("the destination resolves to an internal address that egress policy does not allow")]
@@ -84,6 +96,11 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UpstreamTls => "upstream_tls",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::MethodRefused(_) => "method_not_allowed",
+            ProxyError::TlsRequired => "tls_required",
+            ProxyError::TransferCodingUnsupported => "transfer_coding_unsupported",
+            ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::HostMismatch => "host_mismatch",
             ProxyError::EgressDenied => "egress_denied",
@@ -99,7 +116,12 @@ impl ProxyError {
             ProxyError::UnmatchedDenied
             | ProxyError::RouteDenied
             | ProxyError::EgressDenied
-            | ProxyError::ScopeDenied => StatusCode::FORBIDDEN,
+            | ProxyError::ScopeDenied
+            | ProxyError::TlsRequired => StatusCode::FORBIDDEN,
+            ProxyError::MethodRefused(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::TransferCodingUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::IdentityRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             ProxyError::CredentialUnavailable { .. }
             | ProxyError::CredentialExpired { .. }
@@ -122,14 +144,19 @@ impl ProxyError {
             | ProxyError::IdentityRequired
             | ProxyError::ScopeDenied
             | ProxyError::HostMismatch
+            | ProxyError::MethodRefused(_)
+            | ProxyError::TlsRequired
+            | ProxyError::TransferCodingUnsupported
             | ProxyError::BadRequest(_) => Side::Agent,
             ProxyError::UpstreamTls
             | ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamFailed => Side::Upstream,
             ProxyError::CredentialUnavailable { .. }
             | ProxyError::CredentialExpired { .. }
             | ProxyError::CircuitOpen { .. }
             | ProxyError::RateLimited { .. }
+            | ProxyError::TooManyConnections
             | ProxyError::Internal(_) => Side::Keystamp,
         }
     }

@@ -97,18 +97,10 @@ impl IdentityTable {
             .tokens
             .get_key_value(name)
             .ok_or(IdentityError::Invalid)?;
-        if constant_time_eq(expected.expose().as_bytes(), token.as_bytes()) {
+        if expected.matches(token) {
             Ok(Some(agent.clone()))
         } else {
             Err(IdentityError::Invalid)
         }
     }
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

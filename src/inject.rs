@@ -30,10 +30,18 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Whether a request asks for a protocol switch (WebSocket) that must keep `Connection: upgrade`.
+/// Whether a request asks for a WebSocket upgrade, the one protocol switch keystamp honours:
+/// after a 101 the connection is spliced, so any other `Upgrade` (h2c, say) would let later
+/// requests on it skip every check. Anything else has its `Upgrade` stripped.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (upgrades.next(), upgrades.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    };
+    websocket && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
@@ -115,6 +123,29 @@ pub fn stamp(
     Ok(())
 }
 
+/// What replaces a stamped value found in a response header.
+const REDACTED: &str = "[redacted by keystamp]";
+
+/// Values shorter than this are not searched for: a 3-character secret would match ordinary
+/// header text and mangle it, and is no secret worth the name.
+const MIN_REDACTED_LEN: usize = 8;
+
+/// Replaces every occurrence of `secret` in the response's header values.
+pub fn redact_echoes(headers: &mut HeaderMap, secret: &Secret) {
+    let needle = secret.expose();
+    if needle.len() < MIN_REDACTED_LEN {
+        return;
+    }
+    for value in headers.values_mut() {
+        let Some(text) = value.to_str().ok().filter(|text| text.contains(needle)) else {
+            continue;
+        };
+        if let Ok(clean) = HeaderValue::try_from(text.replace(needle, REDACTED)) {
+            *value = clean;
+        }
+    }
+}
+
 fn sensitive(text: String) -> Result<HeaderValue, StampError> {
     let mut value = HeaderValue::try_from(text).map_err(|_| StampError::InvalidHeaderValue)?;
     value.set_sensitive(true);
@@ -191,9 +222,36 @@ mod tests {
         );
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(wants_upgrade(&headers));
+        let mut h2c = headers.clone();
+        h2c.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!wants_upgrade(&h2c));
+        let mut both = headers.clone();
+        both.insert(header::UPGRADE, HeaderValue::from_static("websocket, h2c"));
+        assert!(!wants_upgrade(&both));
         strip_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::CONNECTION], "upgrade");
         assert_eq!(headers[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted_from_response_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-debug",
+            HeaderValue::from_static("got Bearer sk-live-123456 ok"),
+        );
+        headers.append("x-debug", HeaderValue::from_static("sk-live-123456"));
+        headers.insert("x-other", HeaderValue::from_static("fine"));
+        redact_echoes(&mut headers, &Secret::new("sk-live-123456"));
+        let all: Vec<_> = headers.get_all("x-debug").iter().collect();
+        assert_eq!(
+            all,
+            [
+                "got Bearer [redacted by keystamp] ok",
+                "[redacted by keystamp]"
+            ]
+        );
+        assert_eq!(headers["x-other"], "fine");
     }
 
     #[test]

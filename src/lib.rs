@@ -18,6 +18,7 @@ mod host;
 mod identity;
 mod inject;
 mod limits;
+mod path;
 mod proxy;
 mod reload;
 mod routes;

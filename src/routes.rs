@@ -9,6 +9,7 @@ use http::Method;
 
 use crate::config::{HostPattern, Injection, RouteSpec};
 use crate::host::Host;
+use crate::path;
 
 /// A route as the request path uses it.
 #[derive(Debug)]
@@ -23,6 +24,7 @@ pub struct Route {
     pub respect_retry_after: bool,
     pub auth_failure_markers: Vec<String>,
     pub agents: Option<std::collections::BTreeMap<String, crate::config::AgentScope>>,
+    pub tls_only: bool,
 }
 
 /// The outcome of looking a request up.
@@ -58,6 +60,7 @@ impl RouteTable {
                 respect_retry_after: spec.respect_retry_after,
                 auth_failure_markers: spec.auth_failure_markers.clone(),
                 agents: spec.agents.clone(),
+                tls_only: spec.tls_only,
             });
             let bucket = match &spec.host {
                 HostPattern::Exact(host) => table.exact.entry(host.clone()).or_default(),
@@ -131,7 +134,7 @@ impl Route {
             && scope
                 .path_prefix
                 .as_ref()
-                .is_none_or(|prefix| path.starts_with(prefix.as_str()))
+                .is_none_or(|prefix| path::is_under(prefix, path))
     }
 
     fn allows(&self, path: &str, method: &Method) -> bool {
@@ -142,23 +145,9 @@ impl Route {
         }
         match &self.path_prefix {
             None => true,
-            // A prefix only holds on a path the upstream cannot reinterpret as another one.
-            Some(prefix) => path.starts_with(prefix.as_str()) && !has_ambiguous_segments(path),
+            Some(prefix) => path::is_under(prefix, path),
         }
     }
-}
-
-/// Dot segments and encoded separators let `/v1/../admin` pass a `/v1/` prefix check.
-fn has_ambiguous_segments(path: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or(path);
-    let lower = path.to_ascii_lowercase();
-    lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\')
-        || path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
 }
 
 #[cfg(test)]

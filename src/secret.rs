@@ -19,6 +19,13 @@ impl Secret {
         &self.0
     }
 
+    /// Whether `presented` is this value, compared without an early exit so timing does not
+    /// reveal how much of a token matched.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
     /// A short, non-reversible identifier of this value: the first 12 hex digits of a
     /// domain-separated SHA-256. Safe for logs, metrics and `/status`.
     pub fn fingerprint(&self) -> String {

@@ -19,9 +19,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::host::Host;
 
-/// How long a minted leaf is valid, and when the cache mints a fresh one.
-const LEAF_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// When the cache mints a fresh leaf, and how long a leaf is valid: no longer than the cache
+/// needs it plus an hour, so a leaf that leaks out of memory is worth little.
 const LEAF_REMINT_AFTER: Duration = Duration::from_secs(24 * 3600);
+const LEAF_LIFETIME: Duration = Duration::from_secs(25 * 3600);
 /// Certificates are backdated this much to tolerate clock skew between agent and proxy.
 const BACKDATE: Duration = Duration::from_secs(3600);
 const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -23,14 +23,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::body::ProxyBody;
+use crate::body::{AgentBodyError, ProxyBody};
 use crate::config::Config;
 use crate::egress::EgressPolicy;
 use crate::error::ProxyError;
 use crate::host::Host;
 use crate::tls::{upstream_client_config, TlsError, ALPN_H2, ALPN_HTTP11};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `resolve:` pins: (host, port) -> address to dial instead of resolving.
@@ -81,6 +80,8 @@ impl DialRulesSource for FixedRules {
 #[derive(Clone)]
 pub struct Dialer {
     rules: Arc<dyn DialRulesSource>,
+    /// DNS and TCP, and for upstream requests the TLS handshake too.
+    connect_timeout: Duration,
 }
 
 /// What the dialer follows; replaced whole on a config reload.
@@ -100,16 +101,26 @@ impl DialRules {
 }
 
 impl Dialer {
-    pub fn new(rules: Arc<dyn DialRulesSource>) -> Self {
-        Self { rules }
+    pub fn new(rules: Arc<dyn DialRulesSource>, connect_timeout: Duration) -> Self {
+        Self {
+            rules,
+            connect_timeout,
+        }
     }
 
     /// A dialer whose rules never change.
     pub fn fixed(rules: DialRules) -> Self {
-        Self::new(Arc::new(FixedRules(Arc::new(rules))))
+        let connect_timeout = crate::config::Timeouts::default().connect;
+        Self::new(Arc::new(FixedRules(Arc::new(rules))), connect_timeout)
     }
 
     pub async fn dial(&self, host: &Host, port: u16) -> Result<TcpStream, ConnectError> {
+        tokio::time::timeout(self.connect_timeout, self.dial_untimed(host, port))
+            .await
+            .unwrap_or(Err(ConnectError::Timeout))
+    }
+
+    async fn dial_untimed(&self, host: &Host, port: u16) -> Result<TcpStream, ConnectError> {
         let rules = self.rules.dial_rules();
         let pinned = rules.pins.get(&(host.clone(), port)).copied();
         let addresses: Vec<SocketAddr> = match pinned {
@@ -134,13 +145,12 @@ impl Dialer {
         };
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no addresses");
         for address in addresses {
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
-                Ok(Ok(stream)) => {
+            match TcpStream::connect(address).await {
+                Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);
                 }
-                Ok(Err(error)) => last = error,
-                Err(_) => return Err(ConnectError::Timeout),
+                Err(error) => last = error,
             }
         }
         Err(ConnectError::Connect(last))
@@ -247,7 +257,12 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                 .ok_or(ConnectError::NoHost)?;
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let tcp = this.dialer.dial(&host, port).await?;
+            // One deadline for DNS, TCP and TLS: an upstream that accepts and then stalls the
+            // handshake must not hold the agent's request.
+            let deadline = tokio::time::Instant::now() + this.dialer.connect_timeout;
+            let tcp = tokio::time::timeout_at(deadline, this.dialer.dial_untimed(&host, port))
+                .await
+                .unwrap_or(Err(ConnectError::Timeout))?;
             if !https {
                 return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
             }
@@ -257,10 +272,14 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     "invalid server name",
                 ))
             })?;
-            let tls = this
-                .tls
-                .connect(name, tcp)
+            let tls = tokio::time::timeout_at(deadline, this.tls.connect(name, tcp))
                 .await
+                .map_err(|_| {
+                    ConnectError::Tls(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    ))
+                })?
                 .map_err(ConnectError::Tls)?;
             Ok(TokioIo::new(UpstreamStream::Tls(Box::new(tls))))
         })
@@ -278,10 +297,16 @@ pub struct Upstream {
     auto: Client<UpstreamConnector, ProxyBody>,
     http1: Client<UpstreamConnector, ProxyBody>,
     dialer: Dialer,
+    /// From sending a request to its status line (the upload included; never the body after).
+    response_head_timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(dialer: Dialer, roots: RootCertStore) -> Result<Self, TlsError> {
+    pub fn new(
+        dialer: Dialer,
+        roots: RootCertStore,
+        response_head_timeout: Duration,
+    ) -> Result<Self, TlsError> {
         let auto = upstream_client_config(roots.clone(), &[ALPN_H2, ALPN_HTTP11])?;
         let http1 = upstream_client_config(roots, &[ALPN_HTTP11])?;
         Ok(Self {
@@ -294,6 +319,7 @@ impl Upstream {
                 tls: TlsConnector::from(http1),
             }),
             dialer,
+            response_head_timeout,
         })
     }
 
@@ -311,7 +337,10 @@ impl Upstream {
             UpstreamProtocol::PreferH2 => &self.auto,
             UpstreamProtocol::Http1 => &self.http1,
         };
-        client.request(request).await.map_err(classify)
+        tokio::time::timeout(self.response_head_timeout, client.request(request))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout)?
+            .map_err(classify)
     }
 }
 
@@ -330,6 +359,10 @@ fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
         if let Some(connect) = current.downcast_ref::<ConnectError>() {
             tracing::debug!(error = %connect, "upstream connect failed");
             return connect_error(connect);
+        }
+        if let Some(agent) = current.downcast_ref::<AgentBodyError>() {
+            tracing::debug!(error = %agent, "the agent's request body failed mid-stream");
+            return ProxyError::BadRequest("the request body is malformed or ended early");
         }
         source = current.source();
     }

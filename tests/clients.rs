@@ -52,7 +52,10 @@ async fn agents() -> Agents {
         "resolve:\n",
         &format!("resolve:\n  plain.test:80: {}\n", plain.addr),
     );
-    yaml.push_str("  - host: plain.test\n    credential: example\n    inject: { type: bearer }\n");
+    // Plain http:// is stamped only on a route that opts out of tls_only.
+    yaml.push_str(
+        "  - host: plain.test\n    credential: example\n    inject: { type: bearer }\n    tls_only: false\n",
+    );
     let keystamp = TestKeystamp::start(
         &yaml,
         &[("example", EXAMPLE_SECRET), ("other", OTHER_SECRET)],

@@ -328,7 +328,7 @@ async fn plain_http_routes_are_stamped_and_https_absolute_form_goes_over_tls() {
     let yaml = format!(
         "unmatched: deny\nupstream_tls: {{ extra_roots: [{}] }}\nresolve:\n  plain.test:80: {}\n  api.example.test:443: {}\n\
          credentials:\n  example: {{ source: {{ file: ./secrets/example }} }}\n\
-         routes:\n  - {{ host: plain.test, credential: example, inject: {{ type: bearer }} }}\n  - {{ host: api.example.test, credential: example, inject: {{ type: bearer }} }}\n",
+         routes:\n  - {{ host: plain.test, credential: example, inject: {{ type: bearer }}, tls_only: false }}\n  - {{ host: api.example.test, credential: example, inject: {{ type: bearer }} }}\n",
         ca_path.display(),
         plain_upstream.addr,
         tls_upstream.addr

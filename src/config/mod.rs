@@ -36,6 +36,32 @@ pub struct Config {
     /// Agent name -> where its proxy token comes from (file or env).
     pub identities: BTreeMap<String, IdentitySpec>,
     pub require_identity: bool,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+    /// The bearer token the admin listener's POST endpoints require, when set.
+    pub admin_token: Option<SourceSpec>,
+}
+
+/// How long each side may hold keystamp waiting. Read at start; a reload does not change them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub request_head: Duration,
+    pub idle: Duration,
+    pub connect: Duration,
+    pub response_head: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            request_head: Duration::from_secs(30),
+            idle: Duration::from_secs(300),
+            connect: Duration::from_secs(10),
+            response_head: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +220,8 @@ pub struct RouteSpec {
     pub auth_failure_markers: Vec<String>,
     /// `None`: any agent (or none). `Some`: only these agents, each within its scope.
     pub agents: Option<BTreeMap<String, AgentScope>>,
+    /// Stamp only requests that arrived over TLS.
+    pub tls_only: bool,
 }
 
 /// One agent's identity: where its proxy token comes from, and its own rate limit.

@@ -39,6 +39,35 @@ pub struct RawConfig {
     pub identities: BTreeMap<String, RawIdentity>,
     #[serde(default)]
     pub require_identity: bool,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    /// Agent connections served at once; more are refused with a 503 and counted.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// A token (file or env source) the admin listener's POST endpoints require as a bearer.
+    #[serde(default)]
+    pub admin_token: Option<RawSource>,
+}
+
+/// How long each side may hold keystamp waiting.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    /// From a CONNECT's 200 to the agent's TLS handshake done (or first plain byte).
+    #[serde(default)]
+    pub handshake: Option<String>,
+    /// An agent's request head, HTTP/1.1.
+    #[serde(default)]
+    pub request_head: Option<String>,
+    /// An agent connection with no request in flight.
+    #[serde(default)]
+    pub idle: Option<String>,
+    /// Upstream DNS, TCP and TLS together.
+    #[serde(default)]
+    pub connect: Option<String>,
+    /// From sending a request upstream to its status line.
+    #[serde(default)]
+    pub response_head: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +245,9 @@ pub struct RawRoute {
     /// Only these agents may use the route, each optionally narrowed further.
     #[serde(default)]
     pub agents: Option<BTreeMap<String, RawAgentScope>>,
+    /// Stamp only requests that arrived over TLS (default true); `false` opts into plain HTTP.
+    #[serde(default)]
+    pub tls_only: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

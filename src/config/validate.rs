@@ -13,12 +13,12 @@ use crate::host::Host;
 use super::locate::{locate, parse_path};
 use super::raw::{
     RawBreaker, RawCa, RawConfig, RawCredential, RawIdentity, RawInject, RawRateLimit, RawReload,
-    RawRoute, RawSource,
+    RawRoute, RawSource, RawTimeouts,
 };
 use super::{
     AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
     CredentialSpec, HostPattern, IdentitySpec, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig,
-    RouteSpec, SourceSpec, Unmatched, ValueFormat,
+    RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -27,6 +27,7 @@ const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
+const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// Headers keystamp manages itself; a route may not inject into them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -224,7 +225,29 @@ impl Errors<'_> {
                 "no `identities` are defined, so every request would be refused",
             );
         }
+        let timeouts = self.timeouts(&raw.timeouts);
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            self.push("max_connections", "must be at least 1");
+        }
+        let admin_token = match &raw.admin_token {
+            None => None,
+            Some(source) => match self.source("admin_token", source, base) {
+                Some(spec @ (SourceSpec::File { .. } | SourceSpec::Env { .. })) => Some(spec),
+                Some(_) => {
+                    self.push(
+                        "admin_token",
+                        "the admin token takes a `file` or `env` source",
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
         Some(Config {
+            timeouts,
+            max_connections: max_connections.max(1),
+            admin_token,
             audit,
             per_request_metrics: raw.metrics.per_request.unwrap_or(true),
             identities,
@@ -545,6 +568,28 @@ impl Errors<'_> {
         })))
     }
 
+    fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
+        let defaults = Timeouts::default();
+        let mut read = |key: &str, text: &Option<String>, default: Duration| match text.as_deref() {
+            None => default,
+            Some(text) => match self.duration(&format!("timeouts.{key}"), text) {
+                Some(duration) if duration.is_zero() => {
+                    self.push(&format!("timeouts.{key}"), "must be more than zero");
+                    default
+                }
+                Some(duration) => duration,
+                None => default,
+            },
+        };
+        Timeouts {
+            handshake: read("handshake", &raw.handshake, defaults.handshake),
+            request_head: read("request_head", &raw.request_head, defaults.request_head),
+            idle: read("idle", &raw.idle, defaults.idle),
+            connect: read("connect", &raw.connect, defaults.connect),
+            response_head: read("response_head", &raw.response_head, defaults.response_head),
+        }
+    }
+
     fn reload(&mut self, raw: &RawReload) -> ReloadConfig {
         let resync_every = raw
             .resync_every
@@ -648,6 +693,7 @@ impl Errors<'_> {
             respect_retry_after: raw.respect_retry_after,
             auth_failure_markers: raw.auth_failure_markers.clone(),
             agents,
+            tls_only: raw.tls_only.unwrap_or(true),
         })
     }
 

@@ -138,6 +138,7 @@ impl Credential {
         let breaker = Arc::new(Breaker::new(name.clone(), spec.breaker, metrics.clone()));
         let limits = Arc::new(Limits::new(spec.rate_limit));
         let reload_counters = Arc::new(ReloadCounters::new(&name, metrics));
+        metrics.define_credential(&name);
         Credential {
             name,
             spec,

@@ -15,11 +15,17 @@ use crate::body::{self, ProxyBody};
 use crate::config::Unmatched;
 use crate::error::ProxyError;
 use crate::host::Host;
+use crate::proxy::conn::{serve_until_done, IdleWatch};
 use crate::proxy::pipeline::{self, Origin};
 use crate::proxy::sniff::sniff_tls;
-use crate::proxy::{serve_until_shutdown, ProxyState, HEADER_READ_TIMEOUT};
+use crate::proxy::sniff::Prefixed;
+use crate::proxy::{until_body_ends, ProxyState};
 use crate::time::format_rfc3339;
 use crate::upstream::connect_error;
+
+/// How often an idle h2 agent connection is pinged, and how long a ping may go unanswered.
+const H2_PING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+const H2_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// What keystamp does with a CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,10 +43,12 @@ pub async fn handle(
     let Some(authority) = request.uri().authority() else {
         return ProxyError::BadRequest("CONNECT needs host:port").into_response();
     };
-    let Ok(host) = Host::parse(authority.host()) else {
-        return ProxyError::BadRequest("CONNECT needs host:port").into_response();
+    // A port out of range is refused, never quietly taken for 443.
+    let Ok((host, port)) = Host::parse_authority(authority.as_str()) else {
+        return ProxyError::BadRequest("CONNECT needs host:port with a port from 1 to 65535")
+            .into_response();
     };
-    let port = authority.port_u16().unwrap_or(443);
+    let port = port.unwrap_or(443);
     let decision = decide(&state, &host);
     tracing::debug!(%host, port, ?decision, "CONNECT");
     state
@@ -193,68 +201,93 @@ async fn intercept(
             return;
         }
     };
-    let (is_tls, stream) = match sniff_tls(TokioIo::new(upgraded)).await {
-        Ok(sniffed) => sniffed,
-        Err(error) => {
-            tracing::debug!(%host, %error, "tunnel closed before any byte");
+    // The sniff, the ClientHello and the handshake share one deadline: a connection that sends
+    // three bytes of a hello must not hold a descriptor forever.
+    let handshake = open_agent_side(&state, &host, TokioIo::new(upgraded));
+    let opened = match tokio::time::timeout(state.timeouts.handshake, handshake).await {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return,
+        Err(_) => {
+            count_agent_handshake_error(&state);
+            tracing::debug!(%host, "agent TLS handshake timed out");
             return;
         }
     };
+    let origin = |tls| Origin::Intercepted {
+        host: host.clone(),
+        port,
+        tls,
+        agent: agent.clone(),
+    };
+    match opened {
+        // Plain HTTP inside the tunnel (undici tunnels http:// URLs): served all the same.
+        AgentSide::Plain(stream) => serve_intercepted(state, origin(false), stream).await,
+        AgentSide::Tls(tls) => serve_intercepted(state.clone(), origin(true), *tls).await,
+    }
+}
+
+/// The agent's side of an intercepted tunnel once its first bytes are in.
+enum AgentSide<S> {
+    Plain(Prefixed<S>),
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<S>>>),
+}
+
+/// Sniffs the first byte and, for TLS, completes the handshake with a leaf for the CONNECT
+/// host. A ClientHello naming another host is refused: a leaf is only ever minted for the host
+/// the CONNECT named (and was routed by). `None`: the connection is done.
+async fn open_agent_side<S>(state: &ProxyState, host: &Host, stream: S) -> Option<AgentSide<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (is_tls, stream) = match sniff_tls(stream).await {
+        Ok(sniffed) => sniffed,
+        Err(error) => {
+            tracing::debug!(%host, %error, "tunnel closed before any byte");
+            return None;
+        }
+    };
     if !is_tls {
-        // Plain HTTP inside the tunnel (undici tunnels http:// URLs): stamp it all the same.
-        let origin = Origin::Intercepted {
-            host,
-            port,
-            tls: false,
-            agent,
-        };
-        serve_intercepted(state, origin, stream).await;
-        return;
+        return Some(AgentSide::Plain(stream));
     }
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
     let start = match acceptor.await {
         Ok(start) => start,
         Err(error) => {
+            count_agent_handshake_error(state);
             tracing::debug!(%host, %error, "agent TLS hello unreadable");
-            return;
+            return None;
         }
     };
-    let leaf_name = start
-        .client_hello()
-        .server_name()
-        .and_then(|name| Host::parse(name).ok())
-        .unwrap_or_else(|| host.clone());
-    let config = match state.leaves.server_config(&leaf_name) {
+    let named = start.client_hello().server_name().map(Host::parse);
+    if named.is_some_and(|named| named.as_ref() != Ok(host)) {
+        count_agent_handshake_error(state);
+        tracing::debug!(%host, "agent TLS hello names another host than the CONNECT; refused");
+        return None;
+    }
+    let config = match state.leaves.server_config(host) {
         Ok(config) => config,
         Err(error) => {
             tracing::warn!(%host, %error, "could not mint a leaf certificate");
-            return;
+            return None;
         }
     };
-    let tls = match start.into_stream(config).await {
-        Ok(tls) => tls,
+    match start.into_stream(config).await {
+        Ok(tls) => Some(AgentSide::Tls(Box::new(tls))),
         Err(error) => {
-            state
-                .telemetry
-                .metrics
-                .tls_handshake_errors
-                .with_label_values(&["agent"])
-                .inc();
+            count_agent_handshake_error(state);
             tracing::debug!(%host, %error, "agent TLS handshake failed (does the agent trust keystamp's CA?)");
-            return;
+            None
         }
-    };
-    serve_intercepted(
-        state,
-        Origin::Intercepted {
-            host,
-            port,
-            tls: true,
-            agent,
-        },
-        tls,
-    )
-    .await;
+    }
+}
+
+fn count_agent_handshake_error(state: &ProxyState) {
+    state
+        .telemetry
+        .metrics
+        .tls_handshake_errors
+        .with_label_values(&["agent"])
+        .inc();
 }
 
 /// Serves h2 or HTTP/1.1 on the agent's side of an intercepted tunnel.
@@ -263,16 +296,30 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shutdown = state.shutdown.clone();
+    let timeouts = state.timeouts;
+    let idle = IdleWatch::new();
+    let watch = idle.clone();
     let service = service_fn(move |request| {
         let state = state.clone();
         let origin = origin.clone();
-        async move { Ok::<_, std::convert::Infallible>(pipeline::forward(state, origin, request).await) }
+        let in_flight = watch.begin();
+        async move {
+            let response = pipeline::forward(state, origin, request).await;
+            Ok::<_, std::convert::Infallible>(until_body_ends(response, in_flight))
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(timeouts.request_head);
+    // Pings find h2 peers that vanished; the idle watch closes ones that stay but send nothing.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    serve_until_shutdown(connection, shutdown, |c| c.graceful_shutdown()).await;
+    let idle = Some((idle.as_ref(), timeouts.idle));
+    serve_until_done(connection, shutdown, idle, |c| c.graceful_shutdown()).await;
 }

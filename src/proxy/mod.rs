@@ -3,14 +3,12 @@
 //! [`ProxyState`] is what every connection shares: the published snapshot, the leaf cache, the
 //! outbound client, telemetry and the drain signal.
 
+mod conn;
 pub mod connect;
 pub mod pipeline;
 mod sniff;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
@@ -21,16 +19,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::ProxyBody;
+use http_body_util::BodyExt;
+
+use crate::body::{Counted, ProxyBody};
+use crate::config::Timeouts;
 use crate::error::ProxyError;
 use crate::reload::ReloadHandle;
 use crate::state::SharedState;
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::Telemetry;
 use crate::tls::LeafCache;
 use crate::upstream::Upstream;
-
-/// How long an agent may take to send request headers before the connection is dropped.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub use conn::{accept_next, ConnectionCap};
+use conn::{serve_until_done, IdleWatch, InFlight};
 
 /// State shared by every connection.
 pub struct ProxyState {
@@ -47,58 +47,51 @@ pub struct ProxyState {
     pub shutdown: CancellationToken,
     /// Every connection and tunnel task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// How long agents may keep keystamp waiting.
+    pub timeouts: Timeouts,
+    /// The `max_connections` cap.
+    pub connections: ConnectionCap,
 }
 
 /// Accepts agents until shutdown starts.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = state.shutdown.cancelled() => break,
-        };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
-            Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = accept_next(&listener, &state.shutdown).await {
         let _ = stream.set_nodelay(true);
+        let Some(stream) = state.connections.admit(stream) else {
+            tracing::debug!("agent connection refused: max_connections reached");
+            continue;
+        };
         let connection_state = state.clone();
-        let open = OpenConnection::new(&state.telemetry.metrics);
         state.tasks.spawn(async move {
-            let _open = open;
             let shutdown = connection_state.shutdown.clone();
+            let idle = IdleWatch::new();
+            let timeouts = connection_state.timeouts;
+            let watch = idle.clone();
             let service = service_fn(move |request| {
                 let state = connection_state.clone();
-                async move { Ok::<_, std::convert::Infallible>(route_request(state, request).await) }
+                let in_flight = watch.begin();
+                async move {
+                    let response = route_request(state, request).await;
+                    Ok::<_, std::convert::Infallible>(until_body_ends(response, in_flight))
+                }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(timeouts.request_head)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            serve_until_shutdown(connection, shutdown, |c| c.graceful_shutdown()).await;
+            let idle = Some((idle.as_ref(), timeouts.idle));
+            serve_until_done(connection, shutdown, idle, |c| c.graceful_shutdown()).await;
         });
     }
 }
 
-/// Counts an agent connection in `keystamp_connections_open` for as long as it lives.
-struct OpenConnection(prometheus::IntGauge);
-
-impl OpenConnection {
-    fn new(metrics: &Metrics) -> Self {
-        metrics.connections_open.inc();
-        Self(metrics.connections_open.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
+/// Keeps `in_flight` alive until the response body has been sent (or dropped).
+fn until_body_ends(response: Response<ProxyBody>, in_flight: InFlight) -> Response<ProxyBody> {
+    response.map(|body| {
+        let on_end = Box::new(move |_bytes: u64| drop(in_flight));
+        Counted::new(body, None, Some(on_end)).boxed_unsync()
+    })
 }
 
 async fn route_request(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -117,27 +110,4 @@ async fn route_request(state: Arc<ProxyState>, request: Request<Incoming>) -> Re
         return pipeline::forward(state, pipeline::Origin::AbsoluteForm { agent }, request).await;
     }
     ProxyError::BadRequest("keystamp is a proxy: send CONNECT or an absolute URL").into_response()
-}
-
-/// Serves a connection to its end; when shutdown starts, lets in-flight requests finish and
-/// closes it (keep-alive ends, h2 sends GOAWAY).
-pub async fn serve_until_shutdown<C, E>(
-    connection: C,
-    shutdown: CancellationToken,
-    start_draining: impl FnOnce(Pin<&mut C>),
-) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.cancelled() => {
-            start_draining(connection.as_mut());
-            connection.as_mut().await
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(%error, "connection ended with an error");
-    }
 }

@@ -111,6 +111,7 @@ async fn forward_stages(
     mut request: Request<Incoming>,
     record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    screen(&request)?;
     let target = target_of(origin, &request)?;
     let route = choose_route(state, &target, &request, origin.agent(), record)?;
     let stamping = match route {
@@ -191,6 +192,27 @@ impl Drop for Admitted {
     }
 }
 
+/// **screen**: what keystamp never forwards, whatever the host: a transfer coding other than
+/// `chunked` (its bytes would reach the upstream under a plain `chunked`, relabelled).
+fn screen(request: &Request<Incoming>) -> Result<(), ProxyError> {
+    let unsupported = request
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|value| {
+            value.to_str().map_or(true, |value| {
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+            })
+        });
+    if unsupported {
+        return Err(ProxyError::TransferCodingUnsupported);
+    }
+    Ok(())
+}
+
 /// **target**: the host, port and scheme. Inside an intercepted connection the request must
 /// name the CONNECT host (or nothing); anything else is 421 and goes nowhere.
 fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, ProxyError> {
@@ -241,7 +263,9 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
 }
 
 /// **route**: the most specific route for host, path and method, and whether this agent may use
-/// it. `None`: an unrouted host that `unmatched: tunnel` lets through unstamped.
+/// it. A routed host never gets TRACE or TRACK (the upstream would echo the stamped credential
+/// back) and a `tls_only` route never gets a plain-HTTP request. `None`: an unrouted host that
+/// `unmatched: tunnel` lets through unstamped.
 fn choose_route(
     state: &ProxyState,
     target: &Target,
@@ -260,6 +284,12 @@ fn choose_route(
     // Known from here on, whatever keystamp answers: the account names the route and credential.
     record.route = Some(route.name.clone());
     record.credential = Some(route.credential.clone());
+    if let Some(reflecting) = reflecting_method(request.method()) {
+        return Err(ProxyError::MethodRefused(reflecting));
+    }
+    if route.tls_only && !target.https {
+        return Err(ProxyError::TlsRequired);
+    }
     if !route.admits_agent(agent.map(|a| a.as_ref()), path, request.method()) {
         return Err(ProxyError::ScopeDenied);
     }
@@ -271,6 +301,15 @@ fn choose_route(
         credential,
         agent_limits,
     }))
+}
+
+/// Methods that make a server send the request back, headers and all.
+fn reflecting_method(method: &http::Method) -> Option<&'static str> {
+    match method.as_str() {
+        "TRACE" => Some("TRACE"),
+        "TRACK" => Some("TRACK"),
+        _ => None,
+    }
 }
 
 /// **version**: the credential's current version, or 503 when it has none. An expired version
@@ -378,17 +417,19 @@ async fn send(
     protocol: UpstreamProtocol,
 ) -> Result<(Response<Incoming>, Option<Admitted>), ProxyError> {
     let stamp = stamping.map(|s| (s.route.as_ref(), s.version.as_ref()));
+    let version = stamping.map(|s| s.version.as_ref());
     let bytes = match body {
         RequestBody::Streaming(streaming) => {
             let request = unstamped.into_request(stamp, streaming)?;
-            return Ok((state.upstream.send(request, protocol).await?, admitted));
+            let response = state.upstream.send(request, protocol).await?;
+            return Ok((without_echoes(response, version), admitted));
         }
         RequestBody::Replayable(bytes) => bytes,
     };
     let request = unstamped
         .clone()
         .into_request(stamp, body::full(bytes.clone()))?;
-    let response = state.upstream.send(request, protocol).await?;
+    let response = without_echoes(state.upstream.send(request, protocol).await?, version);
     let Some(stamping) = stamping.filter(|_| response.status() == StatusCode::UNAUTHORIZED) else {
         return Ok((response, admitted));
     };
@@ -420,10 +461,23 @@ async fn send(
         Some((stamping.route.as_ref(), newer.as_ref())),
         body::full(bytes),
     )?;
+    let response = state.upstream.send(request, protocol).await?;
     Ok((
-        state.upstream.send(request, protocol).await?,
+        without_echoes(response, Some(newer.as_ref())),
         Some(retry_admission),
     ))
+}
+
+/// An upstream that echoes the stamped value in a response header (a debug endpoint, an
+/// "invalid key sk-..." error) must not hand it to the agent: such values are redacted.
+fn without_echoes(
+    mut response: Response<Incoming>,
+    sent: Option<&CredentialVersion>,
+) -> Response<Incoming> {
+    if let Some(version) = sent {
+        inject::redact_echoes(response.headers_mut(), &version.secret);
+    }
+    response
 }
 
 /// **judge**: what the upstream's answer says about the credential, for the breaker, the
@@ -593,7 +647,7 @@ impl RequestBody {
             .filter(|limit| body.is_end_stream() || declared.is_some_and(|l| l <= *limit as u64));
         let Some(limit) = small else {
             let counter = Some(record.request_bytes.clone());
-            let streaming = Counted::new(body::stream(body), counter, None).boxed_unsync();
+            let streaming = Counted::new(body::from_agent(body), counter, None).boxed_unsync();
             return Ok(Self::Streaming(streaming));
         };
         let bytes = Limited::new(body, limit)

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub connect: IntCounterVec,
     pub tls_handshake_errors: IntCounterVec,
     pub connections_open: IntGauge,
+    pub connections_refused: prometheus::IntCounter,
     pub build_info: IntGaugeVec,
     pub breaker_manual: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -125,6 +126,11 @@ impl Metrics {
         let connections_open =
             IntGauge::new("keystamp_connections_open", "Agent connections open now.")?;
         registry.register(Box::new(connections_open.clone()))?;
+        let connections_refused = prometheus::IntCounter::new(
+            "keystamp_connections_refused_total",
+            "Agent connections refused because max_connections were open.",
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
         let breaker_manual = counter(
             "keystamp_breaker_manual_actions_total",
             "Breakers forced open or closed by an operator through the admin listener.",
@@ -148,6 +154,17 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // Every label set known without a credential starts at zero, so `increase(...) > 0`
+        // alerts see the first event and dashboards show 0 rather than "no data".
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        for side in ["agent", "upstream"] {
+            tls_handshake_errors.with_label_values(&[side]);
+        }
+        for decision in ["intercept", "tunnel", "deny"] {
+            connect.with_label_values(&[decision]);
+        }
         Ok(Self {
             registry,
             requests,
@@ -162,6 +179,7 @@ impl Metrics {
             connect,
             tls_handshake_errors,
             connections_open,
+            connections_refused,
             build_info,
             breaker_manual,
             rate_limited,
@@ -218,6 +236,22 @@ impl Metrics {
         }
     }
 
+    /// Starts a credential's counters at zero when it is defined (its reload counters are made
+    /// with it). The expiry gauge is left out until a version has an expiry: a 0 there would
+    /// read as "expired in 1970" to an alert on `expiry - time()`.
+    pub fn define_credential(&self, name: &str) {
+        for status in ["401", "403"] {
+            self.auth_failures.with_label_values(&[name, status]);
+        }
+        for to in ["open", "half_open", "closed"] {
+            self.breaker_transitions.with_label_values(&[name, to]);
+        }
+        for action in ["open", "close"] {
+            self.breaker_manual.with_label_values(&[name, action]);
+        }
+        self.rate_limited.with_label_values(&[name]);
+    }
+
     /// Drops every series of a credential that no longer exists.
     pub fn forget_credential(&self, name: &str, fingerprint: Option<&str>) {
         if let Some(fingerprint) = fingerprint {
@@ -227,5 +261,15 @@ impl Metrics {
         }
         let _ = self.credential_expiry.remove_label_values(&[name]);
         let _ = self.breaker_state.remove_label_values(&[name]);
+        for status in ["401", "403"] {
+            let _ = self.auth_failures.remove_label_values(&[name, status]);
+        }
+        for to in ["open", "half_open", "closed"] {
+            let _ = self.breaker_transitions.remove_label_values(&[name, to]);
+        }
+        for action in ["open", "close"] {
+            let _ = self.breaker_manual.remove_label_values(&[name, action]);
+        }
+        let _ = self.rate_limited.remove_label_values(&[name]);
     }
 }
