@@ -205,14 +205,6 @@ impl BinaryRig {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn curl(proxy: &str, ca: &Path, args: &[&str]) -> std::process::Child {
     Command::new("curl")
         .args(["-sS", "--max-time", "20", "-w", "\\n%{http_code}"])

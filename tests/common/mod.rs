@@ -85,6 +85,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
 pub struct Seen {
     pub requests: AtomicUsize,
     pub authorizations: Mutex<Vec<Option<String>>>,
+    /// `METHOD path` of every request, in order.
+    pub requests_seen: Mutex<Vec<String>>,
     /// When set, only `Authorization: Bearer <this>` is accepted; anything else gets 401.
     pub accept_only: Mutex<Option<String>>,
 }
@@ -96,6 +98,11 @@ impl Seen {
 
     pub fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// `METHOD path` of every request so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests_seen.lock().unwrap().clone()
     }
 }
 
@@ -182,6 +189,10 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
         .unwrap()
         .push(authorization.clone());
     let path = request.uri().path().to_string();
+    seen.requests_seen
+        .lock()
+        .unwrap()
+        .push(format!("{} {path}", request.method()));
     let accepted = seen.accept_only.lock().unwrap().clone();
     if let Some(token) = accepted {
         if authorization.as_deref() != Some(format!("Bearer {token}").as_str()) {
@@ -225,6 +236,21 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
         _ => {}
     }
     match path.as_str() {
+        // Never answers: keystamp's response-head timeout must.
+        "/hang" => {
+            std::future::pending::<()>().await;
+            text(StatusCode::OK, "")
+        }
+        // Echoes the credential it received in a header, as debug endpoints and "invalid key"
+        // errors do.
+        "/echo-auth" => {
+            let mut response = text(StatusCode::OK, "echoed");
+            let echoed = format!("you sent {}", authorization.unwrap_or_default());
+            response
+                .headers_mut()
+                .insert("x-echo", echoed.parse().unwrap());
+            response
+        }
         "/sse" => {
             let events = futures_util::stream::unfold(0u32, |n| async move {
                 if n == 3 {
@@ -604,4 +630,120 @@ fn merge(value: &mut serde_json::Value, extra: serde_json::Value) {
 pub async fn wait_out(retry_after: Option<&str>) {
     let seconds: u64 = retry_after.expect("a Retry-After header").parse().unwrap();
     tokio::time::sleep(Duration::from_secs(seconds) + Duration::from_millis(50)).await;
+}
+
+/// The real `keystamp` binary on free ports, started from a config below `listen`/`admin`/`ca`
+/// with `secrets` under `secrets/`; its log and audit lines go to files in its directory. It is
+/// killed when dropped.
+pub struct KeystampProcess {
+    pub dir: tempfile::TempDir,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub ca_pem: String,
+    child: std::process::Child,
+}
+
+impl KeystampProcess {
+    pub fn start(yaml: &str, secrets: &[(&str, &str)]) -> Self {
+        Self::start_with(yaml, secrets, |_| {})
+    }
+
+    /// As [`start`](Self::start), with a chance to adjust the command (limits, environment).
+    pub fn start_with(
+        yaml: &str,
+        secrets: &[(&str, &str)],
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        for (name, value) in secrets {
+            std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
+        }
+        let (proxy_port, admin_port) = (free_port(), free_port());
+        let config = format!(
+            "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\nca: {{ generate: true, cert_out: ./run/ca.crt }}\naudit: {{ output: ./audit.jsonl }}\n{yaml}"
+        );
+        let config_path = dir.path().join("keystamp.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keystamp"));
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "keystamp=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("keystamp.log")).unwrap());
+        adjust(&mut command);
+        let child = command.spawn().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let ready = std::net::TcpStream::connect(admin).is_ok()
+                && dir.path().join("run/ca.crt").exists();
+            if ready {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "keystamp never became ready:\n{}",
+                std::fs::read_to_string(dir.path().join("keystamp.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let ca_pem = std::fs::read_to_string(dir.path().join("run/ca.crt")).unwrap();
+        Self {
+            proxy: format!("127.0.0.1:{proxy_port}").parse().unwrap(),
+            admin,
+            ca_pem,
+            dir,
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything keystamp logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keystamp.log")).unwrap_or_default()
+    }
+
+    /// Every audit line so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// `GET` on the admin listener, without any proxy.
+    pub async fn admin_get(&self, path: &str) -> String {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for KeystampProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
