@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keystamp::bench::{
+use keystamp::internals::{
     plan_next, read_all, Breaker, BreakerSettings, CredentialTable, Dialer, Host, Metrics,
     RouteMatch, RouteTable, Snapshot, Upstream, Verdict,
 };

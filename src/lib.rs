@@ -32,13 +32,15 @@ mod upstream;
 pub use app::{App, RunningApp};
 pub use config::{Config, ConfigError, ConfigLoadError};
 
-/// What `benches/` measure below the paved path. Not a stable interface.
+/// What `benches/`, `fuzz/` and the property tests reach below the paved path. Not a stable
+/// interface.
 #[doc(hidden)]
-pub mod bench {
+pub mod internals {
     pub use crate::breaker::{Breaker, Verdict};
     pub use crate::config::BreakerSettings;
     pub use crate::credentials::{read_all, CredentialTable};
-    pub use crate::host::Host;
+    pub use crate::host::{Host, HostError};
+    pub use crate::path::{is_ambiguous, is_under};
     pub use crate::routes::{RouteMatch, RouteTable};
     pub use crate::state::{plan_next, Snapshot};
     pub use crate::telemetry::Metrics;
