@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use keystamp::internals::{
     plan_next, read_all, Breaker, BreakerSettings, CredentialTable, Dialer, Host, Metrics,
-    RouteMatch, RouteTable, Snapshot, Upstream, Verdict,
+    Reporting, RouteMatch, RouteTable, Snapshot, Upstream, Verdict,
 };
 use keystamp::{App, Config};
 
@@ -71,7 +71,11 @@ async fn load_table(
     upstream: &Upstream,
     metrics: &Arc<Metrics>,
 ) -> CredentialTable {
-    let mut next = plan_next(&Snapshot::before_first_load(config), config, metrics);
+    let reporting = Reporting {
+        metrics: metrics.clone(),
+        breaker_events: None,
+    };
+    let mut next = plan_next(&Snapshot::before_first_load(config), config, &reporting);
     let fresh = std::mem::take(&mut next.fresh);
     let loaded = read_all(fresh, upstream)
         .await
@@ -151,6 +155,7 @@ fn breaker_ns(metrics: &Arc<Metrics>) -> f64 {
         Arc::from("bench"),
         BreakerSettings::default(),
         metrics.clone(),
+        None,
     );
     let rounds = 5_000_000;
     let now = tokio::time::Instant::now();

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::{full, ProxyBody};
 use crate::config::SourceSpec;
 use crate::credentials::read_local;
+use crate::fleet::{held_by_fleet, FleetLink, ManualAction, Outgoing};
 use crate::proxy::accept_next;
 use crate::state::SharedState;
 use crate::telemetry::Metrics;
@@ -44,6 +45,8 @@ pub struct Admin {
     /// Where the bearer token for the POST endpoints comes from; read at each POST, so a
     /// rotated token file takes effect at once. `None`: the POSTs are open (loopback only!).
     pub token: Option<SourceSpec>,
+    /// The fleet an operator's switch is passed on to, when there is one.
+    pub fleet: Option<FleetLink>,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -80,7 +83,7 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
         (&Method::GET, "/status") => (
             StatusCode::OK,
             "application/json",
-            status_json(&admin.state).to_string(),
+            status_json(&admin.state, admin.fleet.as_ref()).to_string(),
         ),
         (&Method::POST, path) if path.starts_with("/breakers/") => {
             match authorized(admin, request) {
@@ -162,11 +165,11 @@ fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, Strin
     let action = match action {
         "open" => {
             credential.breaker.force_open(tokio::time::Instant::now());
-            "open"
+            ManualAction::Open
         }
         "close" => {
             credential.breaker.force_close();
-            "close"
+            ManualAction::Close
         }
         _ => {
             return (
@@ -176,6 +179,14 @@ fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, Strin
             )
         }
     };
+    // The whole fleet follows an operator's switch.
+    if let Some(fleet) = &admin.fleet {
+        fleet.send(Outgoing::Manual {
+            credential: credential.name.clone(),
+            action,
+        });
+    }
+    let action = action.label();
     tracing::warn!(credential = %credential.name, action, "breaker set by an operator");
     admin
         .metrics
@@ -187,7 +198,7 @@ fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, Strin
 }
 
 /// Routes and credentials as they are now. Names, kinds and fingerprints only, never a value.
-fn status_json(state: &SharedState) -> serde_json::Value {
+fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Value {
     let snapshot = state.load();
     let mut credentials: Vec<_> = snapshot.credentials.iter().collect();
     credentials.sort_by(|a, b| a.name.cmp(&b.name));
@@ -221,10 +232,33 @@ fn status_json(state: &SharedState) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({
+    let mut status = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "unmatched": snapshot.unmatched.to_string(),
         "routes": routes,
         "credentials": credentials,
-    })
+    });
+    if let Some(fleet) = fleet {
+        let view = fleet.view();
+        let held: serde_json::Map<String, serde_json::Value> = held_by_fleet(state)
+            .into_iter()
+            .map(|(name, held)| {
+                (
+                    name.to_string(),
+                    serde_json::json!({ "held_by_fleet": held }),
+                )
+            })
+            .collect();
+        let fleet = serde_json::json!({
+            "name": view.name,
+            "pod": view.pod,
+            "store_up": view.store_up(),
+            "pods": view.pods(),
+            "credentials": held,
+        });
+        if let Some(object) = status.as_object_mut() {
+            object.insert("fleet".into(), fleet);
+        }
+    }
+    status
 }

@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Admin, Readiness};
 use crate::config::{CaOrigin, Config};
+use crate::credentials::Reporting;
+use crate::fleet;
 use crate::proxy::{self, ConnectionCap, ProxyState};
 use crate::reload::{ReloadContext, ReloadHandle, Reloader};
 use crate::state::{SharedState, Snapshot};
@@ -53,12 +55,24 @@ impl App {
         )
         .context("building the upstream TLS client")?;
         let shutdown = CancellationToken::new();
+        let (fleet, breaker_events) = match &config.fleet {
+            Some(fleet) => {
+                let (link, events) =
+                    fleet::start(fleet, shared.clone(), metrics.clone(), shutdown.clone());
+                (Some(link), Some(events))
+            }
+            None => (None, None),
+        };
         let (reloads, reload_requests) = ReloadHandle::channel();
         let reloader = Reloader::start(
             ReloadContext {
                 state: shared.clone(),
                 upstream: upstream.clone(),
                 metrics: metrics.clone(),
+                reporting: Reporting {
+                    metrics: metrics.clone(),
+                    breaker_events,
+                },
                 shutdown: shutdown.clone(),
             },
             config.clone(),
@@ -82,6 +96,7 @@ impl App {
             tasks: TaskTracker::new(),
             timeouts: config.timeouts,
             connections: ConnectionCap::new(config.max_connections, metrics.clone()),
+            fleet: fleet.clone(),
         });
 
         let listener = TcpListener::bind(config.listen)
@@ -100,6 +115,7 @@ impl App {
                     state: shared.clone(),
                     metrics: metrics.clone(),
                     token: config.admin_token.clone(),
+                    fleet: fleet.clone(),
                 };
                 tokio::spawn(admin::serve(
                     admin_listener,

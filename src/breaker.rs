@@ -84,8 +84,41 @@ struct Inner {
     fingerprint: Option<String>,
     /// Forced open by an operator: stays open until closed by hand or a new version arrives.
     forced: bool,
+    /// Opened by the fleet: after `open_until` this pod still waits until the fleet's one probe
+    /// lease is its own (or another pod's probe closes it).
+    fleet_held: bool,
     jitter_seed: u64,
 }
+
+/// What a breaker tells the fleet about its credential, when a fleet is configured. Sent without
+/// waiting; a full queue drops the event (the local breaker still protects this pod).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BreakerEvent {
+    /// The upstream rejected version `fingerprint` (counted fleet-wide).
+    AuthFailure {
+        credential: Arc<str>,
+        fingerprint: String,
+    },
+    /// A request with `fingerprint` succeeded after failures: the fleet count starts over.
+    Recovered {
+        credential: Arc<str>,
+        fingerprint: String,
+    },
+    /// This pod's breaker opened on its own evidence (local failures, a failed probe).
+    Opened {
+        credential: Arc<str>,
+        fingerprint: String,
+        reason: String,
+        open_for: Duration,
+    },
+    /// This pod's probe succeeded: the credential works again.
+    Closed {
+        credential: Arc<str>,
+        fingerprint: String,
+    },
+}
+
+pub type BreakerEvents = tokio::sync::mpsc::Sender<BreakerEvent>;
 
 pub struct Breaker {
     credential: Arc<str>,
@@ -98,6 +131,8 @@ pub struct Breaker {
     consecutive: AtomicU32,
     inner: Mutex<Inner>,
     metrics: Arc<Metrics>,
+    /// Where fleet-relevant events go, when keystamp is part of a fleet.
+    events: Option<BreakerEvents>,
 }
 
 impl std::fmt::Debug for Breaker {
@@ -110,7 +145,12 @@ impl std::fmt::Debug for Breaker {
 }
 
 impl Breaker {
-    pub fn new(credential: Arc<str>, settings: BreakerSettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        credential: Arc<str>,
+        settings: BreakerSettings,
+        metrics: Arc<Metrics>,
+        events: Option<BreakerEvents>,
+    ) -> Self {
         metrics
             .breaker_state
             .with_label_values(&[credential.as_ref()])
@@ -131,9 +171,17 @@ impl Breaker {
                 reason: String::new(),
                 fingerprint: None,
                 forced: false,
+                fleet_held: false,
                 jitter_seed,
             }),
             metrics,
+            events,
+        }
+    }
+
+    fn emit(&self, event: impl FnOnce(Arc<str>) -> BreakerEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.try_send(event(self.credential.clone()));
         }
     }
 
@@ -152,6 +200,14 @@ impl Breaker {
         };
         match self.state() {
             BreakerState::Closed => Admission::Pass { generation },
+            BreakerState::Open if inner.fleet_held && now >= inner.open_until => {
+                // The fleet's one probe belongs to another pod for now.
+                Admission::Reject(Rejection {
+                    retry_after: PROBE_RETRY_AFTER,
+                    reason: inner.reason.clone(),
+                    fingerprint: inner.fingerprint.clone(),
+                })
+            }
             BreakerState::Open if inner.forced || now < inner.open_until => {
                 Admission::Reject(Rejection {
                     retry_after: if inner.forced {
@@ -201,6 +257,10 @@ impl Breaker {
         if !probe && !auth_failure && self.state() == BreakerState::Closed {
             if verdict.is_some() && self.consecutive.load(Ordering::Relaxed) != 0 {
                 self.consecutive.store(0, Ordering::Relaxed);
+                self.emit(|credential| BreakerEvent::Recovered {
+                    credential,
+                    fingerprint: fingerprint.to_string(),
+                });
             }
             return;
         }
@@ -218,19 +278,41 @@ impl Breaker {
                 inner.reason = format!("probe got upstream {status}");
                 inner.fingerprint = Some(fingerprint.to_string());
                 self.open(&mut inner, now);
+                let (reason, open_for) = (inner.reason.clone(), inner.open_for);
+                self.emit(|credential| BreakerEvent::Opened {
+                    credential,
+                    fingerprint: fingerprint.to_string(),
+                    reason,
+                    open_for,
+                });
             }
             (true, Some(Verdict::NotAuthFailure)) => {
                 self.close(&mut inner);
+                self.emit(|credential| BreakerEvent::Closed {
+                    credential,
+                    fingerprint: fingerprint.to_string(),
+                });
             }
             (true, None) => inner.probe_in_flight = false,
             (false, Some(Verdict::AuthFailure { status })) => {
                 let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+                self.emit(|credential| BreakerEvent::AuthFailure {
+                    credential,
+                    fingerprint: fingerprint.to_string(),
+                });
                 if self.state() == BreakerState::Closed && consecutive >= self.settings.failures {
                     inner.open_for = self.settings.open_for;
                     inner.reason = format!("upstream {status} x{consecutive}");
                     inner.fingerprint = Some(fingerprint.to_string());
                     self.open(&mut inner, now);
                     tracing::warn!(credential = %self.credential, reason = %inner.reason, fingerprint, "auth circuit breaker opened");
+                    let (reason, open_for) = (inner.reason.clone(), inner.open_for);
+                    self.emit(|credential| BreakerEvent::Opened {
+                        credential,
+                        fingerprint: fingerprint.to_string(),
+                        reason,
+                        open_for,
+                    });
                 }
             }
             (false, Some(Verdict::NotAuthFailure)) => {
@@ -249,6 +331,7 @@ impl Breaker {
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
         inner.forced = false;
+        inner.fleet_held = false;
         if self.state() != BreakerState::Closed {
             tracing::info!(credential = %self.credential, "new credential version; breaker closed");
         }
@@ -270,7 +353,58 @@ impl Breaker {
             return;
         };
         inner.forced = false;
+        inner.fleet_held = false;
         self.close(&mut inner);
+    }
+
+    /// The fleet saw version `fingerprint` fail `failures` times (on any pods): open here too,
+    /// held until the fleet's one probe decides.
+    pub fn fleet_open(&self, fingerprint: &str, reason: &str, open_for: Duration, now: Instant) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if inner.forced || self.state() == BreakerState::HalfOpen {
+            return;
+        }
+        inner.fleet_held = true;
+        inner.open_for = open_for.max(inner.open_for);
+        inner.reason = format!("{reason} (fleet)");
+        inner.fingerprint = Some(fingerprint.to_string());
+        inner.open_until = inner.open_until.max(now + open_for);
+        inner.probe_in_flight = false;
+        self.transition(BreakerState::Open);
+    }
+
+    /// When a fleet-held breaker's open period ends: the moment to ask for the probe lease.
+    pub fn fleet_probe_due(&self, now: Instant) -> Option<String> {
+        let inner = self.inner.lock().ok()?;
+        let due = inner.fleet_held && self.state() == BreakerState::Open && now >= inner.open_until;
+        due.then(|| inner.fingerprint.clone()).flatten()
+    }
+
+    /// This pod holds the fleet's probe lease: its next request may probe.
+    pub fn fleet_release_for_probe(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.fleet_held = false;
+        }
+    }
+
+    /// Another pod's probe of `fingerprint` succeeded: close here too (unless forced).
+    pub fn fleet_close(&self, fingerprint: &str) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        let same_version = inner.fingerprint.as_deref() == Some(fingerprint);
+        if inner.forced || !same_version || self.state() == BreakerState::Closed {
+            return;
+        }
+        inner.fleet_held = false;
+        self.close(&mut inner);
+    }
+
+    /// Whether the fleet holds this breaker open.
+    pub fn fleet_held(&self) -> bool {
+        self.inner.lock().is_ok_and(|inner| inner.fleet_held)
     }
 
     /// Seconds until the breaker lets a probe through, while open.
@@ -341,6 +475,7 @@ mod tests {
             Arc::from("k"),
             settings,
             Arc::new(Metrics::new().unwrap()),
+            None,
         ))
     }
 

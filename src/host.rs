@@ -38,7 +38,8 @@ impl Host {
         let valid = bare
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-        if !valid {
+        // Every label has at least one character: `..`, `.a` and `a..b` are not hosts.
+        if !valid || bare.split('.').any(str::is_empty) {
             return Err(HostError::Invalid);
         }
         Ok(Self(bare.to_ascii_lowercase().into()))
@@ -139,6 +140,8 @@ mod tests {
         assert_eq!(Host::parse("::1").unwrap(), Host::parse("[0::1]").unwrap());
         assert_eq!(Host::parse("").unwrap_err(), HostError::Empty);
         assert_eq!(Host::parse(".").unwrap_err(), HostError::Empty);
+        assert_eq!(Host::parse("..").unwrap_err(), HostError::Invalid);
+        assert_eq!(Host::parse("a..b").unwrap_err(), HostError::Invalid);
         assert_eq!(Host::parse("a b").unwrap_err(), HostError::Invalid);
         assert_eq!(Host::parse("a/b").unwrap_err(), HostError::Invalid);
         assert_eq!(Host::parse("[::1").unwrap_err(), HostError::Invalid);

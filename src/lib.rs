@@ -14,6 +14,7 @@ mod credentials;
 mod duration;
 mod egress;
 mod error;
+mod fleet;
 mod host;
 mod identity;
 mod inject;
@@ -38,7 +39,7 @@ pub use config::{Config, ConfigError, ConfigLoadError};
 pub mod internals {
     pub use crate::breaker::{Breaker, Verdict};
     pub use crate::config::BreakerSettings;
-    pub use crate::credentials::{read_all, CredentialTable};
+    pub use crate::credentials::{read_all, CredentialTable, Reporting};
     pub use crate::host::{Host, HostError};
     pub use crate::path::{is_ambiguous, is_under};
     pub use crate::routes::{RouteMatch, RouteTable};

@@ -1,30 +1,74 @@
 //! The one path rule, for route prefixes and agent scopes alike: a path is under a prefix only
 //! when it starts with it *and* no upstream could read it as another path. Dot segments
-//! (`/v1/../admin`), their encoded forms (`%2e%2e`), encoded separators (`%2f`, `%5c`),
-//! backslashes, matrix parameters on a dot segment (`..;x=y`, which Tomcat, Jetty and Spring drop
-//! before normalising) and double-encoded dots and separators (`%252e`) all fail the test.
+//! (`/v1/../admin`) are refused in every reading a server might make of the path: after
+//! percent-decoding it once or several times (`%2e%2e`, `%252e`, `%%32e`), with backslashes as
+//! slashes, and with a segment's matrix parameters dropped (`..;x=y`, which Tomcat, Jetty and
+//! Spring drop before normalising). Encoded separators (`%2f`, `%5c`) are refused outright.
+
+use std::borrow::Cow;
+
+/// How many rounds of percent-decoding are tried; a path still changing after that is refused.
+const DECODE_ROUNDS: usize = 4;
 
 /// Whether `path` (without the query) lies under `prefix` for every upstream's reading of it.
 pub fn is_under(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix) && !is_ambiguous(path)
 }
 
-/// Whether an upstream could resolve `path` to a different path than its bytes say.
+/// Whether an upstream could resolve `path` (the path alone, no query) to a different path
+/// than its bytes say. A `#` cannot be in a request's path; one that is is refused too.
 pub fn is_ambiguous(path: &str) -> bool {
-    let path = path.split(['?', '#']).next().unwrap_or(path);
-    if path.contains('\\') {
-        return true;
-    }
     let lower = path.to_ascii_lowercase();
-    const ENCODED: [&str; 6] = ["%2e", "%2f", "%5c", "%252e", "%252f", "%255c"];
-    if ENCODED.iter().any(|encoded| lower.contains(encoded)) {
+    if ["%2f", "%5c"].iter().any(|encoded| lower.contains(encoded)) {
         return true;
     }
+    let mut reading = Cow::Borrowed(path);
+    for _ in 0..DECODE_ROUNDS {
+        if reading.contains(['\\', '#']) || has_dot_segment(&reading) {
+            return true;
+        }
+        if !reading.contains('%') {
+            return false;
+        }
+        match percent_decode(&reading) {
+            Some(decoded) => reading = Cow::Owned(decoded),
+            // Nothing decodable left: this reading is the last one.
+            None => return false,
+        }
+    }
+    true
+}
+
+fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
         // `..;jsessionid=x` is `..` to a servlet container.
         let bare = segment.split(';').next().unwrap_or(segment);
         bare == "." || bare == ".."
     })
+}
+
+/// One round of percent-decoding; `None` when there was nothing to decode.
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut changed = false;
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let high = bytes.get(i + 1).and_then(|b| (*b as char).to_digit(16));
+        let low = bytes.get(i + 2).and_then(|b| (*b as char).to_digit(16));
+        match (byte, high, low) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                changed = true;
+                i += 3;
+            }
+            _ => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    changed.then(|| String::from_utf8_lossy(&out).into_owned())
 }
 
 #[cfg(test)]
@@ -44,9 +88,12 @@ mod tests {
             "/v1/.;/x",
             "/v1/%252e%252e/admin",
             "/v1/..%252fadmin",
+            "/v1/.%%32e;\u{1f}",
+            "/v1/%25252e%25252e/x",
             "/v1/..\\admin",
             "/v1/%5c..%5cadmin",
             "/v1/..",
+            "/v1/#/../x",
         ] {
             assert!(!is_under("/v1/", escape), "{escape}");
         }
@@ -56,7 +103,8 @@ mod tests {
             "/v1/a.b/c..d/...",
             "/v1/x;y=z",
             "/v1/a%20b",
-            "/v1/q?next=../x",
+            "/v1/100%",
+            "/v1/%zz",
         ] {
             assert!(is_under("/v1/", fine), "{fine}");
         }

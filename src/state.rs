@@ -9,11 +9,10 @@ use std::sync::Arc;
 use arc_swap::{ArcSwap, Guard};
 
 use crate::config::{Config, Unmatched};
-use crate::credentials::{Credential, CredentialTable};
+use crate::credentials::{Credential, CredentialTable, Reporting};
 use crate::identity::IdentityTable;
 use crate::limits::Limits;
 use crate::routes::RouteTable;
-use crate::telemetry::Metrics;
 use crate::upstream::{DialRules, DialRulesSource};
 
 /// Everything a request needs to decide, built whole and swapped whole.
@@ -125,7 +124,7 @@ pub struct NextState {
 }
 
 /// Decides what `config` keeps from `previous`, what it reads afresh and what it drops.
-pub fn plan_next(previous: &Snapshot, config: &Config, metrics: &Arc<Metrics>) -> NextState {
+pub fn plan_next(previous: &Snapshot, config: &Config, reporting: &Reporting) -> NextState {
     let mut kept = Vec::new();
     let mut fresh = Vec::new();
     for (name, spec) in &config.credentials {
@@ -134,7 +133,7 @@ pub fn plan_next(previous: &Snapshot, config: &Config, metrics: &Arc<Metrics>) -
             _ => fresh.push(Arc::new(Credential::fresh(
                 Arc::from(name.as_str()),
                 spec.clone(),
-                metrics,
+                reporting,
             ))),
         }
     }

@@ -614,16 +614,8 @@ async fn an_admin_listener_out_of_descriptors_backs_off_instead_of_spinning() {
     let mut config = TestConfig::new();
     config.trust(&ca_path);
     // Few descriptors: the listeners, the runtime and a handful of connections fit, no more.
-    let keystamp = KeystampProcess::start_with(&config.yaml(), &[], |command| {
-        let program = command.get_program().to_owned();
-        let args: Vec<_> = command.get_args().map(|a| a.to_owned()).collect();
-        let mut limited = std::process::Command::new("prlimit");
-        limited.arg("--nofile=48:48").arg(program).args(args);
-        *command = limited;
-        command
-            .env("RUST_LOG", "keystamp=warn")
-            .stdout(std::process::Stdio::null());
-    });
+    let keystamp =
+        KeystampProcess::start_under(&["prlimit", "--nofile=48:48"], &config.yaml(), &[]);
     let mut held = Vec::new();
     for _ in 0..64 {
         if let Ok(stream) = TcpStream::connect(keystamp.admin).await {

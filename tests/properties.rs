@@ -78,6 +78,7 @@ fn path_segment() -> impl Strategy<Value = String> {
         Just("..%2f".to_string()),
         Just("..\\".to_string()),
         Just("%5c".to_string()),
+        Just(".%%32e".to_string()),
         "[a-z0-9._;=%-]{0,8}",
     ]
 }

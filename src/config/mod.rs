@@ -40,6 +40,17 @@ pub struct Config {
     pub max_connections: usize,
     /// The bearer token the admin listener's POST endpoints require, when set.
     pub admin_token: Option<SourceSpec>,
+    /// Fleet-wide state through Redis/Valkey; `None`: this pod alone (the default).
+    pub fleet: Option<FleetConfig>,
+}
+
+/// A fleet of sidecars sharing per-credential state through one store. Read at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    pub name: String,
+    /// Where the store's URL comes from (`file` or `env`): it may hold a password.
+    pub store_url: SourceSpec,
+    pub replicas_hint: Option<u32>,
 }
 
 /// How long each side may hold keystamp waiting. Read at start; a reload does not change them.

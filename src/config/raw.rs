@@ -47,6 +47,27 @@ pub struct RawConfig {
     /// A token (file or env source) the admin listener's POST endpoints require as a bearer.
     #[serde(default)]
     pub admin_token: Option<RawSource>,
+    /// Share per-credential state with the other sidecars of a fleet through Redis/Valkey.
+    #[serde(default)]
+    pub fleet: Option<RawFleet>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    /// Isolates fleets sharing one store; every key and channel is prefixed with it.
+    pub name: String,
+    pub store: RawFleetStore,
+    /// Pods expected when none has been seen yet (degraded mode).
+    #[serde(default)]
+    pub replicas_hint: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleetStore {
+    /// `redis://` or `rediss://`, from a file or env source (it may hold a password).
+    pub url: RawSource,
 }
 
 /// How long each side may hold keystamp waiting.

@@ -17,8 +17,8 @@ use super::raw::{
 };
 use super::{
     AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
-    CredentialSpec, HostPattern, IdentitySpec, Injection, OAuth2Spec, RateLimitSpec, ReloadConfig,
-    RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
+    CredentialSpec, FleetConfig, HostPattern, IdentitySpec, Injection, OAuth2Spec, RateLimitSpec,
+    ReloadConfig, RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -70,7 +70,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
                 file: path.to_path_buf(),
                 line,
                 column,
-                path: key_path,
+                path: shown_serde_path(error.path()),
                 message,
             }]);
         }
@@ -96,22 +96,95 @@ fn clean_serde_message(message: &str, key_path: &str) -> String {
             message = rest.to_string();
         }
     }
-    redact_quoted(&message)
+    // "unknown field `x`, expected one of `a`, `b`" quotes a key and the schema's own names;
+    // every other message may quote a value from the file ("invalid type: integer `123...`").
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // The field itself may hold backticks: the schema's part is the last "`, expected".
+        let schema_part = rest
+            .rfind("`, expected")
+            .or_else(|| rest.rfind("`, there are no fields"));
+        if let Some(at) = schema_part {
+            let (field, expected) = rest.split_at(at);
+            let field = if plausible_key(field) { field } else { "…" };
+            return format!("unknown field `{field}{expected}");
+        }
+    }
+    redact_quoted(&message, true)
 }
 
-fn redact_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut inside = false;
-    for c in message.chars() {
-        if c == '"' {
-            if inside {
-                out.push_str("…\"");
-            } else {
-                out.push('"');
+/// A key as people write them: short, of letters, digits and `_-.:*`. Anything else, or
+/// anything longer than 24 characters (a token pasted where a key goes), is not repeated in an
+/// error: the line and column still point at it.
+fn plausible_key(key: &str) -> bool {
+    key.len() <= 24
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'*'))
+}
+
+/// serde's key path as printed, each map key judged whole (a key may itself hold dots).
+fn shown_serde_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut shown = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => shown.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !shown.is_empty() {
+                    shown.push('.');
+                }
+                shown.push_str(if plausible_key(key) { key } else { "…" });
             }
-            inside = !inside;
-        } else if !inside {
-            out.push(c);
+            Segment::Unknown => shown.push_str(".?"),
+        }
+    }
+    if shown.is_empty() {
+        "(root)".to_string()
+    } else {
+        shown
+    }
+}
+
+/// The key path as printed: each segment that is not a plausible key becomes `…`.
+fn shown_key_path(key_path: &str) -> String {
+    key_path
+        .split('.')
+        .map(|segment| {
+            let name = segment.split('[').next().unwrap_or(segment);
+            if plausible_key(name) || segment == "(root)" {
+                segment.to_string()
+            } else {
+                format!("…{}", segment.get(name.len()..).unwrap_or_default())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Replaces what serde quoted (`"..."`, and `` `...` `` when `backticks`) with an ellipsis.
+fn redact_quoted(message: &str, backticks: bool) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside: Option<char> = None;
+    let mut escaped = false;
+    for c in message.chars() {
+        let quote = c == '"' || (backticks && c == '`');
+        // serde escapes quotes inside a quoted value: `\"` does not end it.
+        if inside.is_some() && (escaped || c == '\\') {
+            escaped = !escaped && c == '\\';
+            continue;
+        }
+        match inside {
+            Some(open) if c == open => {
+                out.push('…');
+                out.push(c);
+                inside = None;
+            }
+            Some(_) => {}
+            None if quote => {
+                out.push(c);
+                inside = Some(c);
+            }
+            None => out.push(c),
         }
     }
     out
@@ -130,7 +203,7 @@ impl Errors<'_> {
             file: self.file.to_path_buf(),
             line,
             column,
-            path: key_path.to_string(),
+            path: shown_key_path(key_path),
             message: message.into(),
         });
     }
@@ -244,7 +317,35 @@ impl Errors<'_> {
                 None => None,
             },
         };
+        let fleet = raw.fleet.as_ref().and_then(|fleet| {
+            if !valid_name(&fleet.name) {
+                self.push(
+                    "fleet.name",
+                    "fleet names use letters, digits, `_`, `-` and `.` only",
+                );
+            }
+            let url = match self.source("fleet.store.url", &fleet.store.url, base) {
+                Some(spec @ (SourceSpec::File { .. } | SourceSpec::Env { .. })) => Some(spec),
+                Some(_) => {
+                    self.push(
+                        "fleet.store.url",
+                        "the store URL takes a `file` or `env` source",
+                    );
+                    None
+                }
+                None => None,
+            };
+            if fleet.replicas_hint == Some(0) {
+                self.push("fleet.replicas_hint", "must be at least 1");
+            }
+            Some(FleetConfig {
+                name: fleet.name.clone(),
+                store_url: url?,
+                replicas_hint: fleet.replicas_hint,
+            })
+        });
         Some(Config {
+            fleet,
             timeouts,
             max_connections: max_connections.max(1),
             admin_token,
@@ -929,6 +1030,21 @@ mod tests {
         }
         for error in &errors {
             assert!(!error.to_string().contains(PASTED), "{error}");
+        }
+    }
+
+    #[test]
+    fn serde_type_errors_do_not_echo_the_value_either() {
+        // Found by fuzz/config: serde quotes numbers in backticks.
+        for text in [
+            "-1698388888888888769838888888",
+            "listen: 1698388888888888769838\nca: 7\n",
+            "\np\n\"\r?\r5+ \r:'[8?:[r\n169838888888OOOOOOO\t\t",
+            "{p\n\n*vvvvvvvvvv169838888888vvvvv270F",
+            "listen: 127.0.0.1:1\nca: { generate: true }\ncredentials: { 'sk 169838888888/x': { source: { env: K } } }\n",
+        ] {
+            let errors = parse(Path::new("/t/k.yaml"), text).unwrap_err();
+            assert!(!errors[0].to_string().contains("169838888888"), "{}", errors[0]);
         }
     }
 

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::breaker::Breaker;
-use crate::config::{Config, CredentialSpec, SourceSpec};
+use crate::breaker::{Breaker, BreakerEvents};
+use crate::config::{CredentialSpec, SourceSpec};
 use crate::limits::Limits;
 use crate::secret::Secret;
 use crate::telemetry::{Metrics, ObservedVersion};
@@ -87,6 +87,13 @@ pub struct Credential {
     pub reload_counters: Arc<ReloadCounters>,
 }
 
+/// Where a credential's runtime state reports: metrics, and the fleet when there is one.
+#[derive(Clone)]
+pub struct Reporting {
+    pub metrics: Arc<Metrics>,
+    pub breaker_events: Option<BreakerEvents>,
+}
+
 /// Counter handles per read result, so a 10,000-credential reload does not look labels up
 /// 10,000 times on a runtime worker.
 #[derive(Debug)]
@@ -134,8 +141,14 @@ impl Credential {
     }
 
     /// A credential with no version yet and fresh runtime state (a closed breaker).
-    pub fn fresh(name: Arc<str>, spec: CredentialSpec, metrics: &Arc<Metrics>) -> Self {
-        let breaker = Arc::new(Breaker::new(name.clone(), spec.breaker, metrics.clone()));
+    pub fn fresh(name: Arc<str>, spec: CredentialSpec, reporting: &Reporting) -> Self {
+        let metrics = &reporting.metrics;
+        let breaker = Arc::new(Breaker::new(
+            name.clone(),
+            spec.breaker,
+            metrics.clone(),
+            reporting.breaker_events.clone(),
+        ));
         let limits = Arc::new(Limits::new(spec.rate_limit));
         let reload_counters = Arc::new(ReloadCounters::new(&name, metrics));
         metrics.define_credential(&name);
@@ -255,29 +268,6 @@ pub struct CredentialTable {
 }
 
 impl CredentialTable {
-    /// Fetches every source in `config`. A missing or bad source leaves that credential without
-    /// a version; it never fails the load.
-    pub async fn load(config: &Config, upstream: &Upstream, metrics: &Arc<Metrics>) -> Self {
-        let fresh: Vec<Arc<Credential>> = config
-            .credentials
-            .iter()
-            .map(|(name, spec)| {
-                Arc::new(Credential::fresh(
-                    Arc::from(name.as_str()),
-                    spec.clone(),
-                    metrics,
-                ))
-            })
-            .collect();
-        let read = read_all(fresh, upstream).await;
-        Self {
-            by_name: read
-                .into_iter()
-                .map(|(c, _)| (c.name.clone(), Arc::new(c)))
-                .collect(),
-        }
-    }
-
     pub fn get(&self, name: &str) -> Option<&Arc<Credential>> {
         self.by_name.get(name)
     }

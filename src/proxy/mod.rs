@@ -24,6 +24,7 @@ use http_body_util::BodyExt;
 use crate::body::{Counted, ProxyBody};
 use crate::config::Timeouts;
 use crate::error::ProxyError;
+use crate::fleet::FleetLink;
 use crate::reload::ReloadHandle;
 use crate::state::SharedState;
 use crate::telemetry::Telemetry;
@@ -51,6 +52,8 @@ pub struct ProxyState {
     pub timeouts: Timeouts,
     /// The `max_connections` cap.
     pub connections: ConnectionCap,
+    /// The other sidecars of the fleet, when there is one.
+    pub fleet: Option<FleetLink>,
 }
 
 /// Accepts agents until shutdown starts.

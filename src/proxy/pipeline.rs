@@ -22,6 +22,7 @@ use crate::breaker::{Admission, Breaker, Verdict};
 use crate::config::Unmatched;
 use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
+use crate::fleet::Outgoing;
 use crate::host::Host;
 use crate::inject;
 use crate::limits::Limits;
@@ -499,6 +500,13 @@ async fn judge(
                 .credential
                 .limits
                 .hold(Instant::now() + Duration::from_secs(seconds));
+            // The quota is the key's, not this pod's: the whole fleet holds.
+            if let Some(fleet) = &state.fleet {
+                fleet.send(Outgoing::Hold {
+                    credential: stamping.credential.name.clone(),
+                    seconds,
+                });
+            }
         }
     }
     let (auth_failure, response) = match status {

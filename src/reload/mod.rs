@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceSpec};
-use crate::credentials::{read_all, Credential, ReadOutcome, Version};
+use crate::credentials::{read_all, Credential, ReadOutcome, Reporting, Version};
 use crate::identity::IdentityTable;
 use crate::state::{plan_next, SharedState};
 use crate::telemetry::Metrics;
@@ -39,6 +39,8 @@ pub struct ReloadContext {
     pub state: Arc<SharedState>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    /// Where new credentials' breakers report (the fleet, when there is one).
+    pub reporting: Reporting,
     pub shutdown: CancellationToken,
 }
 
@@ -310,7 +312,7 @@ impl Reloader {
     /// publishes routes, credentials, identities and dial rules as one snapshot.
     async fn apply_config(&mut self, config: Config) {
         let previous = self.context.state.load_full();
-        let mut next = plan_next(&previous, &config, &self.context.metrics);
+        let mut next = plan_next(&previous, &config, &self.context.reporting);
         for old in &next.dropped {
             self.schedule.forget(&old.name);
             self.context.metrics.forget_credential(

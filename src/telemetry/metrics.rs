@@ -32,6 +32,9 @@ pub struct Metrics {
     pub tls_handshake_errors: IntCounterVec,
     pub connections_open: IntGauge,
     pub connections_refused: prometheus::IntCounter,
+    pub fleet_store_up: IntGauge,
+    pub fleet_events: IntCounterVec,
+    pub fleet_pods: IntGauge,
     pub build_info: IntGaugeVec,
     pub breaker_manual: IntCounterVec,
     pub rate_limited: IntCounterVec,
@@ -131,6 +134,21 @@ impl Metrics {
             "Agent connections refused because max_connections were open.",
         )?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let fleet_store_up = IntGauge::new(
+            "keystamp_fleet_store_up",
+            "1 while the fleet store answers, 0 while this pod runs on local breakers only.",
+        )?;
+        registry.register(Box::new(fleet_store_up.clone()))?;
+        let fleet_pods = IntGauge::new(
+            "keystamp_fleet_pods",
+            "Pods of this fleet that heartbeat into the store.",
+        )?;
+        registry.register(Box::new(fleet_pods.clone()))?;
+        let fleet_events = counter(
+            "keystamp_fleet_events_total",
+            "Fleet messages applied on this pod by kind: open, close, hold, manual.",
+            &["kind"],
+        )?;
         let breaker_manual = counter(
             "keystamp_breaker_manual_actions_total",
             "Breakers forced open or closed by an operator through the admin listener.",
@@ -180,6 +198,9 @@ impl Metrics {
             tls_handshake_errors,
             connections_open,
             connections_refused,
+            fleet_store_up,
+            fleet_events,
+            fleet_pods,
             build_info,
             breaker_manual,
             rate_limited,

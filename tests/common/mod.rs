@@ -645,15 +645,12 @@ pub struct KeystampProcess {
 
 impl KeystampProcess {
     pub fn start(yaml: &str, secrets: &[(&str, &str)]) -> Self {
-        Self::start_with(yaml, secrets, |_| {})
+        Self::start_under(&[], yaml, secrets)
     }
 
-    /// As [`start`](Self::start), with a chance to adjust the command (limits, environment).
-    pub fn start_with(
-        yaml: &str,
-        secrets: &[(&str, &str)],
-        adjust: impl FnOnce(&mut std::process::Command),
-    ) -> Self {
+    /// As [`start`](Self::start), run under `wrapper` (`["prlimit", "--nofile=48:48"]`), which
+    /// must exec keystamp with the arguments that follow it.
+    pub fn start_under(wrapper: &[&str], yaml: &str, secrets: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
         for (name, value) in secrets {
@@ -665,14 +662,21 @@ impl KeystampProcess {
         );
         let config_path = dir.path().join("keystamp.yaml");
         std::fs::write(&config_path, config).unwrap();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keystamp"));
+        let binary = env!("CARGO_BIN_EXE_keystamp");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => std::process::Command::new(binary),
+        };
         command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "keystamp=debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("keystamp.log")).unwrap());
-        adjust(&mut command);
         let child = command.spawn().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         let started = std::time::Instant::now();

@@ -1,0 +1,442 @@
+//! State shared with the other sidecars of a fleet through Redis or Valkey: auth failures of a
+//! credential *version* counted fleet-wide, breakers opened everywhere at once with one probe
+//! per fleet (a lease with expiry), upstream 429 holds and operators' breaker switches. The
+//! request path never waits on the store: breakers report through a queue, and a background
+//! task applies what the store says to the local breakers. Without the store, every pod keeps
+//! its local breaker, so protection never drops below a lone pod's. Only names, fingerprints,
+//! counts and times go into the store, never a value.
+
+mod message;
+mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::{BreakerEvent, BreakerEvents};
+use crate::config::FleetConfig;
+use crate::credentials::read_local;
+use crate::state::SharedState;
+use crate::telemetry::Metrics;
+pub use message::{FleetMessage, ManualAction};
+use store::Store;
+
+/// Events waiting for the store before new ones are dropped (the local breaker still acts).
+const OUTBOX: usize = 4096;
+/// How long one pod may hold the fleet's probe lease for a version.
+const PROBE_LEASE: Duration = Duration::from_secs(10);
+/// How often held breakers are checked for a due probe, and pods heartbeat.
+const TICK: Duration = Duration::from_millis(250);
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A pod that has not heartbeat for this long is no longer counted.
+const POD_TTL: Duration = Duration::from_secs(15);
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What the rest of keystamp hands the fleet.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// The upstream asked this credential's traffic to wait (429 + `Retry-After`).
+    Hold { credential: Arc<str>, seconds: u64 },
+    /// An operator forced a breaker open or closed on this pod's admin listener.
+    Manual {
+        credential: Arc<str>,
+        action: ManualAction,
+    },
+}
+
+/// The fleet as the request path and the admin listener see it: a queue, and what is known.
+#[derive(Clone)]
+pub struct FleetLink {
+    outgoing: mpsc::Sender<Outgoing>,
+    view: Arc<FleetView>,
+}
+
+/// What this pod knows of the fleet, for `/status` and the gauges.
+#[derive(Debug)]
+pub struct FleetView {
+    pub name: String,
+    pub pod: String,
+    store_up: AtomicBool,
+    pods: AtomicI64,
+}
+
+impl FleetView {
+    pub fn store_up(&self) -> bool {
+        self.store_up.load(Ordering::Relaxed)
+    }
+
+    pub fn pods(&self) -> i64 {
+        self.pods.load(Ordering::Relaxed)
+    }
+}
+
+impl FleetLink {
+    /// Queues an event for the store; never waits.
+    pub fn send(&self, event: Outgoing) {
+        let _ = self.outgoing.try_send(event);
+    }
+
+    pub fn view(&self) -> &FleetView {
+        &self.view
+    }
+}
+
+/// Starts the fleet task. Returns the link and the queue breakers report into.
+pub fn start(
+    config: &FleetConfig,
+    state: Arc<SharedState>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> (FleetLink, BreakerEvents) {
+    // `rediss://` goes through rustls: the same provider as everywhere else in keystamp.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (outgoing, outbox) = mpsc::channel(OUTBOX);
+    let (breaker_events, breaker_outbox) = mpsc::channel(OUTBOX);
+    let pod = pod_name();
+    let view = Arc::new(FleetView {
+        name: config.name.clone(),
+        pod: pod.clone(),
+        store_up: AtomicBool::new(false),
+        pods: AtomicI64::new(0),
+    });
+    metrics.fleet_store_up.set(0);
+    let task = FleetTask {
+        config: config.clone(),
+        state,
+        metrics,
+        view: view.clone(),
+        outbox,
+        breaker_outbox,
+        shutdown,
+    };
+    tokio::spawn(task.run());
+    (FleetLink { outgoing, view }, breaker_events)
+}
+
+/// This pod's name in the fleet: the pod's host name, or a random one.
+fn pod_name() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("pod-{:08x}", rand_u32()))
+}
+
+fn rand_u32() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+struct FleetTask {
+    config: FleetConfig,
+    state: Arc<SharedState>,
+    metrics: Arc<Metrics>,
+    view: Arc<FleetView>,
+    outbox: mpsc::Receiver<Outgoing>,
+    breaker_outbox: mpsc::Receiver<BreakerEvent>,
+    shutdown: CancellationToken,
+}
+
+impl FleetTask {
+    /// Connects, serves until the store fails, backs off, reconnects: forever, until shutdown.
+    async fn run(mut self) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let url = match read_local(&self.config.store_url) {
+                Some(Ok(fetched)) => fetched.secret,
+                _ => {
+                    tracing::warn!("fleet store URL unreadable; local breakers only");
+                    if self.pause(MAX_BACKOFF).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match Store::connect(url.expose(), &self.config.name).await {
+                Ok((store, subscription)) => {
+                    backoff = FIRST_BACKOFF;
+                    self.set_up(true);
+                    tracing::info!(fleet = %self.config.name, pod = %self.view.pod, "fleet store connected");
+                    let ended = self.serve(store, subscription).await;
+                    self.set_up(false);
+                    match ended {
+                        Served::Shutdown => return,
+                        Served::StoreFailed(error) => {
+                            tracing::warn!(%error, "fleet store lost; local breakers only until it is back");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "fleet store unreachable; local breakers only");
+                }
+            }
+            // Drain what piled up: those events are about a past the store did not see.
+            while self.outbox.try_recv().is_ok() {}
+            while self.breaker_outbox.try_recv().is_ok() {}
+            if self.pause(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Sleeps `wait`; `true` when shutdown came first.
+    async fn pause(&self, wait: Duration) -> bool {
+        tokio::select! {
+            () = self.shutdown.cancelled() => true,
+            () = tokio::time::sleep(wait) => false,
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.view.store_up.store(up, Ordering::Relaxed);
+        self.metrics.fleet_store_up.set(i64::from(up));
+    }
+
+    async fn serve(&mut self, mut store: Store, mut subscription: store::Subscription) -> Served {
+        // Join: apply what the fleet already holds open.
+        match store.open_versions().await {
+            Ok(open) => {
+                for message in open {
+                    self.apply(&message);
+                }
+            }
+            Err(error) => return Served::StoreFailed(error),
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_heartbeat = Instant::now();
+        loop {
+            let result = tokio::select! {
+                () = self.shutdown.cancelled() => return Served::Shutdown,
+                message = subscription.next() => match message {
+                    Some(message) => {
+                        self.apply(&message);
+                        Ok(())
+                    }
+                    None => Err(store::StoreError::Closed),
+                },
+                Some(event) = self.breaker_outbox.recv() => self.report(&mut store, event).await,
+                Some(outgoing) = self.outbox.recv() => self.publish(&mut store, outgoing).await,
+                _ = tick.tick() => {
+                    let mut result = self.probe_leases(&mut store).await;
+                    if result.is_ok() && Instant::now() >= next_heartbeat {
+                        next_heartbeat = Instant::now() + HEARTBEAT_EVERY;
+                        result = self.heartbeat(&mut store).await;
+                    }
+                    result
+                }
+            };
+            if let Err(error) = result {
+                return Served::StoreFailed(error);
+            }
+        }
+    }
+
+    /// A breaker's event, counted and published.
+    async fn report(
+        &self,
+        store: &mut Store,
+        event: BreakerEvent,
+    ) -> Result<(), store::StoreError> {
+        match event {
+            BreakerEvent::AuthFailure {
+                credential,
+                fingerprint,
+            } => {
+                let Some(settings) = self.breaker_settings(&credential) else {
+                    return Ok(());
+                };
+                let count = store
+                    .count_failure(&credential, &fingerprint, settings.max_open_for)
+                    .await?;
+                // Exactly one pod crosses the threshold and tells the fleet.
+                if count == u64::from(settings.failures) {
+                    let message = FleetMessage::Open {
+                        credential: credential.to_string(),
+                        fingerprint,
+                        reason: format!("upstream auth failures x{count} across the fleet"),
+                        open_for_ms: duration_ms(settings.open_for),
+                        from: self.view.pod.clone(),
+                    };
+                    store.announce_open(&message, settings.open_for).await?;
+                    self.apply(&message);
+                }
+                Ok(())
+            }
+            BreakerEvent::Recovered {
+                credential,
+                fingerprint,
+            } => store.clear_failures(&credential, &fingerprint).await,
+            BreakerEvent::Opened {
+                credential,
+                fingerprint,
+                reason,
+                open_for,
+            } => {
+                store.release_probe(&credential, &fingerprint).await?;
+                let message = FleetMessage::Open {
+                    credential: credential.to_string(),
+                    fingerprint,
+                    reason,
+                    open_for_ms: duration_ms(open_for),
+                    from: self.view.pod.clone(),
+                };
+                store.announce_open(&message, open_for).await
+            }
+            BreakerEvent::Closed {
+                credential,
+                fingerprint,
+            } => {
+                store.release_probe(&credential, &fingerprint).await?;
+                store.clear_failures(&credential, &fingerprint).await?;
+                let message = FleetMessage::Close {
+                    credential: credential.to_string(),
+                    fingerprint,
+                    from: self.view.pod.clone(),
+                };
+                store.announce_close(&message).await
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        store: &mut Store,
+        outgoing: Outgoing,
+    ) -> Result<(), store::StoreError> {
+        let message = match outgoing {
+            Outgoing::Hold {
+                credential,
+                seconds,
+            } => FleetMessage::Hold {
+                credential: credential.to_string(),
+                seconds,
+                from: self.view.pod.clone(),
+            },
+            Outgoing::Manual { credential, action } => FleetMessage::Manual {
+                credential: credential.to_string(),
+                action,
+                from: self.view.pod.clone(),
+            },
+        };
+        store.publish(&message).await
+    }
+
+    /// For each breaker the fleet holds open past its period: try for the one probe lease.
+    async fn probe_leases(&self, store: &mut Store) -> Result<(), store::StoreError> {
+        let now = Instant::now();
+        let due: Vec<_> = self
+            .state
+            .load()
+            .credentials
+            .iter()
+            .filter_map(|c| Some((c.clone(), c.breaker.fleet_probe_due(now)?)))
+            .collect();
+        for (credential, fingerprint) in due {
+            if store
+                .take_probe(&credential.name, &fingerprint, &self.view.pod, PROBE_LEASE)
+                .await?
+            {
+                tracing::info!(credential = %credential.name, fingerprint, "this pod holds the fleet's probe");
+                credential.breaker.fleet_release_for_probe();
+            }
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&self, store: &mut Store) -> Result<(), store::StoreError> {
+        let pods = store.heartbeat(&self.view.pod, POD_TTL).await?;
+        self.view.pods.store(pods, Ordering::Relaxed);
+        self.metrics.fleet_pods.set(pods);
+        Ok(())
+    }
+
+    /// Applies a message from the store to the local breakers and limits. A message can open
+    /// or hold, or close what the fleet itself opened; it never touches which value is stamped.
+    fn apply(&self, message: &FleetMessage) {
+        let snapshot = self.state.load();
+        let Some(credential) = snapshot.credentials.get(message.credential()) else {
+            return;
+        };
+        let current = credential.current.as_ref().map(|v| v.fingerprint.as_str());
+        let kind = message.kind();
+        let applied = match message {
+            // Only the version that failed is held: a pod that already rotated is not. Our own
+            // announcements are held too, so that every pod's probe goes by the lease.
+            FleetMessage::Open {
+                fingerprint,
+                reason,
+                open_for_ms,
+                ..
+            } if current == Some(fingerprint.as_str()) => {
+                let open_for = Duration::from_millis(*open_for_ms);
+                credential
+                    .breaker
+                    .fleet_open(fingerprint, reason, open_for, Instant::now());
+                true
+            }
+            FleetMessage::Close {
+                fingerprint, from, ..
+            } if *from != self.view.pod => {
+                credential.breaker.fleet_close(fingerprint);
+                true
+            }
+            FleetMessage::Hold { seconds, from, .. } if *from != self.view.pod => {
+                credential
+                    .limits
+                    .hold(Instant::now() + Duration::from_secs(*seconds));
+                true
+            }
+            FleetMessage::Manual { action, from, .. } if *from != self.view.pod => {
+                tracing::warn!(credential = %credential.name, action = action.label(), from = %from, "breaker set by an operator on another pod");
+                match action {
+                    ManualAction::Open => credential.breaker.force_open(Instant::now()),
+                    ManualAction::Close => credential.breaker.force_close(),
+                }
+                self.metrics
+                    .breaker_manual
+                    .with_label_values(&[credential.name.as_ref(), action.label()])
+                    .inc();
+                true
+            }
+            _ => false,
+        };
+        if applied {
+            self.metrics.fleet_events.with_label_values(&[kind]).inc();
+        }
+    }
+
+    fn breaker_settings(&self, credential: &str) -> Option<crate::config::BreakerSettings> {
+        let snapshot = self.state.load();
+        Some(snapshot.credentials.get(credential)?.spec.breaker)
+    }
+}
+
+enum Served {
+    Shutdown,
+    StoreFailed(store::StoreError),
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Fleet status for `/status`: per credential, whether the fleet holds its breaker.
+pub fn held_by_fleet(state: &SharedState) -> HashMap<Arc<str>, bool> {
+    state
+        .load()
+        .credentials
+        .iter()
+        .map(|c| (c.name.clone(), c.breaker.fleet_held()))
+        .collect()
+}

@@ -1,0 +1,292 @@
+//! The store's side of the fleet: Redis or Valkey commands on keys prefixed
+//! `keystamp:<fleet>:`, each under a short deadline, and the subscription to the fleet's channel.
+//! Counting is atomic in the store (`INCR`), the probe lease is `SET NX PX`: no read-modify-write.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use redis::aio::MultiplexedConnection;
+
+use crate::fleet::message::FleetMessage;
+
+/// No store command may hold the fleet task longer than this.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("store did not answer in time")]
+    Timeout,
+    #[error("store subscription closed")]
+    Closed,
+}
+
+pub struct Store {
+    connection: MultiplexedConnection,
+    prefix: String,
+    channel: String,
+}
+
+/// The fleet channel's messages, parsed; unparseable ones are skipped.
+pub struct Subscription {
+    messages: Pin<Box<dyn Stream<Item = redis::Msg> + Send>>,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Option<FleetMessage> {
+        loop {
+            let message = self.messages.next().await?;
+            let Ok(payload) = message.get_payload::<String>() else {
+                continue;
+            };
+            match serde_json::from_str(&payload) {
+                Ok(parsed) => return Some(parsed),
+                Err(_) => tracing::debug!("unparseable fleet message dropped"),
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Connects (commands and the subscription) to the store at `url`.
+    pub async fn connect(url: &str, fleet: &str) -> Result<(Self, Subscription), StoreError> {
+        let client = redis::Client::open(url)?;
+        let prefix = format!("keystamp:{fleet}:");
+        let channel = format!("{prefix}events");
+        let connection = deadline(client.get_multiplexed_async_connection()).await?;
+        let mut pubsub = deadline(client.get_async_pubsub()).await?;
+        deadline(pubsub.subscribe(&channel)).await?;
+        let subscription = Subscription {
+            messages: Box::pin(pubsub.into_on_message()),
+        };
+        Ok((
+            Self {
+                connection,
+                prefix,
+                channel,
+            },
+            subscription,
+        ))
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        format!("{}{}", self.prefix, parts.join(":"))
+    }
+
+    /// Counts one auth failure of a version; the count lapses `window` after the last one.
+    pub async fn count_failure(
+        &mut self,
+        credential: &str,
+        fingerprint: &str,
+        window: Duration,
+    ) -> Result<u64, StoreError> {
+        let key = self.key(&["fail", credential, fingerprint]);
+        let (count, _): (u64, i64) = deadline(
+            redis::pipe()
+                .atomic()
+                .cmd("INCR")
+                .arg(&key)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(millis(window))
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        Ok(count)
+    }
+
+    pub async fn clear_failures(
+        &mut self,
+        credential: &str,
+        fingerprint: &str,
+    ) -> Result<(), StoreError> {
+        let key = self.key(&["fail", credential, fingerprint]);
+        let _: i64 = deadline(redis::cmd("DEL").arg(key).query_async(&mut self.connection)).await?;
+        Ok(())
+    }
+
+    /// Records the open version (for pods that join later) and tells every pod now.
+    pub async fn announce_open(
+        &mut self,
+        message: &FleetMessage,
+        open_for: Duration,
+    ) -> Result<(), StoreError> {
+        let FleetMessage::Open {
+            credential,
+            fingerprint,
+            ..
+        } = message
+        else {
+            return Ok(());
+        };
+        let key = self.key(&["open", credential, fingerprint]);
+        let index = self.key(&["opens"]);
+        let json = serde_json::to_string(message).unwrap_or_default();
+        let _: ((), i64, i64) = deadline(
+            redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&json)
+                .arg("PX")
+                .arg(millis(open_for))
+                .cmd("SADD")
+                .arg(&index)
+                .arg(&key)
+                .cmd("PUBLISH")
+                .arg(&self.channel)
+                .arg(&json)
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets the open version and tells every pod its probe succeeded.
+    pub async fn announce_close(&mut self, message: &FleetMessage) -> Result<(), StoreError> {
+        let FleetMessage::Close {
+            credential,
+            fingerprint,
+            ..
+        } = message
+        else {
+            return Ok(());
+        };
+        let key = self.key(&["open", credential, fingerprint]);
+        let index = self.key(&["opens"]);
+        let json = serde_json::to_string(message).unwrap_or_default();
+        let _: (i64, i64, i64) = deadline(
+            redis::pipe()
+                .atomic()
+                .cmd("DEL")
+                .arg(&key)
+                .cmd("SREM")
+                .arg(&index)
+                .arg(&key)
+                .cmd("PUBLISH")
+                .arg(&self.channel)
+                .arg(&json)
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn publish(&mut self, message: &FleetMessage) -> Result<(), StoreError> {
+        let json = serde_json::to_string(message).unwrap_or_default();
+        let _: i64 = deadline(
+            redis::cmd("PUBLISH")
+                .arg(&self.channel)
+                .arg(json)
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every version the fleet holds open now (what a joining pod applies first).
+    pub async fn open_versions(&mut self) -> Result<Vec<FleetMessage>, StoreError> {
+        let index = self.key(&["opens"]);
+        let keys: Vec<String> = deadline(
+            redis::cmd("SMEMBERS")
+                .arg(&index)
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        let mut open = Vec::new();
+        for key in keys {
+            let value: Option<String> = deadline(
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut self.connection),
+            )
+            .await?;
+            match value.and_then(|json| serde_json::from_str(&json).ok()) {
+                Some(message) => open.push(message),
+                None => {
+                    let _: i64 = deadline(
+                        redis::cmd("SREM")
+                            .arg(&index)
+                            .arg(&key)
+                            .query_async(&mut self.connection),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(open)
+    }
+
+    /// Takes the fleet's one probe lease for a version, if nobody holds it.
+    pub async fn take_probe(
+        &mut self,
+        credential: &str,
+        fingerprint: &str,
+        pod: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = self.key(&["probe", credential, fingerprint]);
+        let taken: Option<String> = deadline(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(pod)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(lease))
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        Ok(taken.is_some())
+    }
+
+    pub async fn release_probe(
+        &mut self,
+        credential: &str,
+        fingerprint: &str,
+    ) -> Result<(), StoreError> {
+        let key = self.key(&["probe", credential, fingerprint]);
+        let _: i64 = deadline(redis::cmd("DEL").arg(key).query_async(&mut self.connection)).await?;
+        Ok(())
+    }
+
+    /// Marks `pod` alive and answers how many pods are.
+    pub async fn heartbeat(&mut self, pod: &str, ttl: Duration) -> Result<i64, StoreError> {
+        let key = self.key(&["pods"]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(millis)
+            .unwrap_or(0);
+        let (_, _, live): (i64, i64, i64) = deadline(
+            redis::pipe()
+                .atomic()
+                .cmd("ZADD")
+                .arg(&key)
+                .arg(now)
+                .arg(pod)
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(now.saturating_sub(millis(ttl)))
+                .cmd("ZCARD")
+                .arg(&key)
+                .query_async(&mut self.connection),
+        )
+        .await?;
+        Ok(live)
+    }
+}
+
+async fn deadline<T>(
+    command: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(COMMAND_DEADLINE, command).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
