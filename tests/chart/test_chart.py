@@ -25,6 +25,7 @@ VALUES = {
     "example": yaml.safe_load((CHART / "ci" / "example-values.yaml").read_text()),
     "classic-sidecar": yaml.safe_load((CHART / "ci" / "classic-sidecar-values.yaml").read_text()),
     "monitoring": yaml.safe_load((CHART / "ci" / "monitoring-values.yaml").read_text()),
+    "fleet": yaml.safe_load((CHART / "ci" / "fleet-values.yaml").read_text()),
 }
 CA_DIR = "/var/run/keystamp"
 NO_PROXY_BASE = ["localhost", "127.0.0.1", "::1", ".svc", ".cluster.local"]
@@ -158,13 +159,26 @@ for label, values in VALUES.items():
                 assert credential in run.stdout
 
 
+@check("fleet: store URL from a Secret, pod name from the downward API, fleet section rendered")
+def _():
+    for name, spec in pod_specs(render(VALUES["fleet"])):
+        env = {e["name"]: e for e in keystamp_container(spec)["env"]}
+        assert env["KEYSTAMP_FLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "keystamp-fleet-redis", "key": "url"}, name
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", name
+    configs = [d for _, d in render(VALUES["fleet"]) if d["kind"] == "ConfigMap"]
+    config = yaml.safe_load(configs[0]["data"]["keystamp.yaml"])
+    assert config["fleet"] == {"name": "research-agents", "store": {"url": {"env": "KEYSTAMP_FLEET_REDIS_URL"}}, "replicas_hint": 50}, config
+    defaults = [d for _, d in render(VALUES["defaults"]) if d["kind"] == "ConfigMap"]
+    assert all("fleet" not in yaml.safe_load(d["data"]["keystamp.yaml"]) for d in defaults)
+
+
 @check("monitoring: PodMonitor, PrometheusRule alerts and Grafana dashboard")
 def _():
     documents = {d["kind"]: d for _, d in render(VALUES["monitoring"])}
     assert documents["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["path"] == "/metrics"
     rules = documents["PrometheusRule"]["spec"]["groups"][0]["rules"]
     alerts = {r["alert"] for r in rules}
-    assert alerts == {"KeystampBreakerOpen", "KeystampCredentialExpiringSoon", "KeystampReloadFailures", "KeystampAuthFailureRate", "KeystampErrorRate"}, alerts
+    assert alerts == {"KeystampBreakerOpen", "KeystampFleetStoreDown", "KeystampCredentialExpiringSoon", "KeystampReloadFailures", "KeystampAuthFailureRate", "KeystampErrorRate"}, alerts
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]

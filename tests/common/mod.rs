@@ -751,3 +751,75 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+impl KeystampProcess {
+    /// A reqwest client that uses this keystamp as its proxy and trusts its CA only.
+    pub fn client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(format!("http://{}", self.proxy)).unwrap())
+            .add_root_certificate(ca)
+            .tls_built_in_root_certs(false)
+            .build()
+            .unwrap()
+    }
+
+    /// `/status` as JSON.
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/status").await).unwrap()
+    }
+}
+
+/// A real `redis-server` on a free loopback port, with no persistence; killed when dropped.
+/// `stop` and `start_again` (same port) simulate a store outage.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            child: None,
+        };
+        server.start_again();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn start_again(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -84,6 +84,14 @@ require_identity: true
 routes:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if .Values.fleet.enabled }}
+fleet:
+  name: {{ .Values.fleet.name | default .Release.Name | quote }}
+  store: { url: { env: KEYSTAMP_FLEET_REDIS_URL } }
+  {{- with .Values.fleet.replicasHint }}
+  replicas_hint: {{ . }}
+  {{- end }}
+{{- end }}
 {{- with .Values.config.extra }}
 {{ toYaml . }}
 {{- end }}
@@ -101,6 +109,17 @@ routes:
   env:
     - name: RUST_LOG
       value: {{ .Values.sidecar.logLevel | quote }}
+    {{- if .Values.fleet.enabled }}
+    # The pod's name identifies it in the fleet (heartbeats, who opened a breaker).
+    - name: POD_NAME
+      valueFrom:
+        fieldRef: { fieldPath: metadata.name }
+    - name: KEYSTAMP_FLEET_REDIS_URL
+      valueFrom:
+        secretKeyRef:
+          name: {{ required "fleet.store.secretName is required when fleet.enabled" .Values.fleet.store.secretName }}
+          key: {{ .Values.fleet.store.key }}
+    {{- end }}
   ports:
     - name: ks-admin
       containerPort: {{ .Values.sidecar.adminPort }}

@@ -1,0 +1,333 @@
+//! Fleet-wide credential state through a real `redis-server`: many real keystamp processes
+//! sharing one upstream key, one recording upstream, agents spread over the processes.
+
+// Test code: a panic is a failed assertion, which is what we want here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SECRET: &str = "fleet-key-1";
+
+/// `pods` keystamp processes in front of `upstream`, all naming fleet `drill` on `store` (or
+/// none, with `store: None`), each stamping `key` (which the upstream accepts until revoked).
+fn fleet(
+    pods: usize,
+    upstream: &TestUpstream,
+    ca: &Path,
+    store: Option<&RedisServer>,
+    dir: &Path,
+) -> Vec<KeystampProcess> {
+    let url_file = dir.join("redis-url");
+    if let Some(store) = store {
+        std::fs::write(&url_file, store.url()).unwrap();
+    }
+    (0..pods)
+        .map(|_| {
+            let mut config = TestConfig::new();
+            config
+                .trust(ca)
+                .pin("api.example.test:443", upstream.addr)
+                .set(
+                    "breaker",
+                    serde_json::json!({ "failures": 5, "open_for": "1s", "max_open_for": "8s", "jitter": false }),
+                )
+                .credential_file("key", serde_json::json!({}))
+                .bearer_route(
+                    "api.example.test",
+                    "key",
+                    serde_json::json!({ "respect_retry_after": true }),
+                );
+            if store.is_some() {
+                config.set(
+                    "fleet",
+                    serde_json::json!({ "name": "drill", "store": { "url": { "file": url_file } } }),
+                );
+            }
+            KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
+        })
+        .collect()
+}
+
+async fn wait_for_store(pods: &[KeystampProcess]) {
+    for pod in pods {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                metric(&pod.admin_get("/metrics").await, "keystamp_fleet_store_up") == Some(1.0)
+            })
+            .await,
+            "a pod never reached the store: {}",
+            pod.log()
+        );
+    }
+}
+
+/// 50 agents spread over the pods, each sending a request every 50 ms; the key is revoked
+/// mid-run. Returns how many requests the upstream rejected after the revocation.
+async fn revocation_drill(pods: &[KeystampProcess], upstream: &TestUpstream) -> usize {
+    let stop = Arc::new(AtomicBool::new(false));
+    let agents: Vec<_> = (0..50)
+        .map(|n| {
+            let client = pods[n % pods.len()].client();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = client.get("https://api.example.test/work").send().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    upstream.seen.accept_only("revoked");
+    let at_revocation = upstream.seen.count();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rejected = upstream.seen.count() - at_revocation;
+    stop.store(true, Ordering::SeqCst);
+    for agent in agents {
+        agent.await.unwrap();
+    }
+    rejected
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_key_costs_the_fleet_failures_once_not_once_per_pod() {
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Without fleet: every pod finds out on its own.
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    upstream.seen.accept_only(SECRET);
+    let alone = fleet(10, &upstream, &ca, None, dir.path());
+    let without = revocation_drill(&alone, &upstream).await;
+    drop(alone);
+
+    // With fleet: the count is shared, the open reaches every pod, one probe per period.
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    upstream.seen.accept_only(SECRET);
+    let pods = fleet(10, &upstream, &ca, Some(&store), dir.path());
+    wait_for_store(&pods).await;
+    let with = revocation_drill(&pods, &upstream).await;
+    eprintln!("revocation drill, 10 pods, 50 agents, 4 s: {without} auth failures upstream without fleet, {with} with fleet");
+    // 5 failures, ~4 probes (one per second fleet-wide), and what was in flight when the fifth
+    // failure was counted (at most one per agent).
+    assert!(with <= 5 + 5 + 50, "{with} auth failures with fleet");
+    assert!(
+        with * 3 <= without,
+        "fleet: {with} auth failures, alone: {without}: the fleet must cut them by far"
+    );
+    let events: f64 = {
+        let mut total = 0.0;
+        for pod in &pods {
+            let metrics = pod.admin_get("/metrics").await;
+            total += metric(&metrics, "keystamp_fleet_events_total{kind=\"open\"}").unwrap_or(0.0);
+        }
+        total
+    };
+    assert!(
+        events >= 10.0,
+        "every pod applied the fleet's open ({events})"
+    );
+
+    // Nothing but names, fingerprints, counts and times is in the store.
+    let client = redis::Client::open(store.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(
+        keys.iter().all(|k| k.starts_with("keystamp:drill:")),
+        "{keys:?}"
+    );
+    for key in &keys {
+        assert!(!key.contains(SECRET));
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if kind == "string" {
+            let value: String = redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            assert!(!value.contains(SECRET), "{key}: {value}");
+        }
+    }
+    for pod in &pods {
+        assert!(!pod.log().contains(SECRET));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_switch_and_an_upstream_429_reach_every_pod() {
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let pods = fleet(3, &upstream, &ca, Some(&store), dir.path());
+    wait_for_store(&pods).await;
+    let (a, b) = (&pods[0], &pods[1]);
+    let admin = reqwest::Client::builder().no_proxy().build().unwrap();
+    let opened_at = Instant::now();
+    let opened = admin
+        .post(format!("http://{}/breakers/key/open", a.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opened.status(), 200);
+    let client_b = b.client();
+    let mut seen_open = None;
+    while opened_at.elapsed() < Duration::from_secs(3) {
+        let response = client_b
+            .get("https://api.example.test/x")
+            .send()
+            .await
+            .unwrap();
+        if response
+            .headers()
+            .get("x-keystamp-error")
+            .is_some_and(|c| c == "credential_circuit_open")
+        {
+            seen_open = Some(opened_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen_open = seen_open.expect("pod B never saw the operator's open");
+    assert!(seen_open < Duration::from_secs(1), "took {seen_open:?}");
+    eprintln!("manual open propagated to another pod in {seen_open:?}");
+    admin
+        .post(format!("http://{}/breakers/key/close", a.admin))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            client_b
+                .get("https://api.example.test/x")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+        })
+        .await
+    );
+    let metrics = b.admin_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "keystamp_breaker_manual_actions_total{action=\"open\",credential=\"key\"}"
+        ),
+        Some(1.0)
+    );
+
+    // A 429 with Retry-After on pod A holds the credential on pod C too.
+    let c = &pods[2];
+    let status = a
+        .client()
+        .get("https://api.example.test/status/429")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status(), 429);
+    let before = upstream.seen.count();
+    let client_c = c.client();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            let response = client_c
+                .get("https://api.example.test/x")
+                .send()
+                .await
+                .unwrap();
+            response
+                .headers()
+                .get("x-keystamp-error")
+                .is_some_and(|c| c == "rate_limited")
+        })
+        .await,
+        "pod C did not hold after pod A's 429"
+    );
+    assert!(
+        upstream.seen.count() - before <= 2,
+        "held requests reached the upstream"
+    );
+    let status = c.status().await;
+    assert_eq!(status["fleet"]["name"], "drill");
+    assert_eq!(status["fleet"]["store_up"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_outage_leaves_local_protection_and_the_fleet_rejoins() {
+    let mut store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    upstream.seen.accept_only(SECRET);
+    let pods = fleet(2, &upstream, &ca, Some(&store), dir.path());
+    wait_for_store(&pods).await;
+    store.stop();
+    let client = pods[0].client();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &pods[0].admin_get("/metrics").await,
+                "keystamp_fleet_store_up",
+            ) == Some(0.0)
+        })
+        .await
+    );
+    // Requests keep flowing, and /readyz does not depend on the store.
+    for _ in 0..10 {
+        assert_eq!(
+            client
+                .get("https://api.example.test/x")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    assert_eq!(pods[0].admin_get("/readyz").await.trim(), "ready");
+    // The local breaker still protects: five failures open it on this pod.
+    upstream.seen.accept_only("revoked");
+    for _ in 0..5 {
+        assert_eq!(
+            client
+                .get("https://api.example.test/x")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+    }
+    let response = client
+        .get("https://api.example.test/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["x-keystamp-error"],
+        "credential_circuit_open"
+    );
+
+    // The store comes back: every pod rejoins without a restart.
+    store.start_again();
+    wait_for_store(&pods).await;
+    assert!(!pods[0].log().contains(SECRET));
+}
