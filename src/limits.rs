@@ -1,8 +1,11 @@
 //! Per-credential rate limits (governor) and the hold an upstream asks for with `429` +
 //! `Retry-After`. Over the limit keystamp answers 429 `rate_limited` itself, without contacting
-//! the upstream.
+//! the upstream. A `scope: fleet` limit spends tokens the fleet task took from the store's one
+//! bucket ahead of time, so the request path never waits on the store; while the store is out
+//! of reach it falls back to this pod's share (`per_second` / pods), never to no limit at all.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -10,35 +13,71 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
-use crate::config::RateLimitSpec;
+use crate::config::{LimitScope, RateLimitSpec};
+
+/// What an agent over a fleet-wide limit is told to wait: tokens arrive every refill.
+const FLEET_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 pub struct Limits {
     /// What the limiter was built from, so a reload can tell whether to keep it.
     pub spec: Option<RateLimitSpec>,
     limiter: Option<DefaultDirectRateLimiter>,
+    /// For `scope: fleet`: tokens granted by the store, and the fallback share.
+    fleet: Option<FleetShare>,
     clock: DefaultClock,
     /// Until when the upstream asked this credential's traffic to wait.
     held_until: Mutex<Option<Instant>>,
 }
 
+/// A fleet-wide limit as one pod holds it.
+struct FleetShare {
+    /// Tokens the fleet task took from the store's bucket for this pod, not yet spent.
+    granted: AtomicI64,
+    /// Requests that asked since the last refill: how many tokens to ask for next.
+    demand: AtomicI64,
+    /// Whether the store answered the last refill; if not, the fallback decides.
+    live: AtomicBool,
+    /// Pods the fallback divides the limit by, and its limiter.
+    pods: AtomicU32,
+    fallback: Mutex<DefaultDirectRateLimiter>,
+}
+
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limits")
-            .field("limited", &self.limiter.is_some())
+            .field("limited", &(self.limiter.is_some() || self.fleet.is_some()))
             .finish()
     }
 }
 
+fn limiter(per_second: u32, burst: u32) -> DefaultDirectRateLimiter {
+    let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(per_second);
+    RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
+}
+
 impl Limits {
     pub fn new(spec: Option<RateLimitSpec>) -> Self {
-        let limiter = spec.map(|spec| {
-            let per_second = NonZeroU32::new(spec.per_second).unwrap_or(NonZeroU32::MIN);
-            let burst = NonZeroU32::new(spec.burst).unwrap_or(per_second);
-            RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
-        });
+        let (limiter, fleet) = match spec {
+            None => (None, None),
+            Some(spec) if spec.scope == LimitScope::Pod => {
+                (Some(limiter(spec.per_second, spec.burst)), None)
+            }
+            Some(spec) => {
+                let share = FleetShare {
+                    granted: AtomicI64::new(0),
+                    demand: AtomicI64::new(0),
+                    live: AtomicBool::new(false),
+                    pods: AtomicU32::new(1),
+                    fallback: Mutex::new(limiter(spec.per_second, spec.burst)),
+                };
+                (None, Some(share))
+            }
+        };
         Self {
             spec,
             limiter,
+            fleet,
             clock: DefaultClock::default(),
             held_until: Mutex::new(None),
         }
@@ -52,6 +91,9 @@ impl Limits {
                     return Err(until - now);
                 }
             }
+        }
+        if let Some(fleet) = &self.fleet {
+            return fleet.check(&self.clock);
         }
         match &self.limiter {
             Some(limiter) => limiter
@@ -68,5 +110,63 @@ impl Limits {
                 *held = Some(until);
             }
         }
+    }
+
+    /// For the fleet task: how many tokens to ask the store for now (`None`: not fleet-wide, or
+    /// nothing needed). An idle pod keeps one token in hand and never hoards more, so the
+    /// fleet's tokens go where the requests are.
+    pub fn fleet_want(&self) -> Option<i64> {
+        let fleet = self.fleet.as_ref()?;
+        let demand = fleet.demand.swap(0, Ordering::AcqRel);
+        let granted = fleet.granted.load(Ordering::Acquire).max(0);
+        let want = demand.max(1) - granted;
+        (want > 0).then_some(want)
+    }
+
+    /// For the fleet task: the store granted `tokens` (or was out of reach: `None`).
+    pub fn fleet_granted(&self, tokens: Option<i64>) {
+        let Some(fleet) = &self.fleet else { return };
+        match tokens {
+            Some(tokens) => {
+                fleet.granted.fetch_add(tokens, Ordering::AcqRel);
+                fleet.live.store(true, Ordering::Release);
+            }
+            None => fleet.live.store(false, Ordering::Release),
+        }
+    }
+
+    /// For the fleet task: how many pods share the limit while the store is out of reach.
+    pub fn set_fleet_pods(&self, pods: u32) {
+        let (Some(fleet), Some(spec)) = (&self.fleet, self.spec) else {
+            return;
+        };
+        let pods = pods.max(1);
+        if fleet.pods.swap(pods, Ordering::AcqRel) == pods {
+            return;
+        }
+        let share = (spec.per_second / pods).max(1);
+        let burst = (spec.burst / pods).max(1);
+        if let Ok(mut fallback) = fleet.fallback.lock() {
+            *fallback = limiter(share, burst);
+        }
+    }
+}
+
+impl FleetShare {
+    fn check(&self, clock: &DefaultClock) -> Result<(), Duration> {
+        if !self.live.load(Ordering::Acquire) {
+            let Ok(fallback) = self.fallback.lock() else {
+                return Err(FLEET_RETRY_AFTER);
+            };
+            return fallback
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(clock.now()));
+        }
+        self.demand.fetch_add(1, Ordering::AcqRel);
+        if self.granted.fetch_sub(1, Ordering::AcqRel) > 0 {
+            return Ok(());
+        }
+        self.granted.fetch_add(1, Ordering::AcqRel);
+        Err(FLEET_RETRY_AFTER)
     }
 }

@@ -331,3 +331,69 @@ async fn a_store_outage_leaves_local_protection_and_the_fleet_rejoins() {
     wait_for_store(&pods).await;
     assert!(!pods[0].log().contains(SECRET));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    std::fs::write(dir.path().join("redis-url"), store.url()).unwrap();
+    let pods: Vec<KeystampProcess> = (0..5)
+        .map(|_| {
+            let mut config = TestConfig::new();
+            config
+                .trust(&ca)
+                .pin("api.example.test:443", upstream.addr)
+                .set(
+                    "fleet",
+                    serde_json::json!({ "name": "quota", "store": { "url": { "file": dir.path().join("redis-url") } } }),
+                )
+                .credential_file(
+                    "key",
+                    serde_json::json!({ "rate_limit": { "per_second": 40, "burst": 40, "scope": "fleet" } }),
+                )
+                .bearer_route("api.example.test", "key", serde_json::json!({}));
+            KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
+        })
+        .collect();
+    wait_for_store(&pods).await;
+    // Let every pod take its first tokens, and the bucket fill.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = upstream.seen.count();
+    let started = Instant::now();
+    // Far more demand than the limit, unevenly spread: 2, 4, 6, 8 and 10 agents per pod.
+    let agents: Vec<_> = (0..5)
+        .flat_map(|pod| (0..(2 * (pod + 1))).map(move |_| pod))
+        .map(|pod| {
+            let client = pods[pod].client();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = client.get("https://api.example.test/q").send().await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::SeqCst);
+    for agent in agents {
+        agent.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let served = (upstream.seen.count() - before) as f64;
+    // The bucket starts full (burst 40), then refills at 40/s.
+    let allowed = 40.0 + 40.0 * elapsed;
+    eprintln!(
+        "fleet rate limit, 5 pods, 40/s: {served} served in {elapsed:.2} s (allowed {allowed:.0})"
+    );
+    assert!(
+        served <= allowed * 1.1,
+        "{served} served, {allowed:.0} allowed"
+    );
+    assert!(
+        served >= allowed * 0.9,
+        "{served} served, {allowed:.0} allowed: the fleet starved"
+    );
+}

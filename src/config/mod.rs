@@ -124,6 +124,16 @@ pub struct CredentialSpec {
 pub struct RateLimitSpec {
     pub per_second: u32,
     pub burst: u32,
+    pub scope: LimitScope,
+}
+
+/// Whose bucket a rate limit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    /// This sidecar's own.
+    Pod,
+    /// One bucket in the fleet store, shared by every sidecar of the fleet.
+    Fleet,
 }
 
 /// The auth circuit breaker's settings.

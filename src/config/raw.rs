@@ -153,6 +153,9 @@ pub struct RawRateLimit {
     pub per_second: u32,
     #[serde(default)]
     pub burst: Option<u32>,
+    /// `pod` (default): this sidecar's own bucket; `fleet`: one bucket for the whole fleet.
+    #[serde(default)]
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

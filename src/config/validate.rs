@@ -17,8 +17,8 @@ use super::raw::{
 };
 use super::{
     AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
-    CredentialSpec, FleetConfig, HostPattern, IdentitySpec, Injection, OAuth2Spec, RateLimitSpec,
-    ReloadConfig, RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
+    CredentialSpec, FleetConfig, HostPattern, IdentitySpec, Injection, LimitScope, OAuth2Spec,
+    RateLimitSpec, ReloadConfig, RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -231,7 +231,7 @@ impl Errors<'_> {
             .collect();
         let resolve = self.resolve(&raw.resolve);
         let breaker = self.breaker(&raw.breaker);
-        let credentials = self.credentials(&raw.credentials, base, breaker);
+        let credentials = self.credentials(&raw.credentials, base, breaker, raw.fleet.is_some());
         let routes = raw
             .routes
             .iter()
@@ -276,9 +276,11 @@ impl Errors<'_> {
                 );
                 continue;
             }
-            let Some(rate_limit) =
-                self.rate_limit(&format!("{at}.rate_limit"), identity.rate_limit.as_ref())
-            else {
+            let Some(rate_limit) = self.rate_limit(
+                &format!("{at}.rate_limit"),
+                identity.rate_limit.as_ref(),
+                false,
+            ) else {
                 continue;
             };
             match self.source(&format!("{at}.source"), &identity.source, base) {
@@ -441,6 +443,7 @@ impl Errors<'_> {
         raw: &BTreeMap<String, RawCredential>,
         base: &Path,
         breaker: BreakerSettings,
+        fleet: bool,
     ) -> BTreeMap<String, CredentialSpec> {
         let mut specs = BTreeMap::new();
         for (name, credential) in raw {
@@ -463,6 +466,7 @@ impl Errors<'_> {
             let Some(rate_limit) = self.rate_limit(
                 &format!("{key_path}.rate_limit"),
                 credential.rate_limit.as_ref(),
+                fleet,
             ) else {
                 continue;
             };
@@ -507,19 +511,37 @@ impl Errors<'_> {
     }
 
     /// `Some(None)`: no limit set; `None`: an invalid one (reported).
+    /// `fleet_allowed`: a credential's limit in a config with a `fleet:` section.
     fn rate_limit(
         &mut self,
         key_path: &str,
         raw: Option<&RawRateLimit>,
+        fleet_allowed: bool,
     ) -> Option<Option<RateLimitSpec>> {
         let Some(limit) = raw else { return Some(None) };
         if limit.per_second == 0 || limit.burst == Some(0) {
             self.push(key_path, "per_second and burst must be at least 1");
             return None;
         }
+        let scope = match limit.scope.as_deref() {
+            None | Some("pod") => LimitScope::Pod,
+            Some("fleet") if fleet_allowed => LimitScope::Fleet,
+            Some("fleet") => {
+                self.push(
+                    &format!("{key_path}.scope"),
+                    "`fleet` applies to a credential's limit, with a `fleet:` section",
+                );
+                return None;
+            }
+            Some(_) => {
+                self.push(&format!("{key_path}.scope"), "must be `pod` or `fleet`");
+                return None;
+            }
+        };
         Some(Some(RateLimitSpec {
             per_second: limit.per_second,
             burst: limit.burst.unwrap_or(limit.per_second),
+            scope,
         }))
     }
 

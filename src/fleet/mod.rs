@@ -30,8 +30,8 @@ use store::Store;
 const OUTBOX: usize = 4096;
 /// How long one pod may hold the fleet's probe lease for a version.
 const PROBE_LEASE: Duration = Duration::from_secs(10);
-/// How often held breakers are checked for a due probe, and pods heartbeat.
-const TICK: Duration = Duration::from_millis(250);
+/// How often held breakers are checked for a due probe and fleet-wide limits take tokens.
+const TICK: Duration = Duration::from_millis(100);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A pod that has not heartbeat for this long is no longer counted.
 const POD_TTL: Duration = Duration::from_secs(15);
@@ -155,6 +155,7 @@ impl FleetTask {
                 Some(Ok(fetched)) => fetched.secret,
                 _ => {
                     tracing::warn!("fleet store URL unreadable; local breakers only");
+                    self.limits_alone();
                     if self.pause(MAX_BACKOFF).await {
                         return;
                     }
@@ -177,6 +178,7 @@ impl FleetTask {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "fleet store unreachable; local breakers only");
+                    self.limits_alone();
                 }
             }
             // Drain what piled up: those events are about a past the store did not see.
@@ -200,6 +202,9 @@ impl FleetTask {
     fn set_up(&self, up: bool) {
         self.view.store_up.store(up, Ordering::Relaxed);
         self.metrics.fleet_store_up.set(i64::from(up));
+        if !up {
+            self.limits_alone();
+        }
     }
 
     async fn serve(&mut self, mut store: Store, mut subscription: store::Subscription) -> Served {
@@ -229,6 +234,9 @@ impl FleetTask {
                 Some(outgoing) = self.outbox.recv() => self.publish(&mut store, outgoing).await,
                 _ = tick.tick() => {
                     let mut result = self.probe_leases(&mut store).await;
+                    if result.is_ok() {
+                        result = self.refill_limits(&mut store).await;
+                    }
                     if result.is_ok() && Instant::now() >= next_heartbeat {
                         next_heartbeat = Instant::now() + HEARTBEAT_EVERY;
                         result = self.heartbeat(&mut store).await;
@@ -358,7 +366,50 @@ impl FleetTask {
         let pods = store.heartbeat(&self.view.pod, POD_TTL).await?;
         self.view.pods.store(pods, Ordering::Relaxed);
         self.metrics.fleet_pods.set(pods);
+        let share = u32::try_from(pods).unwrap_or(1);
+        for credential in self.state.load().credentials.iter() {
+            credential.limits.set_fleet_pods(share);
+        }
         Ok(())
+    }
+
+    /// Fleet-wide limits: take from the store's bucket what each was asked for since the last
+    /// refill, ahead of the requests that will spend it.
+    async fn refill_limits(&self, store: &mut Store) -> Result<(), store::StoreError> {
+        let snapshot = self.state.load_full();
+        for credential in snapshot.credentials.iter() {
+            let Some(spec) = credential.limits.spec else {
+                continue;
+            };
+            let Some(want) = credential.limits.fleet_want() else {
+                // Nothing wanted (or not fleet-wide): the store is not asked.
+                credential.limits.fleet_granted(Some(0));
+                continue;
+            };
+            let taken = store
+                .take_tokens(&credential.name, spec.per_second, spec.burst, want)
+                .await;
+            match taken {
+                Ok(tokens) => credential.limits.fleet_granted(Some(tokens)),
+                Err(error) => {
+                    credential.limits.fleet_granted(None);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The store is out of reach: fleet-wide limits fall back to this pod's share.
+    fn limits_alone(&self) {
+        let pods = match self.view.pods() {
+            0 => self.config.replicas_hint.unwrap_or(1),
+            seen => u32::try_from(seen).unwrap_or(1),
+        };
+        for credential in self.state.load().credentials.iter() {
+            credential.limits.fleet_granted(None);
+            credential.limits.set_fleet_pods(pods);
+        }
     }
 
     /// Applies a message from the store to the local breakers and limits. A message can open

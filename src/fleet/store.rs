@@ -13,6 +13,24 @@ use crate::fleet::message::FleetMessage;
 /// No store command may hold the fleet task longer than this.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(2);
 
+/// A token bucket taken from atomically in the store, on the store's own clock: refill by the
+/// time since the last take, hand out up to `want` whole tokens, keep the rest.
+const TAKE_TOKENS: &str = r"
+local rate = tonumber(ARGV[1]) / 1000.0
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(bucket[1]) or burst
+local at = tonumber(bucket[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local take = math.min(math.floor(tokens), want)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - take), 'at', now)
+redis.call('PEXPIRE', KEYS[1], 600000)
+return take
+";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
@@ -217,6 +235,21 @@ impl Store {
             }
         }
         Ok(open)
+    }
+
+    /// Takes up to `want` tokens from the fleet's bucket for `credential`.
+    pub async fn take_tokens(
+        &mut self,
+        credential: &str,
+        per_second: u32,
+        burst: u32,
+        want: i64,
+    ) -> Result<i64, StoreError> {
+        let key = self.key(&["bucket", credential]);
+        let script = redis::Script::new(TAKE_TOKENS);
+        let mut invocation = script.key(key);
+        invocation.arg(per_second).arg(burst).arg(want);
+        deadline(invocation.invoke_async(&mut self.connection)).await
     }
 
     /// Takes the fleet's one probe lease for a version, if nobody holds it.
