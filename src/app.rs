@@ -57,8 +57,13 @@ impl App {
         let shutdown = CancellationToken::new();
         let (fleet, breaker_events) = match &config.fleet {
             Some(fleet) => {
-                let (link, events) =
-                    fleet::start(fleet, shared.clone(), metrics.clone(), shutdown.clone());
+                let (link, events) = fleet::start(
+                    fleet,
+                    &config.extra_roots,
+                    shared.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                );
                 (Some(link), Some(events))
             }
             None => (None, None),

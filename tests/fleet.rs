@@ -397,3 +397,43 @@ async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
         "{served} served, {allowed:.0} allowed: the fleet starved"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rediss_store_with_a_password_is_verified_against_extra_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_ca = TestCa::new("store");
+    let store = RedisServer::start_tls(&store_ca, dir.path(), "fleet-pass-9");
+    let (upstream, upstream_ca, _ca_dir) = tls_upstream().await;
+    let store_ca_path = write_pem(dir.path(), "store-ca.pem", &store_ca.pem);
+    let url = format!("rediss://:fleet-pass-9@localhost:{}/", store.port);
+    std::fs::write(dir.path().join("redis-url"), &url).unwrap();
+    let start = |roots: Vec<String>| {
+        let mut config = TestConfig::new();
+        config
+            .set("upstream_tls", serde_json::json!({ "extra_roots": roots }))
+            .pin("api.example.test:443", upstream.addr)
+            .set(
+                "fleet",
+                serde_json::json!({ "name": "tls", "store": { "url": { "file": dir.path().join("redis-url") } } }),
+            )
+            .credential_file("key", serde_json::json!({}))
+            .bearer_route("api.example.test", "key", serde_json::json!({}));
+        KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
+    };
+    let trusted = start(vec![
+        upstream_ca.display().to_string(),
+        store_ca_path.display().to_string(),
+    ]);
+    wait_for_store(std::slice::from_ref(&trusted)).await;
+    // Without the store's CA among the roots, the store is not trusted: local breakers only.
+    let untrusted = start(vec![upstream_ca.display().to_string()]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = untrusted.admin_get("/metrics").await;
+    assert_eq!(metric(&metrics, "keystamp_fleet_store_up"), Some(0.0));
+    for pod in [&trusted, &untrusted] {
+        assert!(
+            !pod.log().contains("fleet-pass-9"),
+            "the store password was logged"
+        );
+    }
+}

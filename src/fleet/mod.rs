@@ -23,6 +23,7 @@ use crate::config::FleetConfig;
 use crate::credentials::read_local;
 use crate::state::SharedState;
 use crate::telemetry::Metrics;
+use crate::tls::combined_bundle;
 pub use message::{FleetMessage, ManualAction};
 use store::Store;
 
@@ -90,6 +91,7 @@ impl FleetLink {
 /// Starts the fleet task. Returns the link and the queue breakers report into.
 pub fn start(
     config: &FleetConfig,
+    extra_roots: &[std::path::PathBuf],
     state: Arc<SharedState>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -108,6 +110,7 @@ pub fn start(
     metrics.fleet_store_up.set(0);
     let task = FleetTask {
         config: config.clone(),
+        roots: store_roots(extra_roots),
         state,
         metrics,
         view: view.clone(),
@@ -117,6 +120,17 @@ pub fn start(
     };
     tokio::spawn(task.run());
     (FleetLink { outgoing, view }, breaker_events)
+}
+
+/// The system roots plus `upstream_tls.extra_roots`, as one PEM: what a `rediss://` store's
+/// certificate is verified against (added to, never instead of, the system's).
+fn store_roots(extra_roots: &[std::path::PathBuf]) -> String {
+    let extra: String = extra_roots
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .collect::<Vec<_>>()
+        .join("\n");
+    combined_bundle(&extra)
 }
 
 /// This pod's name in the fleet: the pod's host name, or a random one.
@@ -138,6 +152,8 @@ fn rand_u32() -> u32 {
 
 struct FleetTask {
     config: FleetConfig,
+    /// PEM the store's TLS certificate is verified against.
+    roots: String,
     state: Arc<SharedState>,
     metrics: Arc<Metrics>,
     view: Arc<FleetView>,
@@ -162,7 +178,7 @@ impl FleetTask {
                     continue;
                 }
             };
-            match Store::connect(url.expose(), &self.config.name).await {
+            match Store::connect(url.expose(), &self.config.name, &self.roots).await {
                 Ok((store, subscription)) => {
                     backoff = FIRST_BACKOFF;
                     self.set_up(true);

@@ -68,9 +68,22 @@ impl Subscription {
 }
 
 impl Store {
-    /// Connects (commands and the subscription) to the store at `url`.
-    pub async fn connect(url: &str, fleet: &str) -> Result<(Self, Subscription), StoreError> {
-        let client = redis::Client::open(url)?;
+    /// Connects (commands and the subscription) to the store at `url`. A `rediss://` store is
+    /// verified against `roots` (PEM: the system roots plus `upstream_tls.extra_roots`).
+    pub async fn connect(
+        url: &str,
+        fleet: &str,
+        roots: &str,
+    ) -> Result<(Self, Subscription), StoreError> {
+        let client = if url.starts_with("rediss://") {
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(roots.as_bytes().to_vec()),
+            };
+            redis::Client::build_with_tls(url, certificates)?
+        } else {
+            redis::Client::open(url)?
+        };
         let prefix = format!("keystamp:{fleet}:");
         let channel = format!("{prefix}events");
         let connection = deadline(client.get_multiplexed_async_connection()).await?;

@@ -775,13 +775,64 @@ impl KeystampProcess {
 pub struct RedisServer {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Extra `redis-server` arguments (TLS, a password), kept for a restart.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(Vec::new())
+    }
+
+    /// A TLS-only server (certificate for `localhost` from `ca`) that requires `password`.
+    pub fn start_tls(ca: &TestCa, dir: &Path, password: &str) -> Self {
+        let (chain, key) = ca.leaf(&["localhost"]);
+        let pem = |label: &str, der: &[u8]| {
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(der);
+            let lines: Vec<&str> = encoded
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                lines.join("\n")
+            )
+        };
+        let cert_path = dir.join("redis.crt");
+        let key_path = dir.join("redis.key");
+        std::fs::write(&cert_path, pem("CERTIFICATE", chain[0].as_ref())).unwrap();
+        std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+        let port = free_port();
+        let extra = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            cert_path.display().to_string(),
+            "--tls-key-file".into(),
+            key_path.display().to_string(),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--requirepass".into(),
+            password.into(),
+        ];
+        let mut server = Self {
+            port,
+            child: None,
+            extra,
+        };
+        server.start_again();
+        server
+    }
+
+    fn start_with(extra: Vec<String>) -> Self {
         let mut server = Self {
             port: free_port(),
             child: None,
+            extra,
         };
         server.start_again();
         server
@@ -792,8 +843,13 @@ impl RedisServer {
     }
 
     pub fn start_again(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = std::process::Command::new("redis-server");
+        if self.extra.is_empty() {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1"])
+            .args(&self.extra)
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
