@@ -6,6 +6,8 @@
 #
 #   benches/e2e.sh            # all cases, 8 s each
 #   SECONDS_PER_CASE=4 PEERS="hudsucker squid" benches/e2e.sh
+#   KS_BASELINE=/path/to/older/keystamp benches/e2e.sh   # also an older build, same config, same run
+#   FLEET=1 benches/e2e.sh    # also keystamp with fleet: on (starts redis-server on 127.0.0.1:18150)
 #
 # Needs: oha (cargo install oha --locked), the peer rig (../shared/peers/up.sh, started here).
 set -euo pipefail
@@ -18,7 +20,8 @@ command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked"
 eval "$("$peers_dir/up.sh" | grep -E '^[A-Z_]+=')"
 cargo build --release -q
 work=$(mktemp -d)
-trap 'kill $ks_pid $quiet_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+extra_pids=""
+trap 'kill $ks_pid $quiet_pid $extra_pids 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$work/secrets"
 printf 'bench-secret\n' >"$work/secrets/token"
 cat >"$work/keystamp.yaml" <<YAML
@@ -41,7 +44,29 @@ RUST_LOG=warn ./target/release/keystamp run --config "$work/keystamp.yaml" 2>"$w
 ks_pid=$!
 RUST_LOG=warn ./target/release/keystamp run --config "$work/quiet.yaml" 2>"$work/quiet.log" &
 quiet_pid=$!
-for port in 18141 18143; do
+extra_targets=""
+admin_ports="18141 18143"
+if [ -n "${KS_BASELINE:-}" ]; then
+  sed -e 's/18140/18146/; s/18141/18147/' -e 's|cert_out: ./ca.crt|cert_out: ./ca-baseline.crt|' \
+    -e 's|./audit.jsonl|./audit-baseline.jsonl|' "$work/keystamp.yaml" >"$work/baseline.yaml"
+  RUST_LOG=warn "$KS_BASELINE" run --config "$work/baseline.yaml" 2>"$work/baseline.log" &
+  extra_pids="$extra_pids $!"
+  extra_targets="$extra_targets keystamp-baseline"
+  admin_ports="$admin_ports 18147"
+fi
+if [ -n "${FLEET:-}" ]; then
+  redis-server --port 18150 --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
+  extra_pids="$extra_pids $!"
+  printf 'redis://127.0.0.1:18150/\n' >"$work/redis-url"
+  sed -e 's/18140/18144/; s/18141/18145/' -e 's|cert_out: ./ca.crt|cert_out: ./ca-fleet.crt|' \
+    -e 's|./audit.jsonl|./audit-fleet.jsonl|' "$work/keystamp.yaml" >"$work/fleet.yaml"
+  printf 'fleet: { name: bench, store: { url: { file: ./redis-url } } }\n' >>"$work/fleet.yaml"
+  RUST_LOG=warn ./target/release/keystamp run --config "$work/fleet.yaml" 2>"$work/fleet.log" &
+  extra_pids="$extra_pids $!"
+  extra_targets="$extra_targets keystamp-fleet"
+  admin_ports="$admin_ports 18145"
+fi
+for port in $admin_ports; do
   for _ in $(seq 100); do curl -sf http://127.0.0.1:$port/readyz >/dev/null && break; sleep 0.1; done
 done
 KS_PROXY=http://127.0.0.1:18140
@@ -63,12 +88,14 @@ target_args() {
     direct) echo "--cacert $UPSTREAM_CA" ;;
     keystamp) echo "--cacert $KS_CA -x $KS_PROXY" ;;
     keystamp-quiet) echo "--cacert $work/ca-quiet.crt -x http://127.0.0.1:18142" ;;
+    keystamp-baseline) echo "--cacert $work/ca-baseline.crt -x http://127.0.0.1:18146" ;;
+    keystamp-fleet) echo "--cacert $work/ca-fleet.crt -x http://127.0.0.1:18144" ;;
     hudsucker) echo "--cacert $HUD_CA -x $HUD_PROXY" ;;
     squid) echo "--cacert $SQUID_CA -x $SQUID_PROXY" ;;
     mitm) echo "--cacert $MITM_CA -x $MITM_PROXY" ;;
   esac
 }
-targets="direct keystamp keystamp-quiet $peers"
+targets="direct keystamp keystamp-quiet$extra_targets $peers"
 declare -A ka one fresh
 for t in $targets; do
   # shellcheck disable=SC2046

@@ -198,7 +198,9 @@ fn p99_during_reloads(runtime: &tokio::runtime::Runtime) -> (f64, Vec<(u64, f64)
             "  c{i}: {{ source: {{ file: ./secrets/c{i} }} }}\n"
         ));
     }
-    yaml.push_str("routes:\n  - { host: plain.test, credential: c0, inject: { type: bearer } }\n");
+    yaml.push_str(
+        "routes:\n  - { host: plain.test, credential: c0, inject: { type: bearer }, tls_only: false }\n",
+    );
     std::fs::write(dir.path().join("k.yaml"), &yaml).expect("write");
     let config = Config::load(&dir.path().join("k.yaml")).expect("config");
     let app = Arc::new(runtime.block_on(App::start(config)).expect("start"));
@@ -252,7 +254,7 @@ fn swap_to_stamp(runtime: &tokio::runtime::Runtime) -> f64 {
     let yaml = format!(
         "listen: 127.0.0.1:0\nca: {{ generate: true }}\nresolve: {{ 'plain.test:80': {echo_addr} }}\n\
          credentials:\n  k: {{ source: {{ file: ./mount/token }} }}\n\
-         routes:\n  - {{ host: plain.test, credential: k, inject: {{ type: bearer }} }}\n"
+         routes:\n  - {{ host: plain.test, credential: k, inject: {{ type: bearer }}, tls_only: false }}\n"
     );
     std::fs::write(dir.path().join("k.yaml"), &yaml).expect("write");
     let config = Config::load(&dir.path().join("k.yaml")).expect("config");

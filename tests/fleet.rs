@@ -437,3 +437,83 @@ async fn a_rediss_store_with_a_password_is_verified_against_extra_roots() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_probe_lease_left_by_a_dead_pod_expires_and_one_probe_follows() {
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    std::fs::write(dir.path().join("redis-url"), store.url()).unwrap();
+    let pods: Vec<KeystampProcess> = (0..2)
+        .map(|_| {
+            let mut config = TestConfig::new();
+            config
+                .trust(&ca)
+                .pin("api.example.test:443", upstream.addr)
+                .set(
+                    "breaker",
+                    serde_json::json!({ "failures": 2, "open_for": "1s", "max_open_for": "8s", "jitter": false }),
+                )
+                .set(
+                    "fleet",
+                    serde_json::json!({ "name": "lease", "store": { "url": { "file": dir.path().join("redis-url") } } }),
+                )
+                .credential_file("key", serde_json::json!({}))
+                .bearer_route("api.example.test", "key", serde_json::json!({}));
+            KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
+        })
+        .collect();
+    wait_for_store(&pods).await;
+    upstream.seen.accept_only("revoked");
+    let (a, b) = (pods[0].client(), pods[1].client());
+    for _ in 0..2 {
+        assert_eq!(
+            a.get("https://api.example.test/x")
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+    }
+    // A pod that took the probe lease and died: its lease outlives the open period.
+    let fingerprint = pods[0].status().await["credentials"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let client = redis::Client::open(store.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("keystamp:lease:probe:key:{fingerprint}"))
+        .arg("dead-pod")
+        .arg("PX")
+        .arg(3000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let opened_at = Instant::now();
+    let at_open = upstream.seen.count();
+    let mut counts = Vec::new();
+    while opened_at.elapsed() < Duration::from_millis(4500) {
+        for client in [&a, &b] {
+            let _ = client.get("https://api.example.test/x").send().await;
+        }
+        counts.push((opened_at.elapsed(), upstream.seen.count() - at_open));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let while_leased = counts
+        .iter()
+        .filter(|(at, _)| *at < Duration::from_millis(2500))
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0);
+    assert_eq!(
+        while_leased, 0,
+        "no probe while a dead pod's lease stands: {counts:?}"
+    );
+    let after = counts.last().unwrap().1;
+    assert_eq!(
+        after, 1,
+        "exactly one probe once the lease expired: {counts:?}"
+    );
+}

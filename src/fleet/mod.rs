@@ -133,13 +133,15 @@ fn store_roots(extra_roots: &[std::path::PathBuf]) -> String {
     combined_bundle(&extra)
 }
 
-/// This pod's name in the fleet: the pod's host name, or a random one.
+/// This pod's name in the fleet: the pod's name (or host name) and a per-process suffix, so two
+/// processes never take each other's messages for their own.
 fn pod_name() -> String {
-    std::env::var("POD_NAME")
+    let name = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .ok()
         .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| format!("pod-{:08x}", rand_u32()))
+        .unwrap_or_else(|| "pod".to_string());
+    format!("{name}/{:08x}", rand_u32())
 }
 
 fn rand_u32() -> u32 {
