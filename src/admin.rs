@@ -227,8 +227,15 @@ fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Va
                 "host": route.host.to_string(),
                 "path_prefix": route.path_prefix,
                 "methods": route.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_string()).collect::<Vec<_>>()),
-                "credential": route.credential.as_ref(),
+                "credential": route.credential.as_deref(),
                 "inject": route.inject.kind(),
+                // Which credential each listed agent uses here (its own, or the route's).
+                "agents": route.agents.as_ref().map(|agents| {
+                    agents
+                        .keys()
+                        .map(|agent| (agent.clone(), serde_json::json!(route.credential_for(Some(agent)).as_deref())))
+                        .collect::<serde_json::Map<_, _>>()
+                }),
             })
         })
         .collect();

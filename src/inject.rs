@@ -79,12 +79,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Removes every credential-bearing header the agent may have sent for this route.
+/// Removes every credential-bearing header the agent may have sent for this route: every header
+/// any injection on the route writes (the route's and each agent's own), and `strip`.
 pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &Route) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
-    if let Injection::Header { name, .. } = &route.inject {
-        headers.remove(name);
+    let agents_own = route
+        .agents
+        .iter()
+        .flatten()
+        .filter_map(|(_, scope)| scope.inject.as_ref());
+    for inject in std::iter::once(&route.inject).chain(agents_own) {
+        if let Injection::Header { name, .. } = inject {
+            headers.remove(name);
+        }
     }
     for name in &route.strip {
         headers.remove(name);

@@ -102,9 +102,18 @@ fn check(path: &std::path::Path) -> ExitCode {
             route.host.to_string(),
             route.path_prefix.as_deref().unwrap_or("/"),
             methods,
-            route.credential,
+            route.credential.as_deref().unwrap_or("(agents' own)"),
             route.inject.kind()
         );
+        // Which credential each agent uses on this route.
+        for (agent, scope) in route.agents.iter().flatten() {
+            let credential = scope.credential.as_ref().or(route.credential.as_ref());
+            let inject = scope.inject.as_ref().unwrap_or(&route.inject).kind();
+            println!(
+                "      agent {agent:<24} -> {} ({inject})",
+                credential.map_or("-", String::as_str)
+            );
+        }
     }
     println!("credentials ({}):", config.credentials.len());
     for (name, spec) in &config.credentials {

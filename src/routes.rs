@@ -18,7 +18,8 @@ pub struct Route {
     pub host: HostPattern,
     pub path_prefix: Option<String>,
     pub methods: Option<Vec<Method>>,
-    pub credential: Arc<str>,
+    /// The default credential; `None`: only agents with their own may use the route.
+    pub credential: Option<Arc<str>>,
     pub inject: Injection,
     pub strip: Vec<http::HeaderName>,
     pub respect_retry_after: bool,
@@ -54,7 +55,7 @@ impl RouteTable {
                 host: spec.host.clone(),
                 path_prefix: spec.path_prefix.clone(),
                 methods: spec.methods.clone(),
-                credential: Arc::from(spec.credential.as_str()),
+                credential: spec.credential.as_deref().map(Arc::from),
                 inject: spec.inject.clone(),
                 strip: spec.strip.clone(),
                 respect_retry_after: spec.respect_retry_after,
@@ -135,6 +136,25 @@ impl Route {
                 .path_prefix
                 .as_ref()
                 .is_none_or(|prefix| path::is_under(prefix, path))
+    }
+
+    /// The credential `agent` uses on this route: its own, else the route's default.
+    pub fn credential_for(&self, agent: Option<&str>) -> Option<Arc<str>> {
+        let own = self
+            .scope_of(agent)
+            .and_then(|scope| scope.credential.as_deref());
+        own.map(Arc::from).or_else(|| self.credential.clone())
+    }
+
+    /// How `agent`'s credential is injected: its own way, else the route's.
+    pub fn inject_for(&self, agent: Option<&str>) -> &Injection {
+        self.scope_of(agent)
+            .and_then(|scope| scope.inject.as_ref())
+            .unwrap_or(&self.inject)
+    }
+
+    fn scope_of(&self, agent: Option<&str>) -> Option<&crate::config::AgentScope> {
+        self.agents.as_ref()?.get(agent?)
     }
 
     fn allows(&self, path: &str, method: &Method) -> bool {

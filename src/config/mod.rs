@@ -234,7 +234,8 @@ pub struct RouteSpec {
     pub host: HostPattern,
     pub path_prefix: Option<String>,
     pub methods: Option<Vec<Method>>,
-    pub credential: String,
+    /// The default credential; `None`: only agents with their own may use the route.
+    pub credential: Option<String>,
     pub inject: Injection,
     pub strip: Vec<HeaderName>,
     pub respect_retry_after: bool,
@@ -257,6 +258,10 @@ pub struct IdentitySpec {
 pub struct AgentScope {
     pub methods: Option<Vec<Method>>,
     pub path_prefix: Option<String>,
+    /// This agent's own credential on the route, instead of the route's.
+    pub credential: Option<String>,
+    /// This agent's own injection, instead of the route's.
+    pub inject: Option<Injection>,
 }
 
 /// `api.example.test` or `*.example.test` (one label or more under it). Lowercase, no dot at the end.
@@ -277,7 +282,7 @@ impl fmt::Display for HostPattern {
 }
 
 /// How the credential is put into the request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Injection {
     /// `Authorization: Bearer <secret>`
     Bearer,

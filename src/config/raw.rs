@@ -124,6 +124,12 @@ pub struct RawAgentScope {
     pub methods: Option<Vec<String>>,
     #[serde(default)]
     pub path_prefix: Option<String>,
+    /// This agent's own credential on the route (default: the route's).
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// How this agent's credential is injected, when it differs from the route's.
+    #[serde(default)]
+    pub inject: Option<RawInject>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -255,7 +261,9 @@ pub struct RawRoute {
     pub path_prefix: Option<String>,
     #[serde(default)]
     pub methods: Option<Vec<String>>,
-    pub credential: String,
+    /// The default credential; without one, only agents naming their own may use the route.
+    #[serde(default)]
+    pub credential: Option<String>,
     pub inject: RawInject,
     #[serde(default)]
     pub strip: Vec<String>,

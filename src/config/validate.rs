@@ -755,10 +755,20 @@ impl Errors<'_> {
             .methods
             .as_ref()
             .map(|methods| self.methods(&at("methods"), methods));
-        if !credentials.contains_key(&raw.credential) {
+        if raw
+            .credential
+            .as_ref()
+            .is_some_and(|c| !credentials.contains_key(c))
+        {
             self.push(&at("credential"), "no credential by this name is defined");
         }
-        let inject = self.inject(index, &raw.inject);
+        if raw.credential.is_none() && raw.agents.is_none() {
+            self.push(
+                &at("credential"),
+                "a route needs a credential, or agents that each name their own",
+            );
+        }
+        let inject = self.inject(&format!("routes[{index}].inject"), &raw.inject);
         let strip = raw
             .strip
             .iter()
@@ -787,11 +797,28 @@ impl Errors<'_> {
                         .methods
                         .as_ref()
                         .map(|methods| self.methods(&format!("{at}.methods"), methods));
+                    match &scope.credential {
+                        Some(own) if !credentials.contains_key(own) => self.push(
+                            &format!("{at}.credential"),
+                            "no credential by this name is defined",
+                        ),
+                        None if raw.credential.is_none() => self.push(
+                            &format!("{at}.credential"),
+                            "the route has no default credential: name this agent's own",
+                        ),
+                        _ => {}
+                    }
+                    let inject = scope
+                        .inject
+                        .as_ref()
+                        .and_then(|inject| self.inject(&format!("{at}.inject"), inject));
                     (
                         agent.clone(),
                         AgentScope {
                             methods,
                             path_prefix: scope.path_prefix.clone(),
+                            credential: scope.credential.clone(),
+                            inject,
                         },
                     )
                 })
@@ -844,8 +871,9 @@ impl Errors<'_> {
         }
     }
 
-    fn inject(&mut self, index: usize, raw: &RawInject) -> Option<Injection> {
-        let at = |key: &str| format!("routes[{index}].inject.{key}");
+    /// An `inject:` at key path `at` (a route's, or an agent's on a route).
+    fn inject(&mut self, at: &str, raw: &RawInject) -> Option<Injection> {
+        let at = |key: &str| format!("{at}.{key}");
         let Some(kind) = InjectKind::parse(&raw.kind) else {
             self.push(
                 &at("type"),

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::body::{self, Counted, ProxyBody};
 use crate::breaker::{Admission, Breaker, Verdict};
+use crate::config::Injection;
 use crate::config::Unmatched;
 use crate::credentials::{Credential, Version as CredentialVersion};
 use crate::error::ProxyError;
@@ -113,6 +114,7 @@ async fn forward_stages(
     record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     screen(&request)?;
+    record.task = task_of(&request)?;
     let target = target_of(origin, &request)?;
     let route = choose_route(state, &target, &request, origin.agent(), record)?;
     let stamping = match route {
@@ -127,8 +129,7 @@ async fn forward_stages(
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();
-    let route = stamping.as_ref().map(|s| s.route.as_ref());
-    let unstamped = Unstamped::new(parts, &target, route, upgrade)?;
+    let unstamped = Unstamped::new(parts, &target, stamping.as_ref(), upgrade)?;
     // Only a stamped request may need a replay after a 401; an upgrade's body is the new protocol.
     let replay_limit = (stamping.is_some() && !upgrade).then_some(state.replay_body_limit);
     let body = RequestBody::read(incoming, &unstamped.headers, replay_limit, record).await?;
@@ -154,6 +155,9 @@ async fn forward_stages(
 /// request does not pin the snapshot.
 struct Chosen {
     route: Arc<Route>,
+    /// The agent it was chosen for, whose credential and injection may be its own.
+    agent: Option<Arc<str>>,
+    credential_name: Arc<str>,
     credential: Option<Arc<Credential>>,
     agent_limits: Option<(Arc<str>, Arc<Limits>)>,
 }
@@ -161,10 +165,19 @@ struct Chosen {
 /// The route a request takes and the credential version it will carry.
 struct Stamping {
     route: Arc<Route>,
+    /// The agent stamped for: its own credential and injection, if it has them.
+    agent: Option<Arc<str>>,
     credential: Arc<Credential>,
     version: Arc<CredentialVersion>,
     /// The agent's own rate limit, if it is identified and has one.
     agent_limits: Option<(Arc<str>, Arc<Limits>)>,
+}
+
+impl Stamping {
+    /// How this agent's credential goes in: its own injection on the route, or the route's.
+    fn injection(&self) -> &Injection {
+        self.route.inject_for(self.agent.as_deref())
+    }
 }
 
 /// A breaker admission that is always settled: recorded with the upstream's verdict, or released
@@ -212,6 +225,28 @@ fn screen(request: &Request<Incoming>) -> Result<(), ProxyError> {
         return Err(ProxyError::TransferCodingUnsupported);
     }
     Ok(())
+}
+
+/// The header an agent names its task with; keystamp removes it before forwarding.
+const TASK_HEADER: &str = "keystamp-task";
+
+/// **task**: the agent's task id from `Keystamp-Task` (1–64 of `A-Za-z0-9._:-`), for the audit
+/// line. Anything else is 400: an id goes into logs, so it is never free text.
+fn task_of(request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+    let Some(value) = request.headers().get(TASK_HEADER) else {
+        return Ok(None);
+    };
+    let valid = (1..=64).contains(&value.len())
+        && value
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+    if !valid {
+        return Err(ProxyError::BadRequest(
+            "Keystamp-Task must be 1 to 64 characters of A-Z a-z 0-9 . _ : -",
+        ));
+    }
+    Ok(value.to_str().ok().map(str::to_string))
 }
 
 /// **target**: the host, port and scheme. Inside an intercepted connection the request must
@@ -282,23 +317,32 @@ fn choose_route(
         RouteMatch::HostNotRouted if snapshot.unmatched == Unmatched::Tunnel => return Ok(None),
         RouteMatch::HostNotRouted => return Err(ProxyError::UnmatchedDenied),
     };
-    // Known from here on, whatever keystamp answers: the account names the route and credential.
+    let agent_name = agent.map(|a| a.as_ref());
+    // Known from here on, whatever keystamp answers: the account names the route and the
+    // credential this agent uses on it (its own, or the route's).
+    let credential_name = route.credential_for(agent_name);
     record.route = Some(route.name.clone());
-    record.credential = Some(route.credential.clone());
+    record.credential = credential_name.clone();
     if let Some(reflecting) = reflecting_method(request.method()) {
         return Err(ProxyError::MethodRefused(reflecting));
     }
     if route.tls_only && !target.https {
         return Err(ProxyError::TlsRequired);
     }
-    if !route.admits_agent(agent.map(|a| a.as_ref()), path, request.method()) {
+    if !route.admits_agent(agent_name, path, request.method()) {
         return Err(ProxyError::ScopeDenied);
     }
-    let credential = snapshot.credentials.get(&route.credential).cloned();
+    // A route without a default credential serves only agents that have their own.
+    let Some(credential_name) = credential_name else {
+        return Err(ProxyError::ScopeDenied);
+    };
+    let credential = snapshot.credentials.get(&credential_name).cloned();
     let agent_limits =
         agent.and_then(|agent| Some((agent.clone(), snapshot.identities.limits(agent)?.clone())));
     Ok(Some(Chosen {
         route,
+        agent: agent.cloned(),
+        credential_name,
         credential,
         agent_limits,
     }))
@@ -322,12 +366,14 @@ async fn credential_version(
 ) -> Result<Stamping, ProxyError> {
     let Chosen {
         route,
+        agent,
+        credential_name,
         credential,
         agent_limits,
     } = chosen;
     let Some(credential) = credential else {
         return Err(ProxyError::CredentialUnavailable {
-            credential: route.credential.to_string(),
+            credential: credential_name.to_string(),
             reason: "not defined".into(),
         });
     };
@@ -337,17 +383,17 @@ async fn credential_version(
             .as_ref()
             .map_or_else(|| "no value yet".to_string(), ToString::to_string);
         return Err(ProxyError::CredentialUnavailable {
-            credential: route.credential.to_string(),
+            credential: credential_name.to_string(),
             reason,
         });
     };
     let version = if version.is_expired(Instant::now()) {
         state
             .reloads
-            .newer_than(&route.credential, &version.fingerprint)
+            .newer_than(&credential_name, &version.fingerprint)
             .await
             .ok_or_else(|| ProxyError::CredentialExpired {
-                credential: route.credential.to_string(),
+                credential: credential_name.to_string(),
             })?
     } else {
         version
@@ -355,6 +401,7 @@ async fn credential_version(
     record.fingerprint = Some(version.fingerprint.clone());
     Ok(Stamping {
         route,
+        agent,
         credential,
         version,
         agent_limits,
@@ -417,7 +464,7 @@ async fn send(
     admitted: Option<Admitted>,
     protocol: UpstreamProtocol,
 ) -> Result<(Response<Incoming>, Option<Admitted>), ProxyError> {
-    let stamp = stamping.map(|s| (s.route.as_ref(), s.version.as_ref()));
+    let stamp = stamping.map(|s| (s.injection(), s.version.as_ref()));
     let version = stamping.map(|s| s.version.as_ref());
     let bytes = match body {
         RequestBody::Streaming(streaming) => {
@@ -436,13 +483,13 @@ async fn send(
     };
     let Some(newer) = state
         .reloads
-        .newer_than(&stamping.route.credential, &stamping.version.fingerprint)
+        .newer_than(&stamping.credential.name, &stamping.version.fingerprint)
         .await
     else {
         return Ok((response, admitted));
     };
     tracing::info!(
-        credential = %stamping.route.credential,
+        credential = %stamping.credential.name,
         rejected = %stamping.version.fingerprint,
         retrying_with = %newer.fingerprint,
         "upstream rejected a replaced credential version; retrying once"
@@ -459,7 +506,7 @@ async fn send(
         return Ok((response, None));
     }
     let request = unstamped.into_request(
-        Some((stamping.route.as_ref(), newer.as_ref())),
+        Some((stamping.injection(), newer.as_ref())),
         body::full(bytes),
     )?;
     let response = state.upstream.send(request, protocol).await?;
@@ -530,7 +577,7 @@ async fn judge(
         Verdict::NotAuthFailure
     };
     admitted.settle(Some(verdict));
-    tracing::debug!(route = %route.name, credential = %route.credential, status = status.as_u16(), "forwarded");
+    tracing::debug!(route = %route.name, credential = %stamping.credential.name, status = status.as_u16(), "forwarded");
     response
 }
 
@@ -588,7 +635,7 @@ impl Unstamped {
     fn new(
         parts: http::request::Parts,
         target: &Target,
-        route: Option<&Route>,
+        stamping: Option<&Stamping>,
         upgrade: bool,
     ) -> Result<Self, ProxyError> {
         let uri = upstream_uri(target, &parts.uri)?;
@@ -596,8 +643,9 @@ impl Unstamped {
         inject::strip_hop_by_hop(&mut headers, upgrade);
         // The pooled client writes Host (HTTP/1.1) or :authority (h2) from the URI.
         headers.remove(header::HOST);
-        if let Some(route) = route {
-            inject::strip_agent_credentials(&mut headers, route);
+        headers.remove(TASK_HEADER);
+        if let Some(stamping) = stamping {
+            inject::strip_agent_credentials(&mut headers, &stamping.route);
         }
         Ok(Self {
             method: parts.method,
@@ -609,7 +657,7 @@ impl Unstamped {
     /// **stamp**: exactly one credential, and the body attached.
     fn into_request(
         self,
-        stamp: Option<(&Route, &CredentialVersion)>,
+        stamp: Option<(&Injection, &CredentialVersion)>,
         body: ProxyBody,
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let Unstamped {
@@ -617,8 +665,8 @@ impl Unstamped {
             mut uri,
             mut headers,
         } = self;
-        if let Some((route, version)) = stamp {
-            inject::stamp(&mut headers, &mut uri, &route.inject, &version.secret)
+        if let Some((injection, version)) = stamp {
+            inject::stamp(&mut headers, &mut uri, injection, &version.secret)
                 .map_err(|_| ProxyError::Internal("the credential could not be stamped"))?;
         }
         let mut request = Request::new(body);

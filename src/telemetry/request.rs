@@ -27,6 +27,8 @@ pub struct RequestRecord {
     pub route: Option<Arc<str>>,
     pub credential: Option<Arc<str>>,
     pub fingerprint: Option<String>,
+    /// The agent's task id (`Keystamp-Task`); never a metric label (unbounded).
+    pub task: Option<String>,
     pub status: StatusCode,
     /// Whether keystamp made the response itself.
     pub by_keystamp: bool,
@@ -48,6 +50,7 @@ impl RequestRecord {
             route: None,
             credential: None,
             fingerprint: None,
+            task: None,
             status: StatusCode::OK,
             by_keystamp: false,
             error: None,
@@ -89,6 +92,7 @@ impl RequestRecord {
                 route: self.route.as_deref(),
                 credential: self.credential.as_deref(),
                 fingerprint: self.fingerprint.as_deref(),
+                task: self.task.as_deref(),
                 method: self.method.as_str(),
                 host: &self.host,
                 path: &self.path,
@@ -114,6 +118,7 @@ struct AuditLine<'a> {
     route: Option<&'a str>,
     credential: Option<&'a str>,
     fingerprint: Option<&'a str>,
+    task: Option<&'a str>,
     method: &'a str,
     host: &'a str,
     path: &'a str,
