@@ -29,6 +29,18 @@ fn fleet(
     store: Option<&RedisServer>,
     dir: &Path,
 ) -> Vec<KeystampProcess> {
+    fleet_with(pods, upstream, ca, store, dir, |_| {})
+}
+
+/// As [`fleet`], with `tune` adjusting each pod's config (breaker, limits, fleet name).
+fn fleet_with(
+    pods: usize,
+    upstream: &TestUpstream,
+    ca: &Path,
+    store: Option<&RedisServer>,
+    dir: &Path,
+    tune: impl Fn(&mut TestConfig),
+) -> Vec<KeystampProcess> {
     let url_file = dir.join("redis-url");
     if let Some(store) = store {
         std::fs::write(&url_file, store.url()).unwrap();
@@ -55,6 +67,7 @@ fn fleet(
                     serde_json::json!({ "name": "drill", "store": { "url": { "file": url_file } } }),
                 );
             }
+            tune(&mut config);
             KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
         })
         .collect()
@@ -337,25 +350,10 @@ async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
     let store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;
-    std::fs::write(dir.path().join("redis-url"), store.url()).unwrap();
-    let pods: Vec<KeystampProcess> = (0..5)
-        .map(|_| {
-            let mut config = TestConfig::new();
-            config
-                .trust(&ca)
-                .pin("api.example.test:443", upstream.addr)
-                .set(
-                    "fleet",
-                    serde_json::json!({ "name": "quota", "store": { "url": { "file": dir.path().join("redis-url") } } }),
-                )
-                .credential_file(
-                    "key",
-                    serde_json::json!({ "rate_limit": { "per_second": 40, "burst": 40, "scope": "fleet" } }),
-                )
-                .bearer_route("api.example.test", "key", serde_json::json!({}));
-            KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
-        })
-        .collect();
+    let pods = fleet_with(5, &upstream, &ca, Some(&store), dir.path(), |config| {
+        let limit = serde_json::json!({ "per_second": 40, "burst": 40, "scope": "fleet" });
+        config.credential_file("key", serde_json::json!({ "rate_limit": limit }));
+    });
     wait_for_store(&pods).await;
     // Let every pod take its first tokens, and the bucket fill.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -443,26 +441,12 @@ async fn a_probe_lease_left_by_a_dead_pod_expires_and_one_probe_follows() {
     let store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;
-    std::fs::write(dir.path().join("redis-url"), store.url()).unwrap();
-    let pods: Vec<KeystampProcess> = (0..2)
-        .map(|_| {
-            let mut config = TestConfig::new();
-            config
-                .trust(&ca)
-                .pin("api.example.test:443", upstream.addr)
-                .set(
-                    "breaker",
-                    serde_json::json!({ "failures": 2, "open_for": "1s", "max_open_for": "8s", "jitter": false }),
-                )
-                .set(
-                    "fleet",
-                    serde_json::json!({ "name": "lease", "store": { "url": { "file": dir.path().join("redis-url") } } }),
-                )
-                .credential_file("key", serde_json::json!({}))
-                .bearer_route("api.example.test", "key", serde_json::json!({}));
-            KeystampProcess::start(&config.yaml(), &[("key", SECRET)])
-        })
-        .collect();
+    let pods = fleet_with(2, &upstream, &ca, Some(&store), dir.path(), |config| {
+        config.set(
+            "breaker",
+            serde_json::json!({ "failures": 2, "open_for": "1s", "max_open_for": "8s", "jitter": false }),
+        );
+    });
     wait_for_store(&pods).await;
     upstream.seen.accept_only("revoked");
     let (a, b) = (pods[0].client(), pods[1].client());
@@ -484,7 +468,7 @@ async fn a_probe_lease_left_by_a_dead_pod_expires_and_one_probe_follows() {
     let client = redis::Client::open(store.url()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SET")
-        .arg(format!("keystamp:lease:probe:key:{fingerprint}"))
+        .arg(format!("keystamp:drill:probe:key:{fingerprint}"))
         .arg("dead-pod")
         .arg("PX")
         .arg(3000)
