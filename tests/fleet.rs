@@ -501,3 +501,56 @@ async fn a_probe_lease_left_by_a_dead_pod_expires_and_one_probe_follows() {
         "exactly one probe once the lease expired: {counts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_store_a_fleet_limit_falls_back_to_this_pods_share_never_to_none() {
+    let mut store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let pods = fleet_with(2, &upstream, &ca, Some(&store), dir.path(), |config| {
+        let limit = serde_json::json!({ "per_second": 10, "burst": 10, "scope": "fleet" });
+        config.credential_file("key", serde_json::json!({ "rate_limit": limit }));
+    });
+    wait_for_store(&pods).await;
+    // Both pods have heartbeat: the share is known.
+    assert!(
+        eventually(Duration::from_secs(12), || async {
+            metric(&pods[0].admin_get("/metrics").await, "keystamp_fleet_pods") == Some(2.0)
+        })
+        .await
+    );
+    store.stop();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &pods[0].admin_get("/metrics").await,
+                "keystamp_fleet_store_up",
+            ) == Some(0.0)
+        })
+        .await
+    );
+    let client = pods[0].client();
+    let mut served = 0;
+    let mut limited = 0;
+    for _ in 0..20 {
+        let response = client
+            .get("https://api.example.test/q")
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => served += 1,
+            429 => {
+                assert_eq!(response.headers()["x-keystamp-error"], "rate_limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // Half the fleet's burst of 10 (two pods), plus what refills at 5/s during the loop.
+    assert!(
+        (4..=8).contains(&served),
+        "{served} served, {limited} limited"
+    );
+    assert_eq!(served + limited, 20);
+}
