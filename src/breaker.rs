@@ -275,16 +275,8 @@ impl Breaker {
             (true, Some(Verdict::AuthFailure { status })) => {
                 inner.probe_in_flight = false;
                 inner.open_for = (inner.open_for * 2).min(self.settings.max_open_for);
-                inner.reason = format!("probe got upstream {status}");
-                inner.fingerprint = Some(fingerprint.to_string());
-                self.open(&mut inner, now);
-                let (reason, open_for) = (inner.reason.clone(), inner.open_for);
-                self.emit(|credential| BreakerEvent::Opened {
-                    credential,
-                    fingerprint: fingerprint.to_string(),
-                    reason,
-                    open_for,
-                });
+                let reason = format!("probe got upstream {status}");
+                self.open_on_evidence(&mut inner, reason, fingerprint, now);
             }
             (true, Some(Verdict::NotAuthFailure)) => {
                 self.close(&mut inner);
@@ -302,17 +294,9 @@ impl Breaker {
                 });
                 if self.state() == BreakerState::Closed && consecutive >= self.settings.failures {
                     inner.open_for = self.settings.open_for;
-                    inner.reason = format!("upstream {status} x{consecutive}");
-                    inner.fingerprint = Some(fingerprint.to_string());
-                    self.open(&mut inner, now);
+                    let reason = format!("upstream {status} x{consecutive}");
+                    self.open_on_evidence(&mut inner, reason, fingerprint, now);
                     tracing::warn!(credential = %self.credential, reason = %inner.reason, fingerprint, "auth circuit breaker opened");
-                    let (reason, open_for) = (inner.reason.clone(), inner.open_for);
-                    self.emit(|credential| BreakerEvent::Opened {
-                        credential,
-                        fingerprint: fingerprint.to_string(),
-                        reason,
-                        open_for,
-                    });
                 }
             }
             (false, Some(Verdict::NotAuthFailure)) => {
@@ -377,6 +361,11 @@ impl Breaker {
 
     /// When a fleet-held breaker's open period ends: the moment to ask for the probe lease.
     pub fn fleet_probe_due(&self, now: Instant) -> Option<String> {
+        // The fleet task asks every breaker ten times a second: a closed one answers from the
+        // atomic state, without its lock.
+        if self.state() != BreakerState::Open {
+            return None;
+        }
         let inner = self.inner.lock().ok()?;
         let due = inner.fleet_held && self.state() == BreakerState::Open && now >= inner.open_until;
         due.then(|| inner.fingerprint.clone()).flatten()
@@ -412,6 +401,20 @@ impl Breaker {
         let inner = self.inner.lock().ok()?;
         (self.state() != BreakerState::Closed)
             .then(|| inner.open_until.saturating_duration_since(now))
+    }
+
+    /// Opens on this pod's own evidence (local failures, a failed probe) and tells the fleet.
+    fn open_on_evidence(&self, inner: &mut Inner, reason: String, fingerprint: &str, now: Instant) {
+        inner.reason = reason.clone();
+        inner.fingerprint = Some(fingerprint.to_string());
+        self.open(inner, now);
+        let open_for = inner.open_for;
+        self.emit(|credential| BreakerEvent::Opened {
+            credential,
+            fingerprint: fingerprint.to_string(),
+            reason,
+            open_for,
+        });
     }
 
     fn open(&self, inner: &mut Inner, now: Instant) {

@@ -89,29 +89,48 @@ async fn wait_for_store(pods: &[KeystampProcess]) {
 /// 50 agents spread over the pods, each sending a request every 50 ms; the key is revoked
 /// mid-run. Returns how many requests the upstream rejected after the revocation.
 async fn revocation_drill(pods: &[KeystampProcess], upstream: &TestUpstream) -> usize {
-    let stop = Arc::new(AtomicBool::new(false));
-    let agents: Vec<_> = (0..50)
-        .map(|n| {
-            let client = pods[n % pods.len()].client();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    let _ = client.get("https://api.example.test/work").send().await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-        })
-        .collect();
+    let clients = (0..50).map(|n| pods[n % pods.len()].client()).collect();
+    let agents = Agents::start(clients, "/work", Duration::from_millis(50));
     tokio::time::sleep(Duration::from_millis(500)).await;
     upstream.seen.accept_only("revoked");
     let at_revocation = upstream.seen.count();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let rejected = upstream.seen.count() - at_revocation;
-    stop.store(true, Ordering::SeqCst);
-    for agent in agents {
-        agent.await.unwrap();
-    }
+    agents.stop().await;
     rejected
+}
+
+/// Agents that each send `GET https://api.example.test{path}` every `pause` until stopped.
+struct Agents {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agents {
+    fn start(clients: Vec<reqwest::Client>, path: &'static str, pause: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = clients
+            .into_iter()
+            .map(|client| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let url = format!("https://api.example.test{path}");
+                        let _ = client.get(url).send().await;
+                        tokio::time::sleep(pause).await;
+                    }
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -357,28 +376,16 @@ async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
     wait_for_store(&pods).await;
     // Let every pod take its first tokens, and the bucket fill.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let stop = Arc::new(AtomicBool::new(false));
     let before = upstream.seen.count();
     let started = Instant::now();
     // Far more demand than the limit, unevenly spread: 2, 4, 6, 8 and 10 agents per pod.
-    let agents: Vec<_> = (0..5)
+    let clients = (0..5)
         .flat_map(|pod| (0..(2 * (pod + 1))).map(move |_| pod))
-        .map(|pod| {
-            let client = pods[pod].client();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    let _ = client.get("https://api.example.test/q").send().await;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        })
+        .map(|pod| pods[pod].client())
         .collect();
+    let agents = Agents::start(clients, "/q", Duration::from_millis(10));
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, Ordering::SeqCst);
-    for agent in agents {
-        agent.await.unwrap();
-    }
+    agents.stop().await;
     let elapsed = started.elapsed().as_secs_f64();
     let served = (upstream.seen.count() - before) as f64;
     // The bucket starts full (burst 40), then refills at 40/s.
