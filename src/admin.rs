@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{full, ProxyBody};
-use crate::config::SourceSpec;
-use crate::credentials::read_local;
+use crate::config::{MintMode, SourceSpec};
+use crate::credentials::{is_task_id, read_local, Credential};
 use crate::fleet::{held_by_fleet, FleetLink, ManualAction, Outgoing};
 use crate::proxy::accept_next;
 use crate::state::SharedState;
@@ -91,6 +91,10 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
                 Err(refusal) => refusal,
             }
         }
+        (&Method::POST, path) if path.starts_with("/tasks/") => match authorized(admin, request) {
+            Ok(()) => end_task(admin, path),
+            Err(refusal) => refusal,
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -141,6 +145,33 @@ fn authorized(
             ))
         }
     }
+}
+
+/// `POST /tasks/ID/end`: the task is over; its per-task tokens (any agent, any credential) stop
+/// being used now and are revoked at the provider within a second.
+fn end_task(admin: &Admin, path: &str) -> (StatusCode, &'static str, String) {
+    let task = path
+        .strip_prefix("/tasks/")
+        .and_then(|rest| rest.strip_suffix("/end"))
+        .filter(|task| is_task_id(task.as_bytes()));
+    let Some(task) = task else {
+        return (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "use /tasks/ID/end with a task id of 1 to 64 characters of A-Z a-z 0-9 . _ : -\n"
+                .into(),
+        );
+    };
+    let snapshot = admin.state.load();
+    let retired: usize = snapshot
+        .credentials
+        .iter()
+        .filter_map(|credential| credential.task_tokens.as_ref())
+        .map(|tokens| tokens.end_task(task))
+        .sum();
+    tracing::info!(task, tokens = retired, "task ended by an operator");
+    let body = serde_json::json!({ "task": task, "tokens_retired": retired });
+    (StatusCode::OK, "application/json", body.to_string())
 }
 
 /// `POST /breakers/NAME/open` (a leaked key: nothing goes out with it until it is rotated or
@@ -197,6 +228,27 @@ fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, Strin
     (StatusCode::OK, "application/json", body.to_string())
 }
 
+/// What a minted credential is narrowed to, and how many task tokens it holds; `null` for others.
+fn minted_json(credential: &Credential) -> serde_json::Value {
+    match &credential.spec.source {
+        SourceSpec::GithubApp(app) => serde_json::json!({
+            "provider": "github",
+            "app_id": app.app_id,
+            "installation_id": app.installation_id,
+            "repositories": app.repositories,
+            "permissions": app.permissions,
+            "per_task": app.mint != MintMode::Shared,
+            "live_task_tokens": credential.task_tokens.as_ref().map_or(0, |tokens| tokens.live()),
+        }),
+        SourceSpec::GoogleServiceAccount(google) => serde_json::json!({
+            "provider": "google",
+            "scopes": google.scopes,
+            "subject": google.subject,
+        }),
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// Routes and credentials as they are now. Names, kinds and fingerprints only, never a value.
 fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Value {
     let snapshot = state.load();
@@ -215,6 +267,7 @@ fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Va
                 "expired": version.is_some_and(|v| v.is_expired(tokio::time::Instant::now())),
                 "last_error": credential.last_error.as_ref().map(ToString::to_string),
                 "breaker": credential.breaker.state().label(),
+                "minted": minted_json(credential),
             })
         })
         .collect();

@@ -143,7 +143,8 @@ impl App {
                 .with_context(|| format!("writing the CA bundle to {}", path.display()))?;
             tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
         }
-        tokio::spawn(reloader.run());
+        // Tracked, so shutdown waits while it revokes per-task tokens.
+        state.tasks.spawn(reloader.run());
         tokio::spawn(proxy::serve(listener, state.clone()));
         readiness.set(true);
         tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");

@@ -166,6 +166,8 @@ pub enum SourceSpec {
     Env { var: String, format: ValueFormat },
     Command(CommandSpec),
     OAuth2(Box<OAuth2Spec>),
+    GithubApp(Box<GithubAppSpec>),
+    GoogleServiceAccount(Box<GoogleSpec>),
 }
 
 /// How a source's bytes hold the secret.
@@ -195,6 +197,46 @@ pub struct OAuth2Spec {
     pub timeout: Duration,
 }
 
+/// A GitHub App installation token, minted and narrowed by keystamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GithubAppSpec {
+    pub app_id: String,
+    /// The app's PEM private key (PKCS#1 as GitHub issues it, or PKCS#8).
+    pub private_key: SourceSpec,
+    pub installation_id: u64,
+    /// Without a trailing slash, e.g. `https://api.github.com`.
+    pub api_url: http::Uri,
+    /// Repository names the token is narrowed to; empty: every repository of the installation.
+    pub repositories: Vec<String>,
+    /// Permission name -> `read` / `write` / `admin`; empty: the installation's own.
+    pub permissions: BTreeMap<String, String>,
+    pub mint: MintMode,
+    pub timeout: Duration,
+}
+
+/// Whether a minted credential is one token for every caller, or one per agent and task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MintMode {
+    Shared,
+    PerTask {
+        /// Revoke a task's token after this long without requests.
+        idle: Duration,
+        /// Task tokens alive at once; the least recently used is revoked first.
+        max_tasks: usize,
+    },
+}
+
+/// A Google access token from a service-account key (RFC 7523 JWT-bearer grant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoogleSpec {
+    /// The service-account JSON key file Google issues.
+    pub key: SourceSpec,
+    pub scopes: Vec<String>,
+    /// A user to impersonate (domain-wide delegation).
+    pub subject: Option<String>,
+    pub timeout: Duration,
+}
+
 impl SourceSpec {
     /// The kind, for `check`, logs and `/status`.
     pub fn kind(&self) -> &'static str {
@@ -203,6 +245,28 @@ impl SourceSpec {
             SourceSpec::Env { .. } => "env",
             SourceSpec::Command(_) => "command",
             SourceSpec::OAuth2(_) => "oauth2_client_credentials",
+            SourceSpec::GithubApp(_) => "github_app",
+            SourceSpec::GoogleServiceAccount(_) => "google_service_account",
+        }
+    }
+
+    /// Whether the value is obtained over the network (a token endpoint or a provider mint),
+    /// so it cannot be watched and is polled and retried instead.
+    pub fn is_remote(&self) -> bool {
+        matches!(
+            self,
+            SourceSpec::OAuth2(_) | SourceSpec::GithubApp(_) | SourceSpec::GoogleServiceAccount(_)
+        )
+    }
+
+    /// The per-task settings of a credential minted per task.
+    pub fn per_task(&self) -> Option<(Duration, usize)> {
+        match self {
+            SourceSpec::GithubApp(app) => match app.mint {
+                MintMode::PerTask { idle, max_tasks } => Some((idle, max_tasks)),
+                MintMode::Shared => None,
+            },
+            _ => None,
         }
     }
 
@@ -215,6 +279,8 @@ impl SourceSpec {
                 files.extend(oauth.client_secret.files());
                 files
             }
+            SourceSpec::GithubApp(app) => app.private_key.files(),
+            SourceSpec::GoogleServiceAccount(google) => google.key.files(),
             SourceSpec::Env { .. } | SourceSpec::Command(_) => Vec::new(),
         }
     }

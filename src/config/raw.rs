@@ -200,7 +200,8 @@ pub struct RawCredential {
     pub rate_limit: Option<RawRateLimit>,
 }
 
-/// Exactly one of `file`, `env`, `command`, `oauth2_client_credentials` must be set;
+/// Exactly one of `file`, `env`, `command`, `oauth2_client_credentials`, `github_app`,
+/// `google_service_account` must be set;
 /// `validate.rs` says so when not.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,15 +215,58 @@ pub struct RawSource {
     pub command: Option<Vec<String>>,
     #[serde(default)]
     pub oauth2_client_credentials: Option<Box<RawOauth2>>,
+    #[serde(default)]
+    pub github_app: Option<Box<RawGithubApp>>,
+    #[serde(default)]
+    pub google_service_account: Option<Box<RawGoogle>>,
     /// `plain` (default) or `json` (`{"token": "...", "expires_at": "<RFC 3339>"}`).
     #[serde(default)]
     pub format: Option<String>,
     /// For `command`: re-run this often even without an expiry.
     #[serde(default)]
     pub refresh_every: Option<String>,
-    /// For `command` and `oauth2_client_credentials`.
+    /// For `command`, `oauth2_client_credentials`, `github_app`, `google_service_account`.
     #[serde(default)]
     pub timeout: Option<String>,
+}
+
+/// A number or a string: GitHub shows app and installation ids as numbers, YAML users quote them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawId {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGithubApp {
+    pub app_id: RawId,
+    pub private_key: RawSource,
+    pub installation_id: RawId,
+    #[serde(default)]
+    pub api_url: Option<String>,
+    #[serde(default)]
+    pub repositories: Vec<String>,
+    #[serde(default)]
+    pub permissions: BTreeMap<String, String>,
+    /// `shared` (default) or `per_task`.
+    #[serde(default)]
+    pub mint: Option<String>,
+    #[serde(default)]
+    pub task_idle: Option<String>,
+    #[serde(default)]
+    pub max_tasks: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGoogle {
+    /// The service-account JSON key file.
+    pub key: RawSource,
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub subject: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,13 +12,14 @@ use crate::host::Host;
 
 use super::locate::{locate, parse_path};
 use super::raw::{
-    RawBreaker, RawCa, RawConfig, RawCredential, RawIdentity, RawInject, RawRateLimit, RawReload,
-    RawRoute, RawSource, RawTimeouts,
+    RawBreaker, RawCa, RawConfig, RawCredential, RawGithubApp, RawGoogle, RawId, RawIdentity,
+    RawInject, RawRateLimit, RawReload, RawRoute, RawSource, RawTimeouts,
 };
 use super::{
     AgentScope, BreakerSettings, CaConfig, CaOrigin, CommandSpec, Config, ConfigError,
-    CredentialSpec, FleetConfig, HostPattern, IdentitySpec, Injection, LimitScope, OAuth2Spec,
-    RateLimitSpec, ReloadConfig, RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
+    CredentialSpec, FleetConfig, GithubAppSpec, GoogleSpec, HostPattern, IdentitySpec, Injection,
+    LimitScope, MintMode, OAuth2Spec, RateLimitSpec, ReloadConfig, RouteSpec, SourceSpec, Timeouts,
+    Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -28,6 +29,8 @@ const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+const DEFAULT_TASK_IDLE: Duration = Duration::from_secs(600);
+const DEFAULT_MAX_TASKS: usize = 256;
 
 /// Headers keystamp manages itself; a route may not inject into them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -561,11 +564,14 @@ impl Errors<'_> {
             raw.env.is_some(),
             raw.command.is_some(),
             raw.oauth2_client_credentials.is_some(),
+            raw.github_app.is_some(),
+            raw.google_service_account.is_some(),
         ];
         if set.iter().filter(|s| **s).count() != 1 {
             self.push(
                 at,
-                "set exactly one of `file`, `env`, `command` or `oauth2_client_credentials`",
+                "set exactly one of `file`, `env`, `command`, `oauth2_client_credentials`, \
+                 `github_app` or `google_service_account`",
             );
             return None;
         }
@@ -589,7 +595,9 @@ impl Errors<'_> {
             set.then(|| (format!("{at}.{key}"), format!("only applies to {kinds}")))
         };
         let is_command = raw.command.is_some();
-        let is_oauth = raw.oauth2_client_credentials.is_some();
+        let is_remote = raw.oauth2_client_credentials.is_some()
+            || raw.github_app.is_some()
+            || raw.google_service_account.is_some();
         if let Some(misplaced) = [
             only_for(
                 "refresh_every",
@@ -598,12 +606,12 @@ impl Errors<'_> {
             ),
             only_for(
                 "timeout",
-                raw.timeout.is_some() && !is_command && !is_oauth,
-                "`command` and `oauth2_client_credentials`",
+                raw.timeout.is_some() && !is_command && !is_remote,
+                "`command` and the token kinds",
             ),
             only_for(
                 "format",
-                raw.format.is_some() && is_oauth,
+                raw.format.is_some() && is_remote,
                 "`file`, `env` and `command`",
             ),
         ]
@@ -662,6 +670,17 @@ impl Errors<'_> {
                 timeout,
             }));
         }
+        if let Some(app) = raw.github_app.as_deref() {
+            return self.github_app(&format!("{at}.github_app"), app, base, timeout);
+        }
+        if let Some(google) = raw.google_service_account.as_deref() {
+            return self.google(
+                &format!("{at}.google_service_account"),
+                google,
+                base,
+                timeout,
+            );
+        }
         let oauth = raw.oauth2_client_credentials.as_deref()?;
         let at = format!("{at}.oauth2_client_credentials");
         let token_url = match oauth.token_url.parse::<http::Uri>() {
@@ -687,6 +706,172 @@ impl Errors<'_> {
             client_secret: client_secret?,
             scopes: oauth.scopes.clone(),
             audience: oauth.audience.clone(),
+            timeout,
+        })))
+    }
+
+    /// A source of key material: a file or environment variable (a command would run on every
+    /// mint; a token endpoint makes no sense here).
+    fn key_source(&mut self, at: &str, raw: &RawSource, base: &Path) -> Option<SourceSpec> {
+        match self.source(at, raw, base)? {
+            spec @ (SourceSpec::File { .. } | SourceSpec::Env { .. }) => Some(spec),
+            _ => {
+                self.push(at, "key material takes a `file` or `env` source");
+                None
+            }
+        }
+    }
+
+    fn github_app(
+        &mut self,
+        at: &str,
+        raw: &RawGithubApp,
+        base: &Path,
+        timeout: Duration,
+    ) -> Option<SourceSpec> {
+        let app_id = match &raw.app_id {
+            RawId::Number(n) => Some(n.to_string()),
+            RawId::Text(text)
+                if !text.is_empty()
+                    && text.len() <= 64
+                    && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '.') =>
+            {
+                Some(text.clone())
+            }
+            RawId::Text(_) => {
+                self.push(
+                    &format!("{at}.app_id"),
+                    "must be the app's numeric id (or its client id)",
+                );
+                None
+            }
+        };
+        let installation_id = match &raw.installation_id {
+            RawId::Number(n) => Some(*n),
+            RawId::Text(text) => text.parse::<u64>().ok().or_else(|| {
+                self.push(&format!("{at}.installation_id"), "must be a number");
+                None
+            }),
+        };
+        let api_url = match raw.api_url.as_deref() {
+            None => Some(http::Uri::from_static("https://api.github.com")),
+            Some(text) => match text.trim_end_matches('/').parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("https") | Some("http"))
+                        && uri.host().is_some()
+                        && uri.query().is_none() =>
+                {
+                    Some(uri)
+                }
+                _ => {
+                    self.push(
+                        &format!("{at}.api_url"),
+                        "must be an absolute https:// URL without a query",
+                    );
+                    None
+                }
+            },
+        };
+        for (index, repository) in raw.repositories.iter().enumerate() {
+            let valid = !repository.is_empty()
+                && repository.len() <= 100
+                && repository
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !valid {
+                self.push(
+                    &format!("{at}.repositories[{index}]"),
+                    "a repository name without its owner (letters, digits, `-`, `_`, `.`)",
+                );
+            }
+        }
+        for (name, level) in &raw.permissions {
+            let name_ok =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            if !name_ok {
+                self.push(
+                    &format!("{at}.permissions"),
+                    "permission names are lowercase with `_` (e.g. `contents`, `pull_requests`)",
+                );
+            }
+            if !matches!(level.as_str(), "read" | "write" | "admin") {
+                self.push(
+                    &format!("{at}.permissions.{name}"),
+                    "must be `read`, `write` or `admin`",
+                );
+            }
+        }
+        let idle = match raw.task_idle.as_deref() {
+            None => Some(DEFAULT_TASK_IDLE),
+            Some(text) => self
+                .duration(&format!("{at}.task_idle"), text)
+                .filter(|d| !d.is_zero())
+                .or_else(|| {
+                    self.push(&format!("{at}.task_idle"), "must be more than zero");
+                    None
+                }),
+        };
+        let max_tasks = raw.max_tasks.unwrap_or(DEFAULT_MAX_TASKS);
+        if max_tasks == 0 {
+            self.push(&format!("{at}.max_tasks"), "must be at least 1");
+        }
+        let mint = match raw.mint.as_deref() {
+            None | Some("shared") => {
+                if raw.task_idle.is_some() || raw.max_tasks.is_some() {
+                    self.push(
+                        &format!("{at}.mint"),
+                        "`task_idle` and `max_tasks` apply to `mint: per_task`",
+                    );
+                }
+                Some(MintMode::Shared)
+            }
+            Some("per_task") => idle.map(|idle| MintMode::PerTask { idle, max_tasks }),
+            Some(_) => {
+                self.push(&format!("{at}.mint"), "must be `shared` or `per_task`");
+                None
+            }
+        };
+        let private_key = self.key_source(&format!("{at}.private_key"), &raw.private_key, base);
+        Some(SourceSpec::GithubApp(Box::new(GithubAppSpec {
+            app_id: app_id?,
+            private_key: private_key?,
+            installation_id: installation_id?,
+            api_url: api_url?,
+            repositories: raw.repositories.clone(),
+            permissions: raw.permissions.clone(),
+            mint: mint?,
+            timeout,
+        })))
+    }
+
+    fn google(
+        &mut self,
+        at: &str,
+        raw: &RawGoogle,
+        base: &Path,
+        timeout: Duration,
+    ) -> Option<SourceSpec> {
+        if raw.scopes.is_empty() {
+            self.push(&format!("{at}.scopes"), "list at least one OAuth scope");
+        }
+        if raw
+            .scopes
+            .iter()
+            .any(|scope| scope.is_empty() || scope.contains(char::is_whitespace))
+        {
+            self.push(
+                &format!("{at}.scopes"),
+                "a scope is one word without spaces",
+            );
+        }
+        if raw.subject.as_deref().is_some_and(|s| !s.contains('@')) {
+            self.push(&format!("{at}.subject"), "must be a user's email address");
+        }
+        let key = self.key_source(&format!("{at}.key"), &raw.key, base)?;
+        Some(SourceSpec::GoogleServiceAccount(Box::new(GoogleSpec {
+            key,
+            scopes: raw.scopes.clone(),
+            subject: raw.subject.clone(),
             timeout,
         })))
     }

@@ -1,10 +1,16 @@
-//! How a credential's value is obtained: its sources (file, env, command, OAuth2), versions and
+//! How a credential's value is obtained: its sources (file, env, command, OAuth2, tokens minted
+//! from a GitHub App or Google service-account key), versions and
 //! their expiry, and the immutable table of every credential's current version. Deciding *when*
 //! to read belongs to `reload/`; publishing the table belongs to `state.rs`.
 
+mod exchange;
 pub mod expiry;
+mod github_app;
+mod google;
+mod jwt;
 mod oauth;
 mod source;
+mod task_tokens;
 mod value;
 
 use std::collections::HashMap;
@@ -20,7 +26,8 @@ use crate::secret::Secret;
 use crate::telemetry::{Metrics, ObservedVersion};
 use crate::upstream::Upstream;
 
-pub use source::{fetch, read_local};
+pub use source::{fetch, inputs_fingerprint, read_local};
+pub use task_tokens::{is_task_id, TaskKey, TaskTokens};
 pub use value::{Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
@@ -32,6 +39,8 @@ pub struct Version {
     /// The same moment on tokio's clock, for scheduling.
     pub loaded: Instant,
     pub expiry: Option<Expiry>,
+    /// Fingerprint of the local inputs it was obtained with (see [`Fetched::inputs`]).
+    pub inputs: Option<String>,
 }
 
 /// When a version stops being accepted upstream.
@@ -63,6 +72,7 @@ impl Version {
             loaded_at,
             loaded: now,
             expiry,
+            inputs: fetched.inputs,
         }
     }
 
@@ -85,6 +95,8 @@ pub struct Credential {
     pub limits: Arc<Limits>,
     /// This credential's `keystamp_credential_reloads_total` series, looked up once.
     pub reload_counters: Arc<ReloadCounters>,
+    /// Live per-task tokens, for a credential minted per task.
+    pub task_tokens: Option<Arc<TaskTokens>>,
 }
 
 /// Where a credential's runtime state reports: metrics, and the fleet when there is one.
@@ -152,6 +164,12 @@ impl Credential {
         let limits = Arc::new(Limits::new(spec.rate_limit));
         let reload_counters = Arc::new(ReloadCounters::new(&name, metrics));
         metrics.define_credential(&name);
+        let task_tokens = match (&spec.source, spec.source.per_task()) {
+            (SourceSpec::GithubApp(app), Some((idle, max_tasks))) => Some(Arc::new(
+                TaskTokens::new(app.as_ref().clone(), idle, max_tasks),
+            )),
+            _ => None,
+        };
         Credential {
             name,
             spec,
@@ -160,6 +178,7 @@ impl Credential {
             breaker,
             limits,
             reload_counters,
+            task_tokens,
         }
     }
 
@@ -204,6 +223,7 @@ impl Credential {
             breaker: self.breaker.clone(),
             limits: self.limits.clone(),
             reload_counters: self.reload_counters.clone(),
+            task_tokens: self.task_tokens.clone(),
         };
         (credential, outcome)
     }
@@ -218,11 +238,8 @@ pub async fn read_all(
     credentials: Vec<Arc<Credential>>,
     upstream: &Upstream,
 ) -> Vec<(Credential, ReadOutcome)> {
-    let (local, remote): (Vec<_>, Vec<_>) = credentials.into_iter().partition(|c| {
-        matches!(
-            c.spec.source,
-            SourceSpec::File { .. } | SourceSpec::Env { .. }
-        )
+    let (remote, local): (Vec<_>, Vec<_>) = credentials.into_iter().partition(|c| {
+        c.spec.source.is_remote() || matches!(c.spec.source, SourceSpec::Command(_))
     });
     let chunks: Vec<Vec<Arc<Credential>>> =
         local.chunks(LOCAL_READ_CHUNK).map(<[_]>::to_vec).collect();

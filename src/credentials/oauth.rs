@@ -4,18 +4,13 @@
 
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request};
-use http_body_util::{BodyExt, Limited};
+use http::Method;
 
-use crate::body;
 use crate::config::OAuth2Spec;
+use crate::credentials::exchange;
 use crate::credentials::value::{normalize, Fetched, SourceError};
 use crate::secret::Secret;
-use crate::upstream::{Upstream, UpstreamProtocol};
-
-/// Token responses larger than this are refused.
-const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+use crate::upstream::Upstream;
 
 /// The client's id and secret, already read from their sources.
 pub struct Client<'a> {
@@ -42,40 +37,21 @@ pub async fn fetch_token(
         }
         form.finish()
     };
-    let mut request = Request::new(body::full(form));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = spec.token_url.clone();
-    let headers = request.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-www-form-urlencoded"),
-    );
-    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-
-    let exchange = async {
-        let response = upstream
-            .send(request, UpstreamProtocol::PreferH2)
-            .await
-            .map_err(|e| SourceError::TokenEndpoint(e.code().to_string()))?;
-        let status = response.status();
-        let bytes: Bytes = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|_| SourceError::TokenResponse)?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(SourceError::TokenStatus(status.as_u16()));
-        }
-        Ok(bytes)
+    let call = exchange::Call {
+        method: Method::POST,
+        uri: spec.token_url.clone(),
+        headers: Vec::new(),
+        body: Some(("application/x-www-form-urlencoded", form)),
     };
-    let bytes = tokio::time::timeout(spec.timeout, exchange)
-        .await
-        .map_err(|_| SourceError::TokenTimeout)??;
+    let bytes = exchange::send_expecting_success(call, upstream, spec.timeout).await?;
     let received_at = SystemTime::now();
     parse_token_response(&bytes, received_at)
 }
 
-fn parse_token_response(bytes: &[u8], received_at: SystemTime) -> Result<Fetched, SourceError> {
+pub(super) fn parse_token_response(
+    bytes: &[u8],
+    received_at: SystemTime,
+) -> Result<Fetched, SourceError> {
     #[derive(serde::Deserialize)]
     struct TokenResponse {
         access_token: String,
@@ -92,6 +68,7 @@ fn parse_token_response(bytes: &[u8], received_at: SystemTime) -> Result<Fetched
     Ok(Fetched {
         secret: Secret::new(token),
         expires_at,
+        inputs: None,
     })
 }
 

@@ -1,13 +1,15 @@
-//! Fetching one secret from its source: a file, an environment variable, a command's stdout, or
-//! an OAuth2 token endpoint (whose client id and secret are read first, each from its own source).
+//! Fetching one secret from its source: a file, an environment variable, a command's stdout, an
+//! OAuth2 token endpoint (whose client id and secret are read first, each from its own source),
+//! or a token minted with a GitHub App or Google service-account key (read first, unaltered).
 
 use std::io::ErrorKind;
 use std::process::Stdio;
 
 use crate::config::{CommandSpec, SourceSpec};
 use crate::credentials::expiry::jwt_expiry;
-use crate::credentials::oauth;
 use crate::credentials::value::{parse_value, Fetched, SourceError};
+use crate::credentials::{github_app, google, oauth};
+use crate::secret::Secret;
 use crate::upstream::Upstream;
 
 /// Fetches the current value of `source`. `upstream` reaches token endpoints over the same
@@ -26,10 +28,79 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
                 id: &client_id.secret,
                 secret: &client_secret.secret,
             };
-            oauth::fetch_token(spec, client, upstream).await?
+            let mut fetched = oauth::fetch_token(spec, client, upstream).await?;
+            fetched.inputs = Some(
+                Secret::new(format!(
+                    "{}\0{}",
+                    client_id.secret.expose(),
+                    client_secret.secret.expose()
+                ))
+                .fingerprint(),
+            );
+            fetched
+        }
+        SourceSpec::GithubApp(spec) => {
+            let key = read_key_material(&spec.private_key)?;
+            let mut fetched = github_app::mint(spec, &key, upstream).await?;
+            fetched.inputs = Some(key.fingerprint());
+            fetched
+        }
+        SourceSpec::GoogleServiceAccount(spec) => {
+            let key = read_key_material(&spec.key)?;
+            let mut fetched = google::fetch_token(spec, &key, upstream).await?;
+            fetched.inputs = Some(key.fingerprint());
+            fetched
         }
     };
     Ok(with_jwt_expiry(fetched))
+}
+
+/// Key material (a PEM key, a JSON key file) from a file or environment variable, as it is:
+/// line breaks are part of it.
+pub fn read_key_material(source: &SourceSpec) -> Result<Secret, SourceError> {
+    let text = match source {
+        SourceSpec::File { path, .. } => match std::fs::read(path) {
+            Ok(bytes) => String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(SourceError::FileMissing),
+            Err(e) => return Err(SourceError::FileUnreadable(e.kind())),
+        },
+        SourceSpec::Env { var, .. } => match std::env::var(var) {
+            Ok(value) => value,
+            Err(std::env::VarError::NotPresent) => return Err(SourceError::EnvMissing),
+            Err(std::env::VarError::NotUnicode(_)) => return Err(SourceError::NotUtf8),
+        },
+        _ => return Err(SourceError::KeyUnusable),
+    };
+    if text.trim().is_empty() {
+        return Err(SourceError::Empty);
+    }
+    Ok(Secret::new(text))
+}
+
+/// The fingerprint of the local inputs a token source obtains its token with, as read now; `None`
+/// for other sources or when an input cannot be read (the caller then fetches anyway).
+pub fn inputs_fingerprint(source: &SourceSpec) -> Option<String> {
+    match source {
+        SourceSpec::OAuth2(spec) => {
+            let id = read_local(&spec.client_id)?.ok()?;
+            let secret = read_local(&spec.client_secret)?.ok()?;
+            Some(
+                Secret::new(format!(
+                    "{}\0{}",
+                    id.secret.expose(),
+                    secret.secret.expose()
+                ))
+                .fingerprint(),
+            )
+        }
+        SourceSpec::GithubApp(spec) => {
+            Some(read_key_material(&spec.private_key).ok()?.fingerprint())
+        }
+        SourceSpec::GoogleServiceAccount(spec) => {
+            Some(read_key_material(&spec.key).ok()?.fingerprint())
+        }
+        _ => None,
+    }
 }
 
 /// Reads a file or environment source without waiting on anything (`None` for the others).
@@ -49,7 +120,10 @@ pub fn read_local(source: &SourceSpec) -> Option<Result<Fetched, SourceError>> {
             Err(std::env::VarError::NotPresent) => Err(SourceError::EnvMissing),
             Err(std::env::VarError::NotUnicode(_)) => Err(SourceError::NotUtf8),
         },
-        SourceSpec::Command(_) | SourceSpec::OAuth2(_) => return None,
+        SourceSpec::Command(_)
+        | SourceSpec::OAuth2(_)
+        | SourceSpec::GithubApp(_)
+        | SourceSpec::GoogleServiceAccount(_) => return None,
     };
     Some(fetched.map(with_jwt_expiry))
 }

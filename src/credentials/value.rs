@@ -41,6 +41,10 @@ pub enum SourceError {
     TokenResponse,
     #[error("token endpoint timed out")]
     TokenTimeout,
+    #[error("private key is not a PEM RSA key (PKCS#1 or PKCS#8)")]
+    KeyUnusable,
+    #[error("service-account key is not a Google JSON key file with `client_email`, `private_key` and an https `token_uri`")]
+    ServiceAccountKey,
 }
 
 /// A value as fetched, before it becomes a version.
@@ -48,6 +52,9 @@ pub enum SourceError {
 pub struct Fetched {
     pub secret: Secret,
     pub expires_at: Option<SystemTime>,
+    /// For a token obtained with local inputs (a client secret, a private key): their
+    /// fingerprint, so a file event re-mints only when they changed.
+    pub inputs: Option<String>,
 }
 
 /// Reads a value in `format` from text.
@@ -56,6 +63,7 @@ pub fn parse_value(text: &str, format: ValueFormat) -> Result<Fetched, SourceErr
         ValueFormat::Plain => Ok(Fetched {
             secret: Secret::new(normalize(text)?),
             expires_at: None,
+            inputs: None,
         }),
         ValueFormat::Json => {
             #[derive(serde::Deserialize)]
@@ -72,6 +80,7 @@ pub fn parse_value(text: &str, format: ValueFormat) -> Result<Fetched, SourceErr
             Ok(Fetched {
                 secret: Secret::new(normalize(&parsed.token)?),
                 expires_at,
+                inputs: None,
             })
         }
     }

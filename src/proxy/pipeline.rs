@@ -21,7 +21,7 @@ use crate::body::{self, Counted, ProxyBody};
 use crate::breaker::{Admission, Breaker, Verdict};
 use crate::config::Injection;
 use crate::config::Unmatched;
-use crate::credentials::{Credential, Version as CredentialVersion};
+use crate::credentials::{is_task_id, Credential, TaskKey, Version as CredentialVersion};
 use crate::error::ProxyError;
 use crate::fleet::Outgoing;
 use crate::host::Host;
@@ -171,6 +171,8 @@ struct Stamping {
     version: Arc<CredentialVersion>,
     /// The agent's own rate limit, if it is identified and has one.
     agent_limits: Option<(Arc<str>, Arc<Limits>)>,
+    /// Whose task token `version` is, for a credential minted per task.
+    task: Option<TaskKey>,
 }
 
 impl Stamping {
@@ -236,12 +238,7 @@ fn task_of(request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
     let Some(value) = request.headers().get(TASK_HEADER) else {
         return Ok(None);
     };
-    let valid = (1..=64).contains(&value.len())
-        && value
-            .as_bytes()
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if !valid {
+    if !is_task_id(value.as_bytes()) {
         return Err(ProxyError::BadRequest(
             "Keystamp-Task must be 1 to 64 characters of A-Z a-z 0-9 . _ : -",
         ));
@@ -398,6 +395,25 @@ async fn credential_version(
     } else {
         version
     };
+    // A credential minted per task: a task's requests carry that task's own token.
+    let task = match (&credential.task_tokens, record.task.as_deref()) {
+        (Some(_), Some(task)) => Some(TaskKey {
+            agent: agent.clone().unwrap_or_else(|| Arc::from("")),
+            task: Arc::from(task),
+        }),
+        _ => None,
+    };
+    let version =
+        match (&credential.task_tokens, &task) {
+            (Some(tokens), Some(key)) => tokens
+                .token_for(key, None, &state.upstream)
+                .await
+                .map_err(|error| ProxyError::CredentialUnavailable {
+                    credential: credential_name.to_string(),
+                    reason: format!("task token: {error}"),
+                })?,
+            _ => version,
+        };
     record.fingerprint = Some(version.fingerprint.clone());
     Ok(Stamping {
         route,
@@ -405,6 +421,7 @@ async fn credential_version(
         credential,
         version,
         agent_limits,
+        task,
     })
 }
 
@@ -481,11 +498,20 @@ async fn send(
     let Some(stamping) = stamping.filter(|_| response.status() == StatusCode::UNAUTHORIZED) else {
         return Ok((response, admitted));
     };
-    let Some(newer) = state
-        .reloads
-        .newer_than(&stamping.credential.name, &stamping.version.fingerprint)
-        .await
-    else {
+    let stale = &stamping.version.fingerprint;
+    let newer = match (&stamping.credential.task_tokens, &stamping.task) {
+        (Some(tokens), Some(key)) => tokens
+            .token_for(key, Some(stale), &state.upstream)
+            .await
+            .ok(),
+        _ => {
+            state
+                .reloads
+                .newer_than(&stamping.credential.name, stale)
+                .await
+        }
+    };
+    let Some(newer) = newer else {
         return Ok((response, admitted));
     };
     tracing::info!(

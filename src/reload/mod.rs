@@ -19,7 +19,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceSpec};
-use crate::credentials::{read_all, Credential, ReadOutcome, Reporting, Version};
+use crate::credentials::{
+    inputs_fingerprint, read_all, Credential, ReadOutcome, Reporting, TaskTokens, Version,
+};
 use crate::identity::IdentityTable;
 use crate::state::{plan_next, SharedState};
 use crate::telemetry::Metrics;
@@ -32,6 +34,10 @@ use watch::DirWatcher;
 /// After a 401-triggered fetch that found nothing newer than a version, don't fetch again for
 /// that same version for this long (a rejected key that nobody rotated must not hammer the source).
 const FORCED_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
+/// How often idle task tokens are looked for and retired ones revoked.
+const TASK_SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long revoking task tokens may hold up an exit.
+const EXIT_REVOCATION_LIMIT: Duration = Duration::from_secs(3);
 
 /// What the writer works with: the cell it publishes to, the client token endpoints are reached
 /// through, the metrics it counts in, and the token that stops it.
@@ -54,6 +60,8 @@ pub struct Reloader {
     schedule: Schedule,
     /// The last 401-triggered fetch per credential: when, and which version it tried to replace.
     forced_fetches: HashMap<Arc<str>, (Instant, String)>,
+    /// Per-task token sets seen at the last sweep, so one a reload dropped is revoked too.
+    task_tokens: Vec<Arc<TaskTokens>>,
 }
 
 impl Reloader {
@@ -76,6 +84,7 @@ impl Reloader {
             watcher,
             schedule: Schedule::default(),
             forced_fetches: HashMap::new(),
+            task_tokens: Vec::new(),
             config: config.clone(),
         };
         reloader.apply_config(config).await;
@@ -87,6 +96,8 @@ impl Reloader {
         let mut resync = tokio::time::interval_at(Instant::now() + every, every);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut debounce_until: Option<Instant> = None;
+        let mut task_sweep = tokio::time::interval(TASK_SWEEP_EVERY);
+        task_sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_refresh = self.schedule.next_at();
             tokio::select! {
@@ -106,8 +117,64 @@ impl Reloader {
                 }
                 () = sleep_until(next_refresh) => self.refresh_due().await,
                 _ = resync.tick() => self.resync().await,
+                _ = task_sweep.tick() => self.sweep_task_tokens(),
             }
         }
+        self.revoke_task_tokens_at_exit().await;
+    }
+
+    /// Retires idle task tokens (and every token of a credential a reload dropped), and revokes
+    /// what was retired on a task of its own: the provider's answer must not hold up reloads.
+    fn sweep_task_tokens(&mut self) {
+        let snapshot = self.context.state.load();
+        let current: Vec<Arc<TaskTokens>> = snapshot
+            .credentials
+            .iter()
+            .filter_map(|credential| credential.task_tokens.clone())
+            .collect();
+        for dropped in self
+            .task_tokens
+            .iter()
+            .filter(|old| !current.iter().any(|new| Arc::ptr_eq(old, new)))
+        {
+            dropped.retire_all();
+            self.spawn_revocations(dropped.clone());
+        }
+        for tokens in &current {
+            self.spawn_revocations(tokens.clone());
+        }
+        self.task_tokens = current;
+    }
+
+    fn spawn_revocations(&self, tokens: Arc<TaskTokens>) {
+        let retired = tokens.sweep(Instant::now());
+        if retired.is_empty() {
+            return;
+        }
+        let upstream = self.context.upstream.clone();
+        tokio::spawn(async move { tokens.revoke(retired, &upstream).await });
+    }
+
+    /// Task tokens would outlive keystamp by up to an hour: revoke them on the way out.
+    async fn revoke_task_tokens_at_exit(&mut self) {
+        let snapshot = self.context.state.load();
+        self.task_tokens.extend(
+            snapshot
+                .credentials
+                .iter()
+                .filter_map(|c| c.task_tokens.clone()),
+        );
+        let revocations = self.task_tokens.iter().map(|tokens| {
+            tokens.retire_all();
+            let retired = tokens.sweep(Instant::now());
+            let upstream = self.context.upstream.clone();
+            async move { tokens.revoke(retired, &upstream).await }
+        });
+        let _ = tokio::time::timeout(
+            EXIT_REVOCATION_LIMIT,
+            futures_util::future::join_all(revocations),
+        )
+        .await;
     }
 
     async fn answer(&mut self, ask: Ask) {
@@ -169,7 +236,27 @@ impl Reloader {
         self.reload_config().await;
         self.reread_identities();
         let names = self.credentials_where(|spec| !spec.files().is_empty());
+        let names = self.with_changed_inputs(names);
         self.reread(names).await;
+    }
+
+    /// Drops token sources whose local inputs (client secret, private key) are unchanged: an
+    /// unrelated file event must not mint a new token (GitHub limits how many an app may mint).
+    fn with_changed_inputs(&self, names: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        let snapshot = self.context.state.load();
+        names
+            .into_iter()
+            .filter(|name| {
+                let Some(credential) = snapshot.credentials.get(name) else {
+                    return true;
+                };
+                if !credential.spec.source.is_remote() {
+                    return true;
+                }
+                let minted_with = credential.current.as_ref().and_then(|v| v.inputs.clone());
+                minted_with.is_none() || inputs_fingerprint(&credential.spec.source) != minted_with
+            })
+            .collect()
     }
 
     /// The backstop for lost events: everything a file or the environment holds.

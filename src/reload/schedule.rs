@@ -31,10 +31,8 @@ pub struct Schedule {
 impl Schedule {
     /// Plans `credential`'s next read from what its last read did.
     pub fn after_read(&mut self, credential: &Credential, outcome: ReadOutcome, now: Instant) {
-        let polled = matches!(
-            credential.spec.source,
-            SourceSpec::Command(_) | SourceSpec::OAuth2(_)
-        );
+        let polled = credential.spec.source.is_remote()
+            || matches!(credential.spec.source, SourceSpec::Command(_));
         self.plan(
             &credential.name,
             outcome,

@@ -1,0 +1,225 @@
+//! Tokens minted per (agent, task) for a `mint: per_task` credential: minted on a task's first
+//! request, used only for that task, and retired when the task ends (`POST /tasks/ID/end`), after
+//! `task_idle` without requests, or when `max_tasks` are live and a new task needs room (least
+//! recently used first). Retired tokens are revoked at the provider by the reloader's sweep.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lru::LruCache;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::config::GithubAppSpec;
+use crate::credentials::source::read_key_material;
+use crate::credentials::value::SourceError;
+use crate::credentials::{github_app, Version};
+use crate::upstream::Upstream;
+
+/// Mint a new task token rather than use one with less than this left.
+const RENEW_AHEAD: Duration = Duration::from_secs(300);
+
+/// Whether `id` is a task id: 1–64 of `A-Za-z0-9._:-` (it goes into logs, so never free text).
+pub fn is_task_id(id: &[u8]) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Whose token: the agent (empty when agents are not identified) and its task id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskKey {
+    pub agent: Arc<str>,
+    pub task: Arc<str>,
+}
+
+/// A token retired from use, waiting to be revoked.
+#[derive(Debug)]
+pub struct Retired {
+    pub key: TaskKey,
+    pub version: Arc<Version>,
+    pub why: &'static str,
+}
+
+#[derive(Debug)]
+struct Slot {
+    token: Arc<OnceCell<Arc<Version>>>,
+    last_used: Instant,
+}
+
+/// The live task tokens of one credential.
+#[derive(Debug)]
+pub struct TaskTokens {
+    spec: GithubAppSpec,
+    idle: Duration,
+    live: Mutex<LruCache<TaskKey, Slot>>,
+    retired: Mutex<Vec<Retired>>,
+}
+
+impl TaskTokens {
+    pub fn new(spec: GithubAppSpec, idle: Duration, max_tasks: usize) -> Self {
+        let capacity =
+            std::num::NonZeroUsize::new(max_tasks).unwrap_or(std::num::NonZeroUsize::MIN);
+        Self {
+            spec,
+            idle,
+            live: Mutex::new(LruCache::new(capacity)),
+            retired: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Task tokens minted and not yet retired.
+    pub fn live(&self) -> usize {
+        self.lock_live()
+            .iter()
+            .filter(|(_, slot)| slot.token.initialized())
+            .count()
+    }
+
+    /// The token for `key`, minting one on the task's first request (concurrent first requests
+    /// share one mint). `stale`: a fingerprint the upstream just rejected, to be replaced.
+    pub async fn token_for(
+        &self,
+        key: &TaskKey,
+        stale: Option<&str>,
+        upstream: &Upstream,
+    ) -> Result<Arc<Version>, SourceError> {
+        let cell = self.slot(key, stale);
+        let version = cell
+            .get_or_try_init(|| async {
+                let private_key = read_key_material(&self.spec.private_key)?;
+                let fetched = github_app::mint(&self.spec, &private_key, upstream).await?;
+                let version = Arc::new(Version::new(fetched));
+                tracing::info!(
+                    credential_kind = "github_app",
+                    agent = %key.agent,
+                    task = %key.task,
+                    fingerprint = %version.fingerprint,
+                    "task token minted"
+                );
+                Ok::<_, SourceError>(version)
+            })
+            .await?;
+        Ok(version.clone())
+    }
+
+    /// The cell for `key`, touched; a fresh one when the old token is stale, near expiry or gone.
+    fn slot(&self, key: &TaskKey, stale: Option<&str>) -> Arc<OnceCell<Arc<Version>>> {
+        let now = Instant::now();
+        let mut live = self.lock_live();
+        if let Some(slot) = live.get_mut(key) {
+            let usable = match slot.token.get() {
+                None => true,
+                Some(version) => {
+                    !version.is_expired(now + RENEW_AHEAD)
+                        && stale.is_none_or(|stale| stale != version.fingerprint)
+                }
+            };
+            if usable {
+                slot.last_used = now;
+                return slot.token.clone();
+            }
+            if let Some(old) = live.pop(key) {
+                self.retire(key.clone(), old, "replaced");
+            }
+        }
+        let token = Arc::new(OnceCell::new());
+        let slot = Slot {
+            token: token.clone(),
+            last_used: now,
+        };
+        if let Some((evicted_key, evicted)) = live.push(key.clone(), slot) {
+            if &evicted_key != key {
+                self.retire(evicted_key, evicted, "max_tasks");
+            }
+        }
+        token
+    }
+
+    /// Retires every token of `task` (any agent). Returns how many.
+    pub fn end_task(&self, task: &str) -> usize {
+        let mut live = self.lock_live();
+        let keys: Vec<TaskKey> = live
+            .iter()
+            .filter(|(key, _)| key.task.as_ref() == task)
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut ended = 0;
+        for key in keys {
+            if let Some(slot) = live.pop(&key) {
+                ended += usize::from(slot.token.initialized());
+                self.retire(key, slot, "task_ended");
+            }
+        }
+        ended
+    }
+
+    /// Retires every live token (the credential left the config, or keystamp is stopping).
+    pub fn retire_all(&self) {
+        let mut live = self.lock_live();
+        while let Some((key, slot)) = live.pop_lru() {
+            self.retire(key, slot, "retired");
+        }
+    }
+
+    /// Retires tokens idle for `task_idle`, then hands over everything retired, to be revoked.
+    pub fn sweep(&self, now: Instant) -> Vec<Retired> {
+        {
+            let mut live = self.lock_live();
+            let idle: Vec<TaskKey> = live
+                .iter()
+                .filter(|(_, slot)| now.duration_since(slot.last_used) >= self.idle)
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in idle {
+                if let Some(slot) = live.pop(&key) {
+                    self.retire(key, slot, "idle");
+                }
+            }
+        }
+        std::mem::take(&mut *self.lock_retired())
+    }
+
+    /// Revokes `retired` tokens at the provider; failures are logged (the token still expires).
+    pub async fn revoke(&self, retired: Vec<Retired>, upstream: &Upstream) -> usize {
+        let mut revoked = 0;
+        for Retired { key, version, why } in retired {
+            if version.is_expired(Instant::now()) {
+                continue;
+            }
+            match github_app::revoke(&self.spec, &version.secret, upstream).await {
+                Ok(()) => {
+                    revoked += 1;
+                    tracing::info!(agent = %key.agent, task = %key.task, fingerprint = %version.fingerprint, why, "task token revoked");
+                }
+                Err(error) => {
+                    tracing::warn!(agent = %key.agent, task = %key.task, fingerprint = %version.fingerprint, why, %error, "task token could not be revoked; it lapses at its expiry")
+                }
+            }
+        }
+        revoked
+    }
+
+    fn retire(&self, key: TaskKey, slot: Slot, why: &'static str) {
+        if let Some(version) = slot.token.get() {
+            self.lock_retired().push(Retired {
+                key,
+                version: version.clone(),
+                why,
+            });
+        }
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, LruCache<TaskKey, Slot>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_retired(&self) -> std::sync::MutexGuard<'_, Vec<Retired>> {
+        self.retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
