@@ -18,20 +18,6 @@ use common::*;
 const READ_SECRET: &str = "gh-read-7d1c";
 const WRITE_SECRET: &str = "gh-write-93af";
 
-fn agent_client(keystamp: &KeystampProcess, agent: Option<(&str, &str)>) -> reqwest::Client {
-    let proxy = match agent {
-        Some((name, token)) => format!("http://{name}:{token}@{}", keystamp.proxy),
-        None => format!("http://{}", keystamp.proxy),
-    };
-    let ca = reqwest::Certificate::from_pem(keystamp.ca_pem.as_bytes()).unwrap();
-    reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(proxy).unwrap())
-        .add_root_certificate(ca)
-        .tls_built_in_root_certs(false)
-        .build()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_agent_gets_its_own_credential_and_its_task_in_the_audit() {
     let (upstream, ca, dir) = tls_upstream().await;
@@ -67,9 +53,9 @@ async fn each_agent_gets_its_own_credential_and_its_task_in_the_audit() {
         &config.yaml(),
         &[("gh-read", READ_SECRET), ("gh-write", WRITE_SECRET)],
     );
-    let reader = agent_client(&keystamp, Some(("reader", "r-token")));
-    let writer = agent_client(&keystamp, Some(("writer", "w-token")));
-    let anonymous = agent_client(&keystamp, None);
+    let reader = keystamp.agent_client(Some(("reader", "r-token")));
+    let writer = keystamp.agent_client(Some(("writer", "w-token")));
+    let anonymous = keystamp.agent_client(None);
 
     let read = reader
         .get("https://api.example.test/repos")

@@ -49,7 +49,9 @@ fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
         );
         if config.ends_with("everything.yaml") {
             assert!(
-                stdout.contains("oauth2_client_credentials") && stdout.contains("command"),
+                ["oauth2_client_credentials", "command", "github_app", "google_service_account"]
+                    .iter()
+                    .all(|kind| stdout.contains(kind)),
                 "{stdout}"
             );
             assert!(stdout.contains("identities (2, required):"), "{stdout}");
@@ -103,6 +105,41 @@ fn check_reports_every_error_with_file_line_column_and_key_path() {
         );
     }
     assert_eq!(stderr.lines().count(), 6, "{stderr}");
+}
+
+#[test]
+fn check_reports_bad_minted_credentials_by_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("minted.yaml");
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:1\nca: { generate: true }\ncredentials:\n\
+         \x20 gh:\n    source:\n      github_app:\n        app_id: 1\n        installation_id: two\n\
+         \x20       private_key: { command: [cat, key.pem] }\n\
+         \x20       repositories: [acme/keystamp]\n        permissions: { contents: everything }\n\
+         \x20       mint: per_request\n\
+         \x20 g:\n    source:\n      google_service_account:\n        key: { file: sa.json }\n        scopes: []\n\
+         routes: []\n",
+    )
+    .unwrap();
+    let output = keystamp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    for expected in [
+        "credentials.gh.source.github_app.installation_id: must be a number",
+        "credentials.gh.source.github_app.private_key: key material takes a `file` or `env` source",
+        "credentials.gh.source.github_app.repositories[0]: a repository name without its owner",
+        "credentials.gh.source.github_app.permissions.contents: must be `read`, `write` or `admin`",
+        "credentials.gh.source.github_app.mint: must be `shared` or `per_task`",
+        "credentials.g.source.google_service_account.scopes: list at least one OAuth scope",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+    }
+    assert!(!stderr.contains("everything"), "values are never echoed");
 }
 
 #[test]

@@ -594,6 +594,12 @@ impl TestConfig {
         self
     }
 
+    /// A credential with any source (`{"source": {...}, ...}`).
+    pub fn credential(&mut self, name: &str, credential: serde_json::Value) -> &mut Self {
+        self.credentials.insert(name.to_string(), credential);
+        self
+    }
+
     /// A route stamping `credential` as a bearer token on `host`, with any extra keys.
     pub fn bearer_route(
         &mut self,
@@ -768,6 +774,92 @@ impl KeystampProcess {
     pub async fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.admin_get("/status").await).unwrap()
     }
+
+    /// A client that identifies as an agent through the proxy URL (`http://NAME:TOKEN@...`), or
+    /// anonymously with `None`.
+    pub fn agent_client(&self, agent: Option<(&str, &str)>) -> reqwest::Client {
+        let proxy = match agent {
+            Some((name, token)) => format!("http://{name}:{token}@{}", self.proxy),
+            None => format!("http://{}", self.proxy),
+        };
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::all(proxy).unwrap())
+            .add_root_certificate(ca)
+            .tls_built_in_root_certs(false)
+            .build()
+            .unwrap()
+    }
+}
+
+/// One request as a fake service sees it.
+pub struct Received {
+    pub method: http::Method,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+/// A fake service's answer to one request.
+pub type Handler = Arc<dyn Fn(Received) -> (StatusCode, String) + Send + Sync>;
+
+/// A real TLS server (h2 + http/1.1) on loopback with a certificate from `ca` for `names`,
+/// answering every request with `handler`: the base of the provider fakes.
+pub async fn serve_tls(ca: &TestCa, names: &[&str], handler: Handler) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (chain, key) = ca.leaf(names);
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let handler = handler.clone();
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let received = Received {
+                            method: parts.method,
+                            path: parts.uri.path().to_string(),
+                            headers: parts.headers,
+                            body,
+                        };
+                        let (status, text) = handler(received);
+                        let mut response = Response::new(Full::new(Bytes::from(text)));
+                        *response.status_mut() = status;
+                        response
+                            .headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
 }
 
 /// A real `redis-server` on a free loopback port, with no persistence; killed when dropped.
