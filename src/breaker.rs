@@ -66,10 +66,14 @@ pub struct Rejection {
 }
 
 /// What the upstream said, as far as the breaker cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// The upstream said the credential itself is bad (401, or a 403 that says so).
-    AuthFailure { status: u16 },
+    /// The upstream said the credential itself is bad (401, or a 403 that says so; `marker`:
+    /// which of the route's `auth_failure_markers` said it, e.g. AWS `ExpiredToken`).
+    AuthFailure {
+        status: u16,
+        marker: Option<Arc<str>>,
+    },
     /// Anything else the upstream answered: success, permission 403s, 429s, 5xx.
     NotAuthFailure,
 }
@@ -272,10 +276,10 @@ impl Breaker {
             return;
         }
         match (probe, verdict) {
-            (true, Some(Verdict::AuthFailure { status })) => {
+            (true, Some(Verdict::AuthFailure { status, marker })) => {
                 inner.probe_in_flight = false;
                 inner.open_for = (inner.open_for * 2).min(self.settings.max_open_for);
-                let reason = format!("probe got upstream {status}");
+                let reason = format!("probe got upstream {status}{}", said(marker.as_deref()));
                 self.open_on_evidence(&mut inner, reason, fingerprint, now);
             }
             (true, Some(Verdict::NotAuthFailure)) => {
@@ -286,7 +290,7 @@ impl Breaker {
                 });
             }
             (true, None) => inner.probe_in_flight = false,
-            (false, Some(Verdict::AuthFailure { status })) => {
+            (false, Some(Verdict::AuthFailure { status, marker })) => {
                 let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
                 self.emit(|credential| BreakerEvent::AuthFailure {
                     credential,
@@ -294,7 +298,10 @@ impl Breaker {
                 });
                 if self.state() == BreakerState::Closed && consecutive >= self.settings.failures {
                     inner.open_for = self.settings.open_for;
-                    let reason = format!("upstream {status} x{consecutive}");
+                    let reason = format!(
+                        "upstream {status}{} x{consecutive}",
+                        said(marker.as_deref())
+                    );
                     self.open_on_evidence(&mut inner, reason, fingerprint, now);
                     tracing::warn!(credential = %self.credential, reason = %inner.reason, fingerprint, "auth circuit breaker opened");
                 }
@@ -486,7 +493,10 @@ mod tests {
         let admission = b.admit(Instant::now());
         b.record(
             &admission,
-            Some(Verdict::AuthFailure { status: 401 }),
+            Some(Verdict::AuthFailure {
+                status: 401,
+                marker: None,
+            }),
             "fp1",
             Instant::now(),
         );
@@ -525,7 +535,10 @@ mod tests {
         // The probe fails: open for twice as long.
         b.record(
             probes[0],
-            Some(Verdict::AuthFailure { status: 401 }),
+            Some(Verdict::AuthFailure {
+                status: 401,
+                marker: None,
+            }),
             "fp1",
             Instant::now(),
         );
@@ -554,7 +567,10 @@ mod tests {
             let probe = b.admit(Instant::now());
             b.record(
                 &probe,
-                Some(Verdict::AuthFailure { status: 401 }),
+                Some(Verdict::AuthFailure {
+                    status: 401,
+                    marker: None,
+                }),
                 "fp1",
                 Instant::now(),
             );
@@ -571,7 +587,10 @@ mod tests {
         for _ in 0..10 {
             b.record(
                 &stale,
-                Some(Verdict::AuthFailure { status: 401 }),
+                Some(Verdict::AuthFailure {
+                    status: 401,
+                    marker: None,
+                }),
                 "fp1",
                 Instant::now(),
             );
@@ -597,4 +616,9 @@ mod tests {
         b.force_close();
         assert!(matches!(b.admit(Instant::now()), Admission::Pass { .. }));
     }
+}
+
+/// ` (InvalidClientTokenId)` when a marker said why, for the breaker's reason.
+fn said(marker: Option<&str>) -> String {
+    marker.map_or_else(String::new, |m| format!(" ({m})"))
 }

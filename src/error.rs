@@ -66,6 +66,8 @@ pub enum ProxyError {
     TlsRequired,
     #[error("only the chunked transfer coding is supported")]
     TransferCodingUnsupported,
+    #[error("the request body is larger than reload.replay_body_limit ({limit} bytes) and this AWS service does not accept an unsigned payload")]
+    BodyTooLargeToSign { limit: usize },
     #[error("too many agent connections; try again shortly")]
     TooManyConnections,
     #[error("the upstream connection failed before a response arrived")]
@@ -100,6 +102,7 @@ impl ProxyError {
             ProxyError::MethodRefused(_) => "method_not_allowed",
             ProxyError::TlsRequired => "tls_required",
             ProxyError::TransferCodingUnsupported => "transfer_coding_unsupported",
+            ProxyError::BodyTooLargeToSign { .. } => "body_too_large_to_sign",
             ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::HostMismatch => "host_mismatch",
@@ -120,6 +123,7 @@ impl ProxyError {
             | ProxyError::TlsRequired => StatusCode::FORBIDDEN,
             ProxyError::MethodRefused(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::TransferCodingUnsupported => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::BodyTooLargeToSign { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::IdentityRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
@@ -147,6 +151,7 @@ impl ProxyError {
             | ProxyError::MethodRefused(_)
             | ProxyError::TlsRequired
             | ProxyError::TransferCodingUnsupported
+            | ProxyError::BodyTooLargeToSign { .. }
             | ProxyError::BadRequest(_) => Side::Agent,
             ProxyError::UpstreamTls
             | ProxyError::UpstreamConnect(_)

@@ -9,6 +9,7 @@ use http::uri::{PathAndQuery, Uri};
 use crate::config::Injection;
 use crate::routes::Route;
 use crate::secret::Secret;
+use crate::sigv4::{self, Payload, SignError};
 
 /// Stamping failed: the resulting header or URI would be invalid.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,8 @@ pub enum StampError {
     InvalidHeaderValue,
     #[error("the request URI cannot carry the credential")]
     InvalidUri,
+    #[error("the request could not be signed: {0}")]
+    Signing(#[from] SignError),
 }
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1).
@@ -80,8 +83,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// Removes every credential-bearing header the agent may have sent for this route: every header
-/// any injection on the route writes (the route's and each agent's own), and `strip`.
-pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &Route) {
+/// any injection on the route writes (the route's and each agent's own), and `strip`. A route
+/// that signs with SigV4 also loses the agent's own signing headers and presigned parameters.
+pub fn strip_agent_credentials(headers: &mut HeaderMap, uri: &mut Uri, route: &Route) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
     let agents_own = route
@@ -90,13 +94,30 @@ pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &Route) {
         .flatten()
         .filter_map(|(_, scope)| scope.inject.as_ref());
     for inject in std::iter::once(&route.inject).chain(agents_own) {
-        if let Injection::Header { name, .. } = inject {
-            headers.remove(name);
+        match inject {
+            Injection::Header { name, .. } => {
+                headers.remove(name);
+            }
+            Injection::AwsSigV4 { .. } => {
+                for name in sigv4::AGENT_SIGNING_HEADERS {
+                    headers.remove(name);
+                }
+                if let Ok(stripped) = without_query_params(uri, &sigv4::PRESIGNED_QUERY_PARAMS) {
+                    *uri = stripped;
+                }
+            }
+            _ => {}
         }
     }
     for name in &route.strip {
         headers.remove(name);
     }
+}
+
+/// The parts of the outgoing request a signature covers besides its headers and URI.
+pub struct Signed<'a> {
+    pub method: &'a http::Method,
+    pub payload: Payload<'a>,
 }
 
 /// Writes the credential into the request as the route says. Call after
@@ -106,8 +127,19 @@ pub fn stamp(
     uri: &mut Uri,
     inject: &Injection,
     secret: &Secret,
+    signed: Signed<'_>,
 ) -> Result<(), StampError> {
     match inject {
+        Injection::AwsSigV4 { service, region } => {
+            sigv4::sign_request(
+                signed.method,
+                uri,
+                headers,
+                secret,
+                (service, region),
+                signed.payload,
+            )?;
+        }
         Injection::Bearer => {
             let value = sensitive(format!("Bearer {}", secret.expose()))?;
             headers.insert(header::AUTHORIZATION, value);
@@ -163,24 +195,49 @@ fn sensitive(text: String) -> Result<HeaderValue, StampError> {
 /// Returns `uri` with every `name=` pair the agent sent removed and `name=<value>` appended;
 /// the agent's other pairs are kept byte for byte.
 fn with_query_param(uri: &Uri, name: &str, value: &str) -> Result<Uri, StampError> {
-    let path = uri.path();
-    let kept = uri.query().unwrap_or("").split('&').filter(|pair| {
-        if pair.is_empty() {
-            return false;
-        }
-        let key = pair.split('=').next().unwrap_or("");
-        let decoded: String = form_urlencoded::parse(key.as_bytes())
-            .next()
-            .map(|(k, _)| k.into_owned())
-            .unwrap_or_default();
-        decoded != name
-    });
-    let mut query: Vec<String> = kept.map(str::to_string).collect();
+    let mut query = kept_query_pairs(uri, &[name]);
     let encoded_name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
     let encoded_value: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
     query.push(format!("{encoded_name}={encoded_value}"));
-    let path_and_query = PathAndQuery::try_from(format!("{path}?{}", query.join("&")))
-        .map_err(|_| StampError::InvalidUri)?;
+    with_query(uri, &query)
+}
+
+/// Returns `uri` without any pair named in `names`; the other pairs kept byte for byte.
+fn without_query_params(uri: &Uri, names: &[&str]) -> Result<Uri, StampError> {
+    if uri.query().is_none() {
+        return Ok(uri.clone());
+    }
+    with_query(uri, &kept_query_pairs(uri, names))
+}
+
+/// The query's pairs whose decoded name is not in `names`.
+fn kept_query_pairs(uri: &Uri, names: &[&str]) -> Vec<String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| {
+            if pair.is_empty() {
+                return false;
+            }
+            let key = pair.split('=').next().unwrap_or("");
+            let decoded: String = form_urlencoded::parse(key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            !names.contains(&decoded.as_str())
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+fn with_query(uri: &Uri, pairs: &[String]) -> Result<Uri, StampError> {
+    let path = uri.path();
+    let text = if pairs.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", pairs.join("&"))
+    };
+    let path_and_query = PathAndQuery::try_from(text).map_err(|_| StampError::InvalidUri)?;
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(path_and_query);
     Uri::from_parts(parts).map_err(|_| StampError::InvalidUri)

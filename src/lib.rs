@@ -24,6 +24,7 @@ mod proxy;
 mod reload;
 mod routes;
 mod secret;
+mod sigv4;
 mod state;
 mod telemetry;
 mod time;

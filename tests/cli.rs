@@ -49,9 +49,14 @@ fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
         );
         if config.ends_with("everything.yaml") {
             assert!(
-                ["oauth2_client_credentials", "command", "github_app", "google_service_account"]
-                    .iter()
-                    .all(|kind| stdout.contains(kind)),
+                [
+                    "oauth2_client_credentials",
+                    "command",
+                    "github_app",
+                    "google_service_account"
+                ]
+                .iter()
+                .all(|kind| stdout.contains(kind)),
                 "{stdout}"
             );
             assert!(stdout.contains("identities (2, required):"), "{stdout}");
@@ -137,7 +142,10 @@ fn check_reports_bad_minted_credentials_by_key_path() {
         "credentials.gh.source.github_app.mint: must be `shared` or `per_task`",
         "credentials.g.source.google_service_account.scopes: list at least one OAuth scope",
     ] {
-        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "missing `{expected}` in:\n{stderr}"
+        );
     }
     assert!(!stderr.contains("everything"), "values are never echoed");
 }

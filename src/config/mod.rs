@@ -358,6 +358,8 @@ pub enum Injection {
     Header { name: HeaderName, template: String },
     /// `?<name>=<secret>`, added or replaced.
     Query { name: String },
+    /// AWS Signature Version 4 over the request as it leaves, with an `aws` credential.
+    AwsSigV4 { service: String, region: String },
 }
 
 impl Injection {
@@ -367,6 +369,7 @@ impl Injection {
             Injection::Basic { .. } => "basic",
             Injection::Header { .. } => "header",
             Injection::Query { .. } => "query",
+            Injection::AwsSigV4 { .. } => "aws_sigv4",
         }
     }
 }

@@ -337,4 +337,9 @@ pub struct RawInject {
     pub value: Option<String>,
     #[serde(default)]
     pub username: Option<String>,
+    /// For `aws_sigv4`: the signing name and region (read from a standard AWS host if unset).
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
 }

@@ -29,6 +29,15 @@ const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// AWS error codes that mean "this key is bad", the default `auth_failure_markers` of a route that
+/// signs with SigV4 (a permission `AccessDenied` is not among them).
+const AWS_AUTH_FAILURE_CODES: [&str; 5] = [
+    "ExpiredToken",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "SignatureDoesNotMatch",
+];
 const DEFAULT_TASK_IDLE: Duration = Duration::from_secs(600);
 const DEFAULT_MAX_TASKS: usize = 256;
 
@@ -953,7 +962,7 @@ impl Errors<'_> {
                 "a route needs a credential, or agents that each name their own",
             );
         }
-        let inject = self.inject(&format!("routes[{index}].inject"), &raw.inject);
+        let inject = self.inject(&format!("routes[{index}].inject"), &raw.inject, &raw.host);
         let strip = raw
             .strip
             .iter()
@@ -996,7 +1005,7 @@ impl Errors<'_> {
                     let inject = scope
                         .inject
                         .as_ref()
-                        .and_then(|inject| self.inject(&format!("{at}.inject"), inject));
+                        .and_then(|inject| self.inject(&format!("{at}.inject"), inject, &raw.host));
                     (
                         agent.clone(),
                         AgentScope {
@@ -1013,6 +1022,22 @@ impl Errors<'_> {
             return None;
         }
         let host = host?;
+        // AWS answers 403, not 401, to a bad or expired key; these codes say it is the key.
+        let mut markers = raw.auth_failure_markers.clone();
+        let signs_aws = std::iter::once(inject.as_ref())
+            .chain(
+                agents
+                    .iter()
+                    .flatten()
+                    .map(|(_, scope): (&String, &AgentScope)| scope.inject.as_ref()),
+            )
+            .any(|inject| matches!(inject, Some(Injection::AwsSigV4 { .. })));
+        if signs_aws && markers.is_empty() {
+            markers = AWS_AUTH_FAILURE_CODES
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+        }
         let name = raw.name.clone().unwrap_or_else(|| match &raw.path_prefix {
             Some(prefix) => format!("{host}{prefix}"),
             None => host.to_string(),
@@ -1026,7 +1051,7 @@ impl Errors<'_> {
             inject: inject?,
             strip,
             respect_retry_after: raw.respect_retry_after,
-            auth_failure_markers: raw.auth_failure_markers.clone(),
+            auth_failure_markers: markers,
             agents,
             tls_only: raw.tls_only.unwrap_or(true),
         })
@@ -1056,13 +1081,13 @@ impl Errors<'_> {
         }
     }
 
-    /// An `inject:` at key path `at` (a route's, or an agent's on a route).
-    fn inject(&mut self, at: &str, raw: &RawInject) -> Option<Injection> {
+    /// An `inject:` at key path `at` (a route's, or an agent's on a route for `host`).
+    fn inject(&mut self, at: &str, raw: &RawInject, host: &str) -> Option<Injection> {
         let at = |key: &str| format!("{at}.{key}");
         let Some(kind) = InjectKind::parse(&raw.kind) else {
             self.push(
                 &at("type"),
-                "must be one of `bearer`, `basic`, `header`, `query`",
+                "must be one of `bearer`, `basic`, `header`, `query`, `aws_sigv4`",
             );
             return None;
         };
@@ -1070,6 +1095,8 @@ impl Errors<'_> {
             ("name", raw.name.is_some()),
             ("value", raw.value.is_some()),
             ("username", raw.username.is_some()),
+            ("service", raw.service.is_some()),
+            ("region", raw.region.is_some()),
         ] {
             if set && !kind.keys().contains(&key) {
                 self.push(
@@ -1130,6 +1157,42 @@ impl Errors<'_> {
                 }
                 Some(Injection::Query { name })
             }
+            InjectKind::AwsSigV4 => {
+                let inferred = crate::sigv4::scope_of_host(host);
+                let service = raw
+                    .service
+                    .clone()
+                    .or_else(|| inferred.as_ref().map(|(s, _)| s.clone()));
+                let region = raw
+                    .region
+                    .clone()
+                    .or_else(|| inferred.as_ref().map(|(_, r)| r.clone()));
+                let valid = |text: &str| {
+                    !text.is_empty()
+                        && text
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                };
+                match (service, region) {
+                    (Some(service), Some(region)) if valid(&service) && valid(&region) => {
+                        Some(Injection::AwsSigV4 { service, region })
+                    }
+                    (Some(_), Some(_)) => {
+                        self.push(
+                            &at("service"),
+                            "service and region are lowercase names like `s3` and `us-east-1`",
+                        );
+                        None
+                    }
+                    _ => {
+                        self.push(
+                            &at("type"),
+                            "set `service` and `region`: this host is not a standard AWS endpoint",
+                        );
+                        None
+                    }
+                }
+            }
         }
     }
 }
@@ -1141,6 +1204,7 @@ enum InjectKind {
     Basic,
     Header,
     Query,
+    AwsSigV4,
 }
 
 impl InjectKind {
@@ -1150,6 +1214,7 @@ impl InjectKind {
             "basic" => Some(Self::Basic),
             "header" => Some(Self::Header),
             "query" => Some(Self::Query),
+            "aws_sigv4" => Some(Self::AwsSigV4),
             _ => None,
         }
     }
@@ -1160,6 +1225,7 @@ impl InjectKind {
             Self::Basic => "basic",
             Self::Header => "header",
             Self::Query => "query",
+            Self::AwsSigV4 => "aws_sigv4",
         }
     }
 
@@ -1170,6 +1236,7 @@ impl InjectKind {
             Self::Basic => &["username"],
             Self::Header => &["name", "value"],
             Self::Query => &["name"],
+            Self::AwsSigV4 => &["service", "region"],
         }
     }
 }

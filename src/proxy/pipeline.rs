@@ -29,6 +29,7 @@ use crate::inject;
 use crate::limits::Limits;
 use crate::proxy::ProxyState;
 use crate::routes::{Route, RouteMatch};
+use crate::sigv4::{accepts_unsigned_payload, Payload, SignError};
 use crate::telemetry::RequestRecord;
 use crate::upstream::UpstreamProtocol;
 
@@ -132,7 +133,18 @@ async fn forward_stages(
     let unstamped = Unstamped::new(parts, &target, stamping.as_ref(), upgrade)?;
     // Only a stamped request may need a replay after a 401; an upgrade's body is the new protocol.
     let replay_limit = (stamping.is_some() && !upgrade).then_some(state.replay_body_limit);
-    let body = RequestBody::read(incoming, &unstamped.headers, replay_limit, record).await?;
+    // A SigV4 signature covers the body's hash: only S3 takes a streamed body unsigned.
+    let must_hash = stamping.as_ref().is_some_and(|s| {
+        matches!(s.injection(), Injection::AwsSigV4 { service, .. } if !accepts_unsigned_payload(service))
+    });
+    let body = RequestBody::read(
+        incoming,
+        &unstamped.headers,
+        replay_limit,
+        must_hash,
+        record,
+    )
+    .await?;
     let (response, admitted) = send(
         state,
         unstamped,
@@ -485,15 +497,16 @@ async fn send(
     let version = stamping.map(|s| s.version.as_ref());
     let bytes = match body {
         RequestBody::Streaming(streaming) => {
-            let request = unstamped.into_request(stamp, streaming)?;
+            let request = unstamped.into_request(stamp, streaming, Payload::Unsigned)?;
             let response = state.upstream.send(request, protocol).await?;
             return Ok((without_echoes(response, version), admitted));
         }
         RequestBody::Replayable(bytes) => bytes,
     };
-    let request = unstamped
-        .clone()
-        .into_request(stamp, body::full(bytes.clone()))?;
+    let request =
+        unstamped
+            .clone()
+            .into_request(stamp, body::full(bytes.clone()), Payload::Bytes(&bytes))?;
     let response = without_echoes(state.upstream.send(request, protocol).await?, version);
     let Some(stamping) = stamping.filter(|_| response.status() == StatusCode::UNAUTHORIZED) else {
         return Ok((response, admitted));
@@ -533,7 +546,8 @@ async fn send(
     }
     let request = unstamped.into_request(
         Some((stamping.injection(), newer.as_ref())),
-        body::full(bytes),
+        body::full(bytes.clone()),
+        Payload::Bytes(&bytes),
     )?;
     let response = state.upstream.send(request, protocol).await?;
     Ok((
@@ -583,21 +597,29 @@ async fn judge(
         }
     }
     let (auth_failure, response) = match status {
-        StatusCode::UNAUTHORIZED => (true, response.map(body::stream)),
+        StatusCode::UNAUTHORIZED => (Some(None), response.map(body::stream)),
         StatusCode::FORBIDDEN => {
             forbidden_says_credential_is_bad(response, &route.auth_failure_markers).await
         }
-        _ => (false, response.map(body::stream)),
+        _ => (None, response.map(body::stream)),
     };
-    let verdict = if auth_failure {
+    let verdict = if let Some(marker) = auth_failure {
         state
             .telemetry
             .metrics
             .auth_failures
             .with_label_values(&[stamping.credential.name.as_ref(), status.as_str()])
             .inc();
+        tracing::warn!(
+            credential = %stamping.credential.name,
+            fingerprint = %stamping.version.fingerprint,
+            status = status.as_u16(),
+            marker = marker.as_deref(),
+            "upstream rejected the credential"
+        );
         Verdict::AuthFailure {
             status: status.as_u16(),
+            marker,
         }
     } else {
         Verdict::NotAuthFailure
@@ -612,29 +634,43 @@ const MARKER_PEEK: usize = 1024;
 
 /// A 403 means "this credential is bad" only when it says so: `WWW-Authenticate` with
 /// `error="invalid_token"`, or a configured marker in a header value or the body's first KiB.
-/// Other 403s are permission answers and leave the breaker alone.
+/// Other 403s are permission answers and leave the breaker alone. `Some(marker)`: it is bad,
+/// and which marker said so (`None` for `invalid_token`).
 async fn forbidden_says_credential_is_bad(
     response: Response<Incoming>,
     markers: &[String],
-) -> (bool, Response<ProxyBody>) {
+) -> (Option<Option<Arc<str>>>, Response<ProxyBody>) {
     let headers = response.headers();
     let invalid_token = headers
         .get_all(header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("invalid_token"));
-    let marked_header = !markers.is_empty()
-        && headers
+    if invalid_token {
+        return (Some(None), response.map(body::stream));
+    }
+    let in_headers = markers.iter().find(|m| {
+        headers
             .values()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| markers.iter().any(|m| v.contains(m.as_str())));
-    if invalid_token || marked_header || markers.is_empty() {
-        return (invalid_token || marked_header, response.map(body::stream));
+            .any(|v| v.contains(m.as_str()))
+    });
+    if let Some(marker) = in_headers {
+        return (
+            Some(Some(Arc::from(marker.as_str()))),
+            response.map(body::stream),
+        );
+    }
+    if markers.is_empty() {
+        return (None, response.map(body::stream));
     }
     let (parts, incoming) = response.into_parts();
     let (prefix, rest) = body::peek(incoming, MARKER_PEEK).await;
     let text = String::from_utf8_lossy(&prefix);
-    let marked = markers.iter().any(|m| text.contains(m.as_str()));
+    let marked = markers
+        .iter()
+        .find(|m| text.contains(m.as_str()))
+        .map(|m| Some(Arc::from(m.as_str())));
     (marked, Response::from_parts(parts, rest))
 }
 
@@ -664,14 +700,14 @@ impl Unstamped {
         stamping: Option<&Stamping>,
         upgrade: bool,
     ) -> Result<Self, ProxyError> {
-        let uri = upstream_uri(target, &parts.uri)?;
+        let mut uri = upstream_uri(target, &parts.uri)?;
         let mut headers = parts.headers;
         inject::strip_hop_by_hop(&mut headers, upgrade);
         // The pooled client writes Host (HTTP/1.1) or :authority (h2) from the URI.
         headers.remove(header::HOST);
         headers.remove(TASK_HEADER);
         if let Some(stamping) = stamping {
-            inject::strip_agent_credentials(&mut headers, &stamping.route);
+            inject::strip_agent_credentials(&mut headers, &mut uri, &stamping.route);
         }
         Ok(Self {
             method: parts.method,
@@ -680,11 +716,13 @@ impl Unstamped {
         })
     }
 
-    /// **stamp**: exactly one credential, and the body attached.
+    /// **stamp**: exactly one credential (or a signature over the request as it leaves), and the
+    /// body attached. `payload` is what a signature covers: the body's bytes when in hand.
     fn into_request(
         self,
         stamp: Option<(&Injection, &CredentialVersion)>,
         body: ProxyBody,
+        payload: Payload<'_>,
     ) -> Result<Request<ProxyBody>, ProxyError> {
         let Unstamped {
             method,
@@ -692,8 +730,18 @@ impl Unstamped {
             mut headers,
         } = self;
         if let Some((injection, version)) = stamp {
-            inject::stamp(&mut headers, &mut uri, injection, &version.secret)
-                .map_err(|_| ProxyError::Internal("the credential could not be stamped"))?;
+            let signed = inject::Signed {
+                method: &method,
+                payload,
+            };
+            inject::stamp(&mut headers, &mut uri, injection, &version.secret, signed).map_err(
+                |error| match error {
+                    inject::StampError::Signing(SignError::NotAwsKeys) => {
+                        ProxyError::Internal("an aws_sigv4 route needs an `aws` credential")
+                    }
+                    _ => ProxyError::Internal("the credential could not be stamped"),
+                },
+            )?;
         }
         let mut request = Request::new(body);
         *request.method_mut() = method;
@@ -715,16 +763,38 @@ enum RequestBody {
 impl RequestBody {
     /// Keeps the body when `replay_limit` is set and its declared length is within it (or it is
     /// empty); hands larger or unsized bodies on as a stream.
+    /// With `must_hash`, the body is always kept (a signature covers its hash), and one larger
+    /// than the limit is 413 `body_too_large_to_sign`.
     async fn read(
         body: Incoming,
         headers: &HeaderMap,
         replay_limit: Option<usize>,
+        must_hash: bool,
         record: &RequestRecord,
     ) -> Result<Self, ProxyError> {
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        if let Some(limit) = replay_limit.filter(|_| must_hash) {
+            if declared.is_some_and(|l| l > limit as u64) {
+                return Err(ProxyError::BodyTooLargeToSign { limit });
+            }
+            let bytes = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(
+                    |error| match error.downcast_ref::<http_body_util::LengthLimitError>() {
+                        Some(_) => ProxyError::BodyTooLargeToSign { limit },
+                        None => ProxyError::BadRequest("the request body could not be read"),
+                    },
+                )?
+                .to_bytes();
+            record
+                .request_bytes
+                .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(Self::Replayable(bytes));
+        }
         let small = replay_limit
             .filter(|limit| body.is_end_stream() || declared.is_some_and(|l| l <= *limit as u64));
         let Some(limit) = small else {
