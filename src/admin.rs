@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{full, ProxyBody};
 use crate::config::{MintMode, SourceSpec};
-use crate::credentials::{is_task_id, read_local, Credential};
+use crate::credentials::{access_key_id, is_task_id, read_local, Credential};
 use crate::fleet::{held_by_fleet, FleetLink, ManualAction, Outgoing};
 use crate::proxy::accept_next;
 use crate::state::SharedState;
@@ -238,6 +238,15 @@ fn minted_json(credential: &Credential) -> serde_json::Value {
             "repositories": app.repositories,
             "permissions": app.permissions,
             "per_task": app.mint != MintMode::Shared,
+            "live_task_tokens": credential.task_tokens.as_ref().map_or(0, |tokens| tokens.live()),
+        }),
+        SourceSpec::Aws(aws) => serde_json::json!({
+            "provider": "aws",
+            // Not a secret: CloudTrail shows it, and it joins keystamp's fingerprint to CloudTrail.
+            "access_key_id": credential.current.as_ref().and_then(|v| access_key_id(&v.secret)),
+            "role_arn": aws.assume_role.as_ref().map(|role| role.role_arn.clone()),
+            "session_name": aws.assume_role.as_ref().map(|role| role.session_name.clone()),
+            "session_policy": aws.assume_role.as_ref().is_some_and(|role| role.policy.is_some()),
             "live_task_tokens": credential.task_tokens.as_ref().map_or(0, |tokens| tokens.live()),
         }),
         SourceSpec::GoogleServiceAccount(google) => serde_json::json!({

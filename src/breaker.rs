@@ -470,6 +470,11 @@ fn jittered(period: Duration, seed: &mut u64) -> Duration {
     period.mul_f64(0.8 + 0.4 * unit)
 }
 
+/// ` (InvalidClientTokenId)` when a marker said why, for the breaker's reason.
+fn said(marker: Option<&str>) -> String {
+    marker.map_or_else(String::new, |m| format!(" ({m})"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -616,9 +621,4 @@ mod tests {
         b.force_close();
         assert!(matches!(b.admit(Instant::now()), Admission::Pass { .. }));
     }
-}
-
-/// ` (InvalidClientTokenId)` when a marker said why, for the breaker's reason.
-fn said(marker: Option<&str>) -> String {
-    marker.map_or_else(String::new, |m| format!(" ({m})"))
 }

@@ -320,6 +320,25 @@ mod tests {
     }
 
     #[test]
+    fn presigned_parameters_go_and_the_rest_stays_verbatim() {
+        let uri: Uri = "https://b.s3.amazonaws.com/k?X-Amz-Signature=abc&list-type=2&X-Amz-Credential=AK%2Fx&p=%20"
+            .parse()
+            .unwrap();
+        let out = without_query_params(&uri, &sigv4::PRESIGNED_QUERY_PARAMS).unwrap();
+        assert_eq!(
+            out.to_string(),
+            "https://b.s3.amazonaws.com/k?list-type=2&p=%20"
+        );
+        let only: Uri = "https://b.s3.amazonaws.com/k?X-Amz-Date=1".parse().unwrap();
+        assert_eq!(
+            without_query_params(&only, &sigv4::PRESIGNED_QUERY_PARAMS)
+                .unwrap()
+                .to_string(),
+            "https://b.s3.amazonaws.com/k"
+        );
+    }
+
+    #[test]
     fn stamped_headers_are_sensitive() {
         let mut headers = HeaderMap::new();
         let mut uri: Uri = "/".parse().unwrap();
@@ -330,6 +349,10 @@ mod tests {
                 username: "svc".into(),
             },
             &Secret::new("pw"),
+            Signed {
+                method: &http::Method::GET,
+                payload: Payload::Bytes(b""),
+            },
         )
         .unwrap();
         let value = &headers[header::AUTHORIZATION];

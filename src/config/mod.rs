@@ -168,6 +168,7 @@ pub enum SourceSpec {
     OAuth2(Box<OAuth2Spec>),
     GithubApp(Box<GithubAppSpec>),
     GoogleServiceAccount(Box<GoogleSpec>),
+    Aws(Box<AwsSpec>),
 }
 
 /// How a source's bytes hold the secret.
@@ -214,6 +215,11 @@ pub struct GithubAppSpec {
     pub timeout: Duration,
 }
 
+/// A per-caller AWS session unused this long is dropped (it lapses at its expiry anyway).
+const AWS_SESSION_IDLE: Duration = Duration::from_secs(600);
+/// Per-caller AWS sessions kept at once.
+const AWS_MAX_SESSIONS: usize = 256;
+
 /// Whether a minted credential is one token for every caller, or one per agent and task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MintMode {
@@ -224,6 +230,52 @@ pub enum MintMode {
         /// Task tokens alive at once; the least recently used is revoked first.
         max_tasks: usize,
     },
+}
+
+/// AWS keys: static, or from STS (web identity, an assumed role, or both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsSpec {
+    pub base: AwsBase,
+    pub assume_role: Option<AssumeRoleSpec>,
+    /// The STS endpoint, e.g. `https://sts.amazonaws.com` or a regional one.
+    pub sts_url: http::Uri,
+    /// The region STS calls are signed for.
+    pub sts_region: String,
+    pub timeout: Duration,
+}
+
+/// The keys an `aws` credential starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AwsBase {
+    Static {
+        access_key_id: SourceSpec,
+        secret_access_key: SourceSpec,
+        session_token: Option<SourceSpec>,
+    },
+    /// `AssumeRoleWithWebIdentity` with a projected token (EKS IRSA), kept fresh by its rotation.
+    WebIdentity {
+        role_arn: String,
+        token: SourceSpec,
+        session_name: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumeRoleSpec {
+    pub role_arn: String,
+    /// May hold `{agent}` and `{task}`: then each (agent, task) gets its own session.
+    pub session_name: String,
+    pub duration: Duration,
+    /// An inline session policy (JSON): the session gets the intersection with the role's.
+    pub policy: Option<String>,
+    pub external_id: Option<String>,
+}
+
+impl AssumeRoleSpec {
+    /// Whether each (agent, task) needs a session of its own.
+    pub fn per_caller(&self) -> bool {
+        self.session_name.contains("{agent}") || self.session_name.contains("{task}")
+    }
 }
 
 /// A Google access token from a service-account key (RFC 7523 JWT-bearer grant).
@@ -247,25 +299,37 @@ impl SourceSpec {
             SourceSpec::OAuth2(_) => "oauth2_client_credentials",
             SourceSpec::GithubApp(_) => "github_app",
             SourceSpec::GoogleServiceAccount(_) => "google_service_account",
+            SourceSpec::Aws(_) => "aws",
         }
     }
 
     /// Whether the value is obtained over the network (a token endpoint or a provider mint),
     /// so it cannot be watched and is polled and retried instead.
     pub fn is_remote(&self) -> bool {
-        matches!(
-            self,
-            SourceSpec::OAuth2(_) | SourceSpec::GithubApp(_) | SourceSpec::GoogleServiceAccount(_)
-        )
+        match self {
+            SourceSpec::OAuth2(_)
+            | SourceSpec::GithubApp(_)
+            | SourceSpec::GoogleServiceAccount(_) => true,
+            SourceSpec::Aws(aws) => {
+                aws.assume_role.is_some() || matches!(aws.base, AwsBase::WebIdentity { .. })
+            }
+            _ => false,
+        }
     }
 
-    /// The per-task settings of a credential minted per task.
+    /// The per-caller settings of a credential minted per (agent, task): a `mint: per_task`
+    /// GitHub App, or an AWS role whose session name templates `{agent}` or `{task}`.
     pub fn per_task(&self) -> Option<(Duration, usize)> {
         match self {
             SourceSpec::GithubApp(app) => match app.mint {
                 MintMode::PerTask { idle, max_tasks } => Some((idle, max_tasks)),
                 MintMode::Shared => None,
             },
+            SourceSpec::Aws(aws) => aws
+                .assume_role
+                .as_ref()
+                .filter(|role| role.per_caller())
+                .map(|_| (AWS_SESSION_IDLE, AWS_MAX_SESSIONS)),
             _ => None,
         }
     }
@@ -281,6 +345,19 @@ impl SourceSpec {
             }
             SourceSpec::GithubApp(app) => app.private_key.files(),
             SourceSpec::GoogleServiceAccount(google) => google.key.files(),
+            SourceSpec::Aws(aws) => match &aws.base {
+                AwsBase::Static {
+                    access_key_id,
+                    secret_access_key,
+                    session_token,
+                } => {
+                    let mut files = access_key_id.files();
+                    files.extend(secret_access_key.files());
+                    files.extend(session_token.iter().flat_map(SourceSpec::files));
+                    files
+                }
+                AwsBase::WebIdentity { token, .. } => token.files(),
+            },
             SourceSpec::Env { .. } | SourceSpec::Command(_) => Vec::new(),
         }
     }

@@ -219,6 +219,8 @@ pub struct RawSource {
     pub github_app: Option<Box<RawGithubApp>>,
     #[serde(default)]
     pub google_service_account: Option<Box<RawGoogle>>,
+    #[serde(default)]
+    pub aws: Option<Box<RawAws>>,
     /// `plain` (default) or `json` (`{"token": "...", "expires_at": "<RFC 3339>"}`).
     #[serde(default)]
     pub format: Option<String>,
@@ -257,6 +259,52 @@ pub struct RawGithubApp {
     pub task_idle: Option<String>,
     #[serde(default)]
     pub max_tasks: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    #[serde(default)]
+    pub access_key_id: Option<RawSource>,
+    #[serde(default)]
+    pub secret_access_key: Option<RawSource>,
+    #[serde(default)]
+    pub session_token: Option<RawSource>,
+    #[serde(default)]
+    pub web_identity: Option<RawWebIdentity>,
+    #[serde(default)]
+    pub assume_role: Option<RawAssumeRole>,
+    #[serde(default)]
+    pub sts_endpoint: Option<String>,
+    #[serde(default)]
+    pub sts_region: Option<String>,
+}
+
+/// Every key optional: the EKS convention (`AWS_ROLE_ARN`, `AWS_WEB_IDENTITY_TOKEN_FILE`) fills in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebIdentity {
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    #[serde(default)]
+    pub token: Option<RawSource>,
+    #[serde(default)]
+    pub session_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAssumeRole {
+    pub role_arn: String,
+    #[serde(default)]
+    pub session_name: Option<String>,
+    #[serde(default)]
+    pub duration: Option<String>,
+    /// A policy document, as YAML or as a JSON string.
+    #[serde(default)]
+    pub policy: Option<serde_json::Value>,
+    #[serde(default)]
+    pub external_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

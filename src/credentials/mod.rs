@@ -3,6 +3,7 @@
 //! their expiry, and the immutable table of every credential's current version. Deciding *when*
 //! to read belongs to `reload/`; publishing the table belongs to `state.rs`.
 
+mod aws;
 mod exchange;
 pub mod expiry;
 mod github_app;
@@ -26,8 +27,9 @@ use crate::secret::Secret;
 use crate::telemetry::{Metrics, ObservedVersion};
 use crate::upstream::Upstream;
 
+pub use aws::access_key_id;
 pub use source::{fetch, inputs_fingerprint, read_local};
-pub use task_tokens::{is_task_id, TaskKey, TaskTokens};
+pub use task_tokens::{is_task_id, Minter, TaskKey, TaskTokens};
 pub use value::{Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
@@ -165,9 +167,20 @@ impl Credential {
         let reload_counters = Arc::new(ReloadCounters::new(&name, metrics));
         metrics.define_credential(&name);
         let task_tokens = match (&spec.source, spec.source.per_task()) {
-            (SourceSpec::GithubApp(app), Some((idle, max_tasks))) => Some(Arc::new(
-                TaskTokens::new(app.as_ref().clone(), idle, max_tasks),
-            )),
+            (SourceSpec::GithubApp(app), Some((idle, max_tasks))) => {
+                Some(Arc::new(TaskTokens::new(
+                    Minter::GithubApp(app.as_ref().clone()),
+                    false,
+                    idle,
+                    max_tasks,
+                )))
+            }
+            (SourceSpec::Aws(aws), Some((idle, max_tasks))) => Some(Arc::new(TaskTokens::new(
+                Minter::Aws(aws.as_ref().clone()),
+                true,
+                idle,
+                max_tasks,
+            ))),
             _ => None,
         };
         Credential {

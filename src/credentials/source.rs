@@ -5,10 +5,10 @@
 use std::io::ErrorKind;
 use std::process::Stdio;
 
-use crate::config::{CommandSpec, SourceSpec};
+use crate::config::{AwsBase, CommandSpec, SourceSpec};
 use crate::credentials::expiry::jwt_expiry;
 use crate::credentials::value::{parse_value, Fetched, SourceError};
-use crate::credentials::{github_app, google, oauth};
+use crate::credentials::{aws, github_app, google, oauth};
 use crate::secret::Secret;
 use crate::upstream::Upstream;
 
@@ -50,6 +50,17 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
             let mut fetched = google::fetch_token(spec, &key, upstream).await?;
             fetched.inputs = Some(key.fingerprint());
             fetched
+        }
+        SourceSpec::Aws(spec) => {
+            let inputs = inputs_fingerprint(source);
+            let caller = aws::Caller {
+                agent: "",
+                task: "",
+            };
+            let mut fetched = aws::fetch(spec, caller, upstream).await?;
+            fetched.inputs = inputs;
+            // STS keys say when they expire; the JWT rule below must not read a session token.
+            return Ok(fetched);
         }
     };
     Ok(with_jwt_expiry(fetched))
@@ -99,6 +110,12 @@ pub fn inputs_fingerprint(source: &SourceSpec) -> Option<String> {
         SourceSpec::GoogleServiceAccount(spec) => {
             Some(read_key_material(&spec.key).ok()?.fingerprint())
         }
+        SourceSpec::Aws(spec) => match &spec.base {
+            AwsBase::Static { .. } => Some(aws::static_keys(spec)?.ok()?.secret.fingerprint()),
+            AwsBase::WebIdentity { token, .. } => {
+                Some(read_local(token)?.ok()?.secret.fingerprint())
+            }
+        },
         _ => None,
     }
 }
@@ -120,10 +137,12 @@ pub fn read_local(source: &SourceSpec) -> Option<Result<Fetched, SourceError>> {
             Err(std::env::VarError::NotPresent) => Err(SourceError::EnvMissing),
             Err(std::env::VarError::NotUnicode(_)) => Err(SourceError::NotUtf8),
         },
+        SourceSpec::Aws(spec) if !source.is_remote() => return aws::static_keys(spec),
         SourceSpec::Command(_)
         | SourceSpec::OAuth2(_)
         | SourceSpec::GithubApp(_)
-        | SourceSpec::GoogleServiceAccount(_) => return None,
+        | SourceSpec::GoogleServiceAccount(_)
+        | SourceSpec::Aws(_) => return None,
     };
     Some(fetched.map(with_jwt_expiry))
 }

@@ -1,7 +1,9 @@
-//! Tokens minted per (agent, task) for a `mint: per_task` credential: minted on a task's first
-//! request, used only for that task, and retired when the task ends (`POST /tasks/ID/end`), after
-//! `task_idle` without requests, or when `max_tasks` are live and a new task needs room (least
-//! recently used first). Retired tokens are revoked at the provider by the reloader's sweep.
+//! Tokens minted per (agent, task): GitHub App tokens of a `mint: per_task` credential, and AWS
+//! sessions whose name templates `{agent}` or `{task}`. Minted on first use, used only for that
+//! caller, and retired when the task ends (`POST /tasks/ID/end`), after `task_idle` without
+//! requests, or when `max_tasks` are live and a new one needs room (least recently used first).
+//! Retired GitHub tokens are revoked at GitHub by the reloader's sweep; STS sessions cannot be
+//! revoked one by one and lapse at their expiry.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,11 +12,54 @@ use lru::LruCache;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::config::GithubAppSpec;
+use crate::config::{AwsSpec, GithubAppSpec};
 use crate::credentials::source::read_key_material;
 use crate::credentials::value::SourceError;
-use crate::credentials::{github_app, Version};
+use crate::credentials::{aws, github_app, Version};
 use crate::upstream::Upstream;
+
+/// What mints a caller's token.
+#[derive(Debug)]
+pub enum Minter {
+    GithubApp(GithubAppSpec),
+    Aws(AwsSpec),
+}
+
+impl Minter {
+    async fn mint(&self, key: &TaskKey, upstream: &Upstream) -> Result<Version, SourceError> {
+        let fetched = match self {
+            Minter::GithubApp(spec) => {
+                let private_key = read_key_material(&spec.private_key)?;
+                github_app::mint(spec, &private_key, upstream).await?
+            }
+            Minter::Aws(spec) => {
+                let caller = aws::Caller {
+                    agent: &key.agent,
+                    task: &key.task,
+                };
+                aws::fetch(spec, caller, upstream).await?
+            }
+        };
+        Ok(Version::new(fetched))
+    }
+
+    /// Revokes a token at the provider; `Ok(false)` when the provider cannot.
+    async fn revoke(&self, version: &Version, upstream: &Upstream) -> Result<bool, SourceError> {
+        match self {
+            Minter::GithubApp(spec) => github_app::revoke(spec, &version.secret, upstream)
+                .await
+                .map(|()| true),
+            Minter::Aws(_) => Ok(false),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Minter::GithubApp(_) => "github_app",
+            Minter::Aws(_) => "aws",
+        }
+    }
+}
 
 /// Mint a new task token rather than use one with less than this left.
 const RENEW_AHEAD: Duration = Duration::from_secs(300);
@@ -51,22 +96,31 @@ struct Slot {
 /// The live task tokens of one credential.
 #[derive(Debug)]
 pub struct TaskTokens {
-    spec: GithubAppSpec,
+    minter: Minter,
+    /// Every request gets a caller's token (AWS sessions named after the agent), not only
+    /// requests that name a task.
+    every_request: bool,
     idle: Duration,
     live: Mutex<LruCache<TaskKey, Slot>>,
     retired: Mutex<Vec<Retired>>,
 }
 
 impl TaskTokens {
-    pub fn new(spec: GithubAppSpec, idle: Duration, max_tasks: usize) -> Self {
+    pub fn new(minter: Minter, every_request: bool, idle: Duration, max_tasks: usize) -> Self {
         let capacity =
             std::num::NonZeroUsize::new(max_tasks).unwrap_or(std::num::NonZeroUsize::MIN);
         Self {
-            spec,
+            minter,
+            every_request,
             idle,
             live: Mutex::new(LruCache::new(capacity)),
             retired: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether a request without a task id gets a caller's token too.
+    pub fn every_request(&self) -> bool {
+        self.every_request
     }
 
     /// Task tokens minted and not yet retired.
@@ -88,11 +142,9 @@ impl TaskTokens {
         let cell = self.slot(key, stale);
         let version = cell
             .get_or_try_init(|| async {
-                let private_key = read_key_material(&self.spec.private_key)?;
-                let fetched = github_app::mint(&self.spec, &private_key, upstream).await?;
-                let version = Arc::new(Version::new(fetched));
+                let version = Arc::new(self.minter.mint(key, upstream).await?);
                 tracing::info!(
-                    credential_kind = "github_app",
+                    credential_kind = self.minter.kind(),
                     agent = %key.agent,
                     task = %key.task,
                     fingerprint = %version.fingerprint,
@@ -188,8 +240,9 @@ impl TaskTokens {
             if version.is_expired(Instant::now()) {
                 continue;
             }
-            match github_app::revoke(&self.spec, &version.secret, upstream).await {
-                Ok(()) => {
+            match self.minter.revoke(&version, upstream).await {
+                Ok(false) => {}
+                Ok(true) => {
                     revoked += 1;
                     tracing::info!(agent = %key.agent, task = %key.task, fingerprint = %version.fingerprint, why, "task token revoked");
                 }

@@ -41,6 +41,8 @@ pub enum SourceError {
     TokenResponse,
     #[error("token endpoint timed out")]
     TokenTimeout,
+    #[error("STS answered {status} {code}")]
+    Rejected { status: u16, code: String },
     #[error("private key is not a PEM RSA key (PKCS#1 or PKCS#8)")]
     KeyUnusable,
     #[error("service-account key is not a Google JSON key file with `client_email`, `private_key` and an https `token_uri`")]

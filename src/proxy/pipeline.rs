@@ -409,9 +409,9 @@ async fn credential_version(
     };
     // A credential minted per task: a task's requests carry that task's own token.
     let task = match (&credential.task_tokens, record.task.as_deref()) {
-        (Some(_), Some(task)) => Some(TaskKey {
+        (Some(tokens), task) if task.is_some() || tokens.every_request() => Some(TaskKey {
             agent: agent.clone().unwrap_or_else(|| Arc::from("")),
-            task: Arc::from(task),
+            task: Arc::from(task.unwrap_or("")),
         }),
         _ => None,
     };
