@@ -7,7 +7,7 @@ use http::{header, HeaderMap, HeaderValue, Method};
 
 use crate::config::{AwsBase, AwsSpec};
 use crate::credentials::exchange::{self, Call};
-use crate::credentials::source::read_local;
+use crate::credentials::local::read_plain;
 use crate::credentials::value::{Fetched, SourceError};
 use crate::secret::Secret;
 use crate::sigv4::{sign_request, AwsKeys, Payload};
@@ -90,7 +90,7 @@ async fn base_keys(spec: &AwsSpec, upstream: &Upstream) -> Result<Fetched, Sourc
             token,
             session_name,
         } => {
-            let token = read_local(token).unwrap_or(Err(SourceError::Empty))?;
+            let token = read_plain(token).unwrap_or(Err(SourceError::Empty))?;
             let body = form_urlencoded::Serializer::new(String::new())
                 .append_pair("Action", "AssumeRoleWithWebIdentity")
                 .append_pair("Version", "2011-06-15")
@@ -120,7 +120,7 @@ pub fn static_keys(spec: &AwsSpec) -> Option<Result<Fetched, SourceError>> {
     else {
         return None;
     };
-    let read = |source| read_local(source).unwrap_or(Err(SourceError::Empty));
+    let read = |source| read_plain(source).unwrap_or(Err(SourceError::Empty));
     let keys = (|| {
         let id = read(access_key_id)?;
         let secret = read(secret_access_key)?;

@@ -9,6 +9,7 @@ pub mod expiry;
 mod github_app;
 mod google;
 mod jwt;
+mod local;
 mod oauth;
 mod source;
 mod task_tokens;

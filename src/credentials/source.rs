@@ -6,7 +6,7 @@ use std::io::ErrorKind;
 use std::process::Stdio;
 
 use crate::config::{AwsBase, CommandSpec, SourceSpec};
-use crate::credentials::expiry::jwt_expiry;
+use crate::credentials::local::{read_key_material, read_plain, with_jwt_expiry};
 use crate::credentials::value::{parse_value, Fetched, SourceError};
 use crate::credentials::{aws, github_app, google, oauth};
 use crate::secret::Secret;
@@ -66,28 +66,6 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
     Ok(with_jwt_expiry(fetched))
 }
 
-/// Key material (a PEM key, a JSON key file) from a file or environment variable, as it is:
-/// line breaks are part of it.
-pub fn read_key_material(source: &SourceSpec) -> Result<Secret, SourceError> {
-    let text = match source {
-        SourceSpec::File { path, .. } => match std::fs::read(path) {
-            Ok(bytes) => String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8)?,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Err(SourceError::FileMissing),
-            Err(e) => return Err(SourceError::FileUnreadable(e.kind())),
-        },
-        SourceSpec::Env { var, .. } => match std::env::var(var) {
-            Ok(value) => value,
-            Err(std::env::VarError::NotPresent) => return Err(SourceError::EnvMissing),
-            Err(std::env::VarError::NotUnicode(_)) => return Err(SourceError::NotUtf8),
-        },
-        _ => return Err(SourceError::KeyUnusable),
-    };
-    if text.trim().is_empty() {
-        return Err(SourceError::Empty);
-    }
-    Ok(Secret::new(text))
-}
-
 /// The fingerprint of the local inputs a token source obtains its token with, as read now; `None`
 /// for other sources or when an input cannot be read (the caller then fetches anyway).
 pub fn inputs_fingerprint(source: &SourceSpec) -> Option<String> {
@@ -120,39 +98,13 @@ pub fn inputs_fingerprint(source: &SourceSpec) -> Option<String> {
     }
 }
 
-/// Reads a file or environment source without waiting on anything (`None` for the others).
-/// Secret files are small and local (tmpfs in a pod), so this is a plain blocking read; a
-/// thread-pool hop per file made a 10,000-credential reload take a second.
+/// Reads a source that needs no network or process without waiting on anything: a file, an
+/// environment variable, static AWS keys (`None` for the others).
 pub fn read_local(source: &SourceSpec) -> Option<Result<Fetched, SourceError>> {
-    let fetched = match source {
-        SourceSpec::File { path, format } => match std::fs::read(path) {
-            Ok(bytes) => String::from_utf8(bytes)
-                .map_err(|_| SourceError::NotUtf8)
-                .and_then(|text| parse_value(&text, *format)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(SourceError::FileMissing),
-            Err(e) => Err(SourceError::FileUnreadable(e.kind())),
-        },
-        SourceSpec::Env { var, format } => match std::env::var(var) {
-            Ok(value) => parse_value(&value, *format),
-            Err(std::env::VarError::NotPresent) => Err(SourceError::EnvMissing),
-            Err(std::env::VarError::NotUnicode(_)) => Err(SourceError::NotUtf8),
-        },
-        SourceSpec::Aws(spec) if !source.is_remote() => return aws::static_keys(spec),
-        SourceSpec::Command(_)
-        | SourceSpec::OAuth2(_)
-        | SourceSpec::GithubApp(_)
-        | SourceSpec::GoogleServiceAccount(_)
-        | SourceSpec::Aws(_) => return None,
-    };
-    Some(fetched.map(with_jwt_expiry))
-}
-
-/// A JWT-shaped secret without a stated expiry expires at its `exp` claim.
-fn with_jwt_expiry(mut fetched: Fetched) -> Fetched {
-    if fetched.expires_at.is_none() {
-        fetched.expires_at = jwt_expiry(fetched.secret.expose());
+    match source {
+        SourceSpec::Aws(spec) if !source.is_remote() => aws::static_keys(spec),
+        _ => read_plain(source),
     }
-    fetched
 }
 
 /// Runs the command (no shell) and reads its stdout. Its stderr is counted, never logged: a

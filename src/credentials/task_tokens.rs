@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::config::{AwsSpec, GithubAppSpec};
-use crate::credentials::source::read_key_material;
+use crate::credentials::local::read_key_material;
 use crate::credentials::value::SourceError;
 use crate::credentials::{aws, github_app, Version};
 use crate::upstream::Upstream;
