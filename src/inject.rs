@@ -99,8 +99,15 @@ pub fn strip_agent_credentials(headers: &mut HeaderMap, uri: &mut Uri, route: &R
                 headers.remove(name);
             }
             Injection::AwsSigV4 { .. } => {
+                let framing = headers
+                    .get("x-amz-content-sha256")
+                    .filter(|v| sigv4::describes_body(v.as_bytes()))
+                    .cloned();
                 for name in sigv4::AGENT_SIGNING_HEADERS {
                     headers.remove(name);
+                }
+                if let Some(framing) = framing {
+                    headers.insert("x-amz-content-sha256", framing);
                 }
                 if let Ok(stripped) = without_query_params(uri, &sigv4::PRESIGNED_QUERY_PARAMS) {
                     *uri = stripped;

@@ -36,6 +36,16 @@ pub const PRESIGNED_QUERY_PARAMS: [&str; 7] = [
     "X-Amz-Security-Token",
 ];
 
+const CONTENT_SHA256: &str = "x-amz-content-sha256";
+const STREAMING_TRAILER: &str = "STREAMING-UNSIGNED-PAYLOAD-TRAILER";
+const UNSIGNED: &str = "UNSIGNED-PAYLOAD";
+
+/// Whether the agent's `X-Amz-Content-Sha256` only describes how its body is framed (kept), not
+/// a hash it signed (stripped: keystamp hashes the body itself).
+pub fn describes_body(value: &[u8]) -> bool {
+    value == STREAMING_TRAILER.as_bytes() || value == UNSIGNED.as_bytes()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
     #[error("the credential is not an AWS key")]
@@ -134,9 +144,16 @@ pub fn sign_request(
         .build()
         .map_err(|_| SignError::Unsignable)?
         .into();
-    let body = match payload {
-        Payload::Bytes(bytes) => SignableBody::Bytes(bytes),
-        Payload::Unsigned => SignableBody::UnsignedPayload,
+    // An S3 client may have framed the body itself (aws-chunked with a checksum trailer) or
+    // chosen not to sign it; that choice describes the body and is kept.
+    let declared = headers
+        .remove(CONTENT_SHA256)
+        .filter(|_| service == "s3")
+        .and_then(|v| v.to_str().ok().map(str::to_string));
+    let body = match (declared.as_deref(), payload) {
+        (Some(STREAMING_TRAILER), _) => SignableBody::StreamingUnsignedPayloadTrailer,
+        (Some(UNSIGNED), _) | (_, Payload::Unsigned) => SignableBody::UnsignedPayload,
+        (_, Payload::Bytes(bytes)) => SignableBody::Bytes(bytes),
     };
     let uri_text = uri.to_string();
     let signable = SignableRequest::new(

@@ -1197,6 +1197,40 @@ impl Errors<'_> {
                 })
                 .collect()
         });
+        // SigV4 needs AWS keys, and AWS keys are no header value: each pairing must match.
+        let is_aws = |name: Option<&String>| {
+            name.and_then(|n| credentials.get(n))
+                .is_some_and(|c| c.source.aws.is_some())
+        };
+        let pairings = std::iter::once((at("inject"), raw.credential.as_ref(), inject.as_ref()))
+            .chain(
+                agents
+                    .iter()
+                    .flatten()
+                    .map(|(agent, scope): (&String, &AgentScope)| {
+                        (
+                            format!("routes[{index}].agents.{agent}"),
+                            scope.credential.as_ref().or(raw.credential.as_ref()),
+                            scope.inject.as_ref().or(inject.as_ref()),
+                        )
+                    }),
+            )
+            .filter(|(_, credential, _)| credential.is_some());
+        let mut mismatched = Vec::new();
+        for (key, credential, injection) in pairings {
+            let signs = matches!(injection, Some(Injection::AwsSigV4 { .. }));
+            if injection.is_some() && signs != is_aws(credential) {
+                mismatched.push((key, signs));
+            }
+        }
+        for (key, signs) in mismatched {
+            let message = if signs {
+                "inject type `aws_sigv4` needs an `aws` credential"
+            } else {
+                "an `aws` credential is used with inject type `aws_sigv4` only"
+            };
+            self.push(&key, message);
+        }
         if self.list.len() > errors_before {
             return None;
         }

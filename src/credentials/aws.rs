@@ -31,22 +31,21 @@ pub async fn fetch(
         return Ok(base);
     };
     let session_name = session_name(&role.session_name, &caller);
-    // Scoped: the serializer is not `Send` and must not live across an await.
-    let body = {
-        let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("Action", "AssumeRole")
-            .append_pair("Version", "2011-06-15")
-            .append_pair("RoleArn", &role.role_arn)
-            .append_pair("RoleSessionName", &session_name)
-            .append_pair("DurationSeconds", &role.duration.as_secs().to_string());
-        if let Some(policy) = &role.policy {
-            form.append_pair("Policy", policy);
-        }
-        if let Some(external_id) = &role.external_id {
-            form.append_pair("ExternalId", external_id);
-        }
-        form.finish()
-    };
+    let duration = role.duration.as_secs().to_string();
+    let mut pairs = vec![
+        ("Action", "AssumeRole"),
+        ("Version", "2011-06-15"),
+        ("RoleArn", role.role_arn.as_str()),
+        ("RoleSessionName", session_name.as_str()),
+        ("DurationSeconds", duration.as_str()),
+    ];
+    if let Some(policy) = &role.policy {
+        pairs.push(("Policy", policy));
+    }
+    if let Some(external_id) = &role.external_id {
+        pairs.push(("ExternalId", external_id));
+    }
+    let body = query_form(&pairs);
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,
@@ -91,13 +90,13 @@ async fn base_keys(spec: &AwsSpec, upstream: &Upstream) -> Result<Fetched, Sourc
             session_name,
         } => {
             let token = read_plain(token).unwrap_or(Err(SourceError::Empty))?;
-            let body = form_urlencoded::Serializer::new(String::new())
-                .append_pair("Action", "AssumeRoleWithWebIdentity")
-                .append_pair("Version", "2011-06-15")
-                .append_pair("RoleArn", role_arn)
-                .append_pair("RoleSessionName", session_name)
-                .append_pair("WebIdentityToken", token.secret.expose())
-                .finish();
+            let body = query_form(&[
+                ("Action", "AssumeRoleWithWebIdentity"),
+                ("Version", "2011-06-15"),
+                ("RoleArn", role_arn),
+                ("RoleSessionName", session_name),
+                ("WebIdentityToken", token.secret.expose()),
+            ]);
             // Unsigned: the web identity token is the proof.
             let call = Call {
                 method: Method::POST,
@@ -171,6 +170,27 @@ async fn sts_credentials(
         expires_at: Some(expires_at),
         inputs: None,
     })
+}
+
+/// An AWS query-protocol form body, encoded as the AWS SDKs encode it: everything but
+/// `A-Za-z0-9-_.~` percent-encoded (WHATWG forms leave `*` bare; some servers re-encode it).
+fn query_form(pairs: &[(&str, &str)]) -> String {
+    let encode = |text: &str| -> String {
+        text.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    char::from(b).to_string()
+                }
+                b' ' => "+".to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    pairs
+        .iter()
+        .map(|(name, value)| format!("{}={}", encode(name), encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The session name with `{agent}` and `{task}` filled in and made valid for STS: characters
