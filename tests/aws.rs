@@ -762,6 +762,23 @@ async fn botocore_accepts_keystamps_signatures_and_big_bodies_are_refused() {
     assert_eq!(get_status, 200, "{judged}");
     assert_eq!(judged["path"], "/foundation-models?byProvider=anthropic");
 
+    for _ in 0..3 {
+        let denied = client
+            .get(format!("https://{HOST}/denied"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), 403, "AccessDenied passes through");
+    }
+    let metrics = keystamp.admin_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "keystamp_auth_failures_total{credential=\"bedrock\",status=\"403\"}"
+        ),
+        Some(0.0),
+        "a permission 403 is not an auth failure"
+    );
     let big = client
         .post(format!("https://{HOST}/model/m/invoke"))
         .body(vec![b'x'; 10_000])

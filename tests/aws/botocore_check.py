@@ -45,6 +45,9 @@ def judge(method, path, headers, body):
     expected = auth.signature(auth.string_to_sign(request, canonical), request)
     if not hmac.compare_digest(expected, fields["Signature"]):
         return 403, {"Code": "SignatureDoesNotMatch", "canonical": canonical}
+    if path.startswith("/denied"):
+        # A correctly signed request the key may not make: a permission answer, not a bad key.
+        return 403, {"Code": "AccessDenied", "Message": "not authorized to perform this action"}
     declared = headers.get("x-amz-content-sha256")
     if declared not in (None, "UNSIGNED-PAYLOAD") and declared != hashlib.sha256(body).hexdigest():
         return 400, {"Code": "XAmzContentSHA256Mismatch"}
