@@ -2,7 +2,9 @@
 # End-to-end overhead bench: the same small HTTPS request direct, through keystamp, and through
 # the peer proxies (hudsucker-peer, Squid ssl-bump, mitmproxy) in one run, driven by oha.
 # Prints a markdown table with ratios against the direct connection (this machine is shared and
-# noisy: absolute numbers drift, ratios in one run hold).
+# noisy: absolute numbers drift, ratios in one run hold), and the CPU time each proxy's process
+# tree spent per request (/proc utime + stime; for direct, nginx's own), the figure compared
+# against peers because it drifts far less than req/s.
 #
 #   benches/e2e.sh            # all cases, 8 s each
 #   SECONDS_PER_CASE=4 PEERS="hudsucker squid" benches/e2e.sh
@@ -78,10 +80,47 @@ idle_rss=$(rss_kib $ks_pid)
 got=$(curl -s --cacert "$KS_CA" -x $KS_PROXY -H 'Authorization: Bearer agent' "$UPSTREAM_URL")
 [ "$got" = "auth=Bearer bench-secret" ] || { echo "keystamp did not stamp: $got" >&2; exit 1; }
 
-# oha_json NAME ARGS... -> prints "rps p50_ms"
+# CPU time of a process and all its descendants (utime + stime, and reaped children's), in ticks.
+clk_tck=$(getconf CLK_TCK)
+descendants() { echo "$1"; for child in $(pgrep -P "$1"); do descendants "$child"; done; }
+cpu_ticks() {
+  local total=0 p
+  for p in $(descendants "$1"); do
+    total=$((total + $(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13 + $14 + $15}' || echo 0)))
+  done
+  echo "$total"
+}
+pid_on_port() { ss -Htlnp "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
+# The process whose tree does the proxying (nginx's for direct: the server's own share).
+proxy_pid() {
+  case $1 in
+    direct) pgrep -o -x nginx ;;
+    keystamp) echo "$ks_pid" ;;
+    keystamp-quiet) echo "$quiet_pid" ;;
+    keystamp-baseline) pid_on_port 18146 ;;
+    keystamp-fleet) pid_on_port 18144 ;;
+    hudsucker) pid_on_port 18131 ;;
+    squid) pgrep -o -x squid ;;
+    mitm) pid_on_port 18130 ;;
+  esac
+}
+
+# measure TARGET ARGS... -> prints "rps p50_ms success cpu_us_per_request"
 measure() {
-  oha --no-tui --output-format json -z "${secs}s" "$@" "$UPSTREAM_URL" 2>/dev/null |
-    python3 -c 'import json,sys; d=json.load(sys.stdin); s=d["summary"]; p=d["latencyPercentiles"]["p50"] or 0; print("%.0f %.3f %.3f" % (s["requestsPerSec"], p*1000, s["successRate"] or 0))'
+  local target=$1; shift
+  local pid before after
+  pid=$(proxy_pid "$target")
+  before=$(cpu_ticks "$pid")
+  oha --no-tui --output-format json -z "${secs}s" "$@" "$UPSTREAM_URL" 2>/dev/null >"$work/oha.json"
+  after=$(cpu_ticks "$pid")
+  python3 - "$work/oha.json" "$((after - before))" "$clk_tck" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); s = d["summary"]
+p = d["latencyPercentiles"]["p50"] or 0
+n = sum(d.get("statusCodeDistribution", {}).values()) or 1
+cpu_us = int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / n
+print("%.0f %.3f %.3f %.0f" % (s["requestsPerSec"], p * 1000, s["successRate"] or 0, cpu_us))
+PY
 }
 target_args() {
   case $1 in
@@ -99,11 +138,11 @@ targets="direct keystamp keystamp-quiet$extra_targets $peers"
 declare -A ka one fresh
 for t in $targets; do
   # shellcheck disable=SC2046
-  ka[$t]=$(measure -c 16 $(target_args $t))
+  ka[$t]=$(measure $t -c 16 $(target_args $t))
   # shellcheck disable=SC2046
-  one[$t]=$(measure -c 1 $(target_args $t))
+  one[$t]=$(measure $t -c 1 $(target_args $t))
   # shellcheck disable=SC2046
-  fresh[$t]=$(measure -c 4 --disable-keepalive $(target_args $t))
+  fresh[$t]=$(measure $t -c 4 --disable-keepalive $(target_args $t))
 done
 after_rss=$(rss_kib $ks_pid)
 
@@ -124,6 +163,12 @@ printf '\n| keep-alive, 1 conn: p50 ms |'
 for t in $targets; do printf ' %s |' "$(col "${one[$t]}" 2)"; done
 printf '\n| new connection per request, 4 conns: req/s |'
 for t in $targets; do printf ' %s (%s×) |' "$(col "${fresh[$t]}" 1)" "$(ratio "$(col "${fresh[$t]}" 1)" "$(col "${fresh[direct]}" 1)")"; done
+printf '\n| CPU per request, keep-alive 16 conns: µs |'
+for t in $targets; do printf ' %s |' "$(col "${ka[$t]}" 4)"; done
+printf '\n| CPU per request, 1 conn: µs |'
+for t in $targets; do printf ' %s |' "$(col "${one[$t]}" 4)"; done
+printf '\n| CPU per request, new connection: µs |'
+for t in $targets; do printf ' %s |' "$(col "${fresh[$t]}" 4)"; done
 printf '\n| success rate (keep-alive / 1 conn / new conn) |'
 for t in $targets; do printf ' %s / %s / %s |' "$(col "${ka[$t]}" 3)" "$(col "${one[$t]}" 3)" "$(col "${fresh[$t]}" 3)"; done
 echo
@@ -132,6 +177,7 @@ echo
 echo "keystamp added p50 latency, 1 conn: $(python3 -c "print(f'{($(col "${one[keystamp]}" 2) - $(col "${one[direct]}" 2))*1000:.0f}')") µs"
 for p in $peers; do
   echo "keystamp / $p: keep-alive $(ratio "$ks_ka" "$(col "${ka[$p]}" 1)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 1)" "$(col "${fresh[$p]}" 1)")×"
+  echo "keystamp / $p CPU per request: keep-alive $(ratio "$(col "${ka[keystamp]}" 4)" "$(col "${ka[$p]}" 4)")×, 1 conn $(ratio "$(col "${one[keystamp]}" 4)" "$(col "${one[$p]}" 4)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 4)" "$(col "${fresh[$p]}" 4)")×"
 done
 echo "metrics + audit cost, keep-alive: keystamp $(col "${ka[keystamp]}" 1) req/s with them, $(col "${ka[keystamp-quiet]}" 1) without ($(python3 -c "print(f'{(1 - $(col "${ka[keystamp]}" 1) / $(col "${ka[keystamp-quiet]}" 1)) * 100:.1f}')") % slower)"
 echo "keystamp RSS: idle $((idle_rss / 1024)) MiB, after the runs $((after_rss / 1024)) MiB, holding $open_conns keep-alive connections $((held_rss / 1024)) MiB"
