@@ -822,12 +822,27 @@ fn authority_without_userinfo(authority: &http::uri::Authority) -> &str {
 
 fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
     let default_port = if target.https { 443 } else { 80 };
-    let scheme = if target.https { "https" } else { "http" };
-    let authority = target.host.authority(target.port, default_port);
-    let path = original.path_and_query().map_or("/", |p| p.as_str());
-    let path = if path.starts_with('/') { path } else { "/" };
-    format!("{scheme}://{authority}{path}")
-        .parse()
+    let scheme = if target.https {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    };
+    let invalid = |_| ProxyError::BadRequest("the request target is not a valid URL");
+    let authority =
+        http::uri::Authority::try_from(target.host.authority(target.port, default_port))
+            .map_err(invalid)?;
+    // The agent's path and query are kept as parsed (no re-format, no re-parse); an
+    // authority-form or asterisk-form target becomes `/`.
+    let path_and_query = original
+        .path_and_query()
+        .filter(|p| p.as_str().starts_with('/'))
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts)
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URL"))
 }
 
