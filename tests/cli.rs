@@ -148,6 +148,34 @@ fn check_reports_bad_minted_credentials_by_key_path() {
         );
     }
     assert!(!stderr.contains("everything"), "values are never echoed");
+
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:1\nca: { generate: true }\ncredentials:\n\
+         \x20 key: { source: { env: KEY } }\n\
+         \x20 aws: { source: { aws: { access_key_id: { env: A }, secret_access_key: { env: S },\
+          assume_role: { role_arn: not-an-arn, duration: 5m } } } }\n\
+         routes:\n\
+         \x20 - { host: s3.us-east-1.amazonaws.com, credential: key, inject: { type: aws_sigv4 } }\n\
+         \x20 - { host: api.example.test, credential: aws, inject: { type: bearer } }\n\
+         \x20 - { host: api.example.test, credential: aws, inject: { type: aws_sigv4 } }\n",
+    )
+    .unwrap();
+    let output = keystamp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    for expected in [
+        "credentials.aws.source.aws.assume_role.role_arn: must be a role ARN",
+        "credentials.aws.source.aws.assume_role.duration: must be between 15m and 12h",
+        "routes[0].inject: inject type `aws_sigv4` needs an `aws` credential",
+        "routes[1].inject: an `aws` credential is used with inject type `aws_sigv4` only",
+        "routes[2].inject.type: set `service` and `region`: this host is not a standard AWS endpoint",
+    ] {
+        assert!(stderr.contains(expected), "missing `{expected}` in:\n{stderr}");
+    }
 }
 
 #[test]
