@@ -23,6 +23,15 @@ fn keystamp() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keystamp"))
 }
 
+/// `keystamp check --config PATH`.
+fn check(path: &Path) -> std::process::Output {
+    keystamp()
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
     for config in [
@@ -88,11 +97,7 @@ fn check_reports_every_error_with_file_line_column_and_key_path() {
          \x20 - host: ok.test\n    credential: good\n    inject: { type: wat }\n",
     )
     .unwrap();
-    let output = keystamp()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check(&path);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
     let file = path.display().to_string();
@@ -127,11 +132,7 @@ fn check_reports_bad_minted_credentials_by_key_path() {
          routes: []\n",
     )
     .unwrap();
-    let output = keystamp()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check(&path);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
     for expected in [
@@ -161,11 +162,7 @@ fn check_reports_bad_minted_credentials_by_key_path() {
          \x20 - { host: api.example.test, credential: aws, inject: { type: aws_sigv4 } }\n",
     )
     .unwrap();
-    let output = keystamp()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check(&path);
     let stderr = String::from_utf8(output.stderr).unwrap();
     for expected in [
         "credentials.aws.source.aws.assume_role.role_arn: must be a role ARN",
@@ -183,11 +180,7 @@ fn check_reports_unknown_keys_with_position_and_never_echoes_values() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("typo.yaml");
     std::fs::write(&path, "listen: 127.0.0.1:1\nca: { generate: true }\ncredentials:\n  k:\n    source: { env: K }\nroutes:\n  - host: a.test\n    credentail: k\n").unwrap();
-    let output = keystamp()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check(&path);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
@@ -203,11 +196,7 @@ fn check_reports_unknown_keys_with_position_and_never_echoes_values() {
         "listen: 127.0.0.1:1\nca: { generate: true }\nroutes: \"sk-pasted-secret-value\"\n",
     )
     .unwrap();
-    let output = keystamp()
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = check(&path);
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr.contains(":3:"), "{stderr}");

@@ -134,21 +134,12 @@ impl TestUpstream {
         let seen = Arc::new(Seen::default());
         let acceptor = match &kind {
             UpstreamKind::Tls { ca, h2 } => {
-                let (chain, key) = ca.leaf(UPSTREAM_NAMES);
-                let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap();
-                config.alpn_protocols = if *h2 {
-                    vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+                let alpn: &[&[u8]] = if *h2 {
+                    &[b"h2", b"http/1.1"]
                 } else {
-                    vec![b"http/1.1".to_vec()]
+                    &[b"http/1.1"]
                 };
-                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+                Some(tls_acceptor(ca, UPSTREAM_NAMES, alpn))
             }
             UpstreamKind::Plain => None,
         };
@@ -802,6 +793,21 @@ impl KeystampProcess {
     }
 }
 
+/// A TLS acceptor with a leaf from `ca` for `names`, offering `alpn` (in preference order).
+pub fn tls_acceptor(ca: &TestCa, names: &[&str], alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+    let (chain, key) = ca.leaf(names);
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 /// One request as a fake service sees it.
 pub struct Received {
     pub method: http::Method,
@@ -818,17 +824,7 @@ pub type Handler = Arc<dyn Fn(Received) -> (StatusCode, String) + Send + Sync>;
 pub async fn serve_tls(ca: &TestCa, names: &[&str], handler: Handler) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (chain, key) = ca.leaf(names);
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let acceptor = tls_acceptor(ca, names, &[b"h2", b"http/1.1"]);
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -888,24 +884,11 @@ impl RedisServer {
 
     /// A TLS-only server (certificate for `localhost` from `ca`) that requires `password`.
     pub fn start_tls(ca: &TestCa, dir: &Path, password: &str) -> Self {
-        let (chain, key) = ca.leaf(&["localhost"]);
-        let pem = |label: &str, der: &[u8]| {
-            use base64::Engine;
-            let encoded = base64::engine::general_purpose::STANDARD.encode(der);
-            let lines: Vec<&str> = encoded
-                .as_bytes()
-                .chunks(64)
-                .map(|c| std::str::from_utf8(c).unwrap())
-                .collect();
-            format!(
-                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-                lines.join("\n")
-            )
-        };
+        let (cert, key) = ca.leaf_pem(&["localhost"]);
         let cert_path = dir.join("redis.crt");
         let key_path = dir.join("redis.key");
-        std::fs::write(&cert_path, pem("CERTIFICATE", chain[0].as_ref())).unwrap();
-        std::fs::write(&key_path, pem("PRIVATE KEY", key.secret_der())).unwrap();
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
         let port = free_port();
         let extra = vec![
             "--port".into(),
