@@ -155,8 +155,10 @@ async fn a_revoked_key_costs_the_fleet_failures_once_not_once_per_pod() {
     // 5 failures, ~4 probes (one per second fleet-wide), and what was in flight when the fifth
     // failure was counted (at most one per agent).
     assert!(with <= 5 + 5 + 50, "{with} auth failures with fleet");
+    // The in-flight part swings with the machine's load (13–27 with fleet against 76–82 alone
+    // over six runs on the 2-core machine), so the cut asserted is 2×, not the typical 4–6×.
     assert!(
-        with * 3 <= without,
+        with * 2 <= without,
         "fleet: {with} auth failures, alone: {without}: the fleet must cut them by far"
     );
     let events: f64 = {
