@@ -70,7 +70,9 @@ pub async fn fetch(
             .collect(),
         body: Some((FORM_CONTENT_TYPE, body)),
     };
-    sts_credentials(call, spec, upstream).await
+    let mut assumed = sts_credentials(call, spec, upstream).await?;
+    assumed.inputs = base.inputs;
+    Ok(assumed)
 }
 
 const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
@@ -104,12 +106,15 @@ async fn base_keys(spec: &AwsSpec, upstream: &Upstream) -> Result<Fetched, Sourc
                 headers: vec![xml_accept()],
                 body: Some((FORM_CONTENT_TYPE, body)),
             };
-            sts_credentials(call, spec, upstream).await
+            let mut keys = sts_credentials(call, spec, upstream).await?;
+            keys.inputs = Some(token.secret.fingerprint());
+            Ok(keys)
         }
     }
 }
 
-/// Static keys read from their file or environment sources; `None` for STS-based specs.
+/// Static keys read from their file or environment sources (their fingerprint is also the
+/// `inputs` of keys assumed with them); `None` for STS-based specs.
 pub fn static_keys(spec: &AwsSpec) -> Option<Result<Fetched, SourceError>> {
     let AwsBase::Static {
         access_key_id,
@@ -129,10 +134,11 @@ pub fn static_keys(spec: &AwsSpec) -> Option<Result<Fetched, SourceError>> {
             secret_access_key: secret.secret.expose(),
             session_token: token.as_ref().map(|t| t.secret.expose()),
         };
+        let secret = keys.to_secret();
         Ok(Fetched {
-            secret: keys.to_secret(),
+            inputs: Some(secret.fingerprint()),
+            secret,
             expires_at: None,
-            inputs: None,
         })
     })();
     Some(keys)

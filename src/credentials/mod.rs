@@ -31,7 +31,7 @@ use crate::upstream::Upstream;
 
 pub use aws::access_key_id;
 pub use source::{fetch, inputs_fingerprint, read_local};
-pub use task_tokens::{is_task_id, Minter, TaskKey, TaskTokens};
+pub use task_tokens::{is_task_id, TaskKey, TaskTokens};
 pub use value::{Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
@@ -168,23 +168,7 @@ impl Credential {
         let limits = Arc::new(Limits::new(spec.rate_limit));
         let reload_counters = Arc::new(ReloadCounters::new(&name, metrics));
         metrics.define_credential(&name);
-        let task_tokens = match (&spec.source, spec.source.per_task()) {
-            (SourceSpec::GithubApp(app), Some((idle, max_tasks))) => {
-                Some(Arc::new(TaskTokens::new(
-                    Minter::GithubApp(app.as_ref().clone()),
-                    false,
-                    idle,
-                    max_tasks,
-                )))
-            }
-            (SourceSpec::Aws(aws), Some((idle, max_tasks))) => Some(Arc::new(TaskTokens::new(
-                Minter::Aws(aws.as_ref().clone()),
-                true,
-                idle,
-                max_tasks,
-            ))),
-            _ => None,
-        };
+        let task_tokens = TaskTokens::for_source(&spec.source).map(Arc::new);
         Credential {
             name,
             spec,

@@ -29,14 +29,7 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
                 secret: &client_secret.secret,
             };
             let mut fetched = oauth::fetch_token(spec, client, upstream).await?;
-            fetched.inputs = Some(
-                Secret::new(format!(
-                    "{}\0{}",
-                    client_id.secret.expose(),
-                    client_secret.secret.expose()
-                ))
-                .fingerprint(),
-            );
+            fetched.inputs = Some(client_fingerprint(&client_id.secret, &client_secret.secret));
             fetched
         }
         SourceSpec::GithubApp(spec) => {
@@ -52,15 +45,12 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
             fetched
         }
         SourceSpec::Aws(spec) => {
-            let inputs = inputs_fingerprint(source);
             let caller = aws::Caller {
                 agent: "",
                 task: "",
             };
-            let mut fetched = aws::fetch(spec, caller, upstream).await?;
-            fetched.inputs = inputs;
             // STS keys say when they expire; the JWT rule below must not read a session token.
-            return Ok(fetched);
+            return aws::fetch(spec, caller, upstream).await;
         }
     };
     Ok(with_jwt_expiry(fetched))
@@ -73,14 +63,7 @@ pub fn inputs_fingerprint(source: &SourceSpec) -> Option<String> {
         SourceSpec::OAuth2(spec) => {
             let id = read_local(&spec.client_id)?.ok()?;
             let secret = read_local(&spec.client_secret)?.ok()?;
-            Some(
-                Secret::new(format!(
-                    "{}\0{}",
-                    id.secret.expose(),
-                    secret.secret.expose()
-                ))
-                .fingerprint(),
-            )
+            Some(client_fingerprint(&id.secret, &secret.secret))
         }
         SourceSpec::GithubApp(spec) => {
             Some(read_key_material(&spec.private_key).ok()?.fingerprint())
@@ -96,6 +79,11 @@ pub fn inputs_fingerprint(source: &SourceSpec) -> Option<String> {
         },
         _ => None,
     }
+}
+
+/// One fingerprint of an OAuth2 client's id and secret together.
+fn client_fingerprint(id: &Secret, secret: &Secret) -> String {
+    Secret::new(format!("{}\0{}", id.expose(), secret.expose())).fingerprint()
 }
 
 /// Reads a source that needs no network or process without waiting on anything: a file, an

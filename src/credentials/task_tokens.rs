@@ -12,7 +12,7 @@ use lru::LruCache;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::config::{AwsSpec, GithubAppSpec};
+use crate::config::{AwsSpec, GithubAppSpec, SourceSpec};
 use crate::credentials::local::read_key_material;
 use crate::credentials::value::SourceError;
 use crate::credentials::{aws, github_app, Version};
@@ -97,30 +97,35 @@ struct Slot {
 #[derive(Debug)]
 pub struct TaskTokens {
     minter: Minter,
-    /// Every request gets a caller's token (AWS sessions named after the agent), not only
-    /// requests that name a task.
-    every_request: bool,
     idle: Duration,
     live: Mutex<LruCache<TaskKey, Slot>>,
     retired: Mutex<Vec<Retired>>,
 }
 
 impl TaskTokens {
-    pub fn new(minter: Minter, every_request: bool, idle: Duration, max_tasks: usize) -> Self {
+    /// The token set of a credential minted per caller: a `mint: per_task` GitHub App, or an AWS
+    /// role whose session name templates `{agent}` or `{task}`; `None` for any other source.
+    pub fn for_source(source: &SourceSpec) -> Option<Self> {
+        let (idle, max_tasks) = source.per_task()?;
+        let minter = match source {
+            SourceSpec::GithubApp(app) => Minter::GithubApp(app.as_ref().clone()),
+            SourceSpec::Aws(aws) => Minter::Aws(aws.as_ref().clone()),
+            _ => return None,
+        };
         let capacity =
             std::num::NonZeroUsize::new(max_tasks).unwrap_or(std::num::NonZeroUsize::MIN);
-        Self {
+        Some(Self {
             minter,
-            every_request,
             idle,
             live: Mutex::new(LruCache::new(capacity)),
             retired: Mutex::new(Vec::new()),
-        }
+        })
     }
 
-    /// Whether a request without a task id gets a caller's token too.
+    /// Whether a request without a task id gets a caller's token too: AWS sessions are named
+    /// after the agent; GitHub task tokens are for tasks only.
     pub fn every_request(&self) -> bool {
-        self.every_request
+        matches!(self.minter, Minter::Aws(_))
     }
 
     /// Task tokens minted and not yet retired.

@@ -596,14 +596,20 @@ async fn judge(
             }
         }
     }
-    let (auth_failure, response) = match status {
-        StatusCode::UNAUTHORIZED => (Some(None), response.map(body::stream)),
+    let (verdict, response) = match status {
+        StatusCode::UNAUTHORIZED => (
+            Some(Verdict::AuthFailure {
+                status: 401,
+                marker: None,
+            }),
+            response.map(body::stream),
+        ),
         StatusCode::FORBIDDEN => {
             forbidden_says_credential_is_bad(response, &route.auth_failure_markers).await
         }
         _ => (None, response.map(body::stream)),
     };
-    let verdict = if let Some(marker) = auth_failure {
+    if let Some(Verdict::AuthFailure { marker, .. }) = &verdict {
         state
             .telemetry
             .metrics
@@ -617,13 +623,8 @@ async fn judge(
             marker = marker.as_deref(),
             "upstream rejected the credential"
         );
-        Verdict::AuthFailure {
-            status: status.as_u16(),
-            marker,
-        }
-    } else {
-        Verdict::NotAuthFailure
-    };
+    }
+    let verdict = verdict.unwrap_or(Verdict::NotAuthFailure);
     admitted.settle(Some(verdict));
     tracing::debug!(route = %route.name, credential = %stamping.credential.name, status = status.as_u16(), "forwarded");
     response
@@ -634,12 +635,18 @@ const MARKER_PEEK: usize = 1024;
 
 /// A 403 means "this credential is bad" only when it says so: `WWW-Authenticate` with
 /// `error="invalid_token"`, or a configured marker in a header value or the body's first KiB.
-/// Other 403s are permission answers and leave the breaker alone. `Some(marker)`: it is bad,
-/// and which marker said so (`None` for `invalid_token`).
+/// Other 403s are permission answers and leave the breaker alone (`None`). The verdict names the
+/// marker that said so (none for `invalid_token`).
 async fn forbidden_says_credential_is_bad(
     response: Response<Incoming>,
     markers: &[String],
-) -> (Option<Option<Arc<str>>>, Response<ProxyBody>) {
+) -> (Option<Verdict>, Response<ProxyBody>) {
+    let bad = |marker: Option<&String>| {
+        Some(Verdict::AuthFailure {
+            status: 403,
+            marker: marker.map(|m| Arc::from(m.as_str())),
+        })
+    };
     let headers = response.headers();
     let invalid_token = headers
         .get_all(header::WWW_AUTHENTICATE)
@@ -647,7 +654,7 @@ async fn forbidden_says_credential_is_bad(
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("invalid_token"));
     if invalid_token {
-        return (Some(None), response.map(body::stream));
+        return (bad(None), response.map(body::stream));
     }
     let in_headers = markers.iter().find(|m| {
         headers
@@ -655,11 +662,8 @@ async fn forbidden_says_credential_is_bad(
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.contains(m.as_str()))
     });
-    if let Some(marker) = in_headers {
-        return (
-            Some(Some(Arc::from(marker.as_str()))),
-            response.map(body::stream),
-        );
+    if in_headers.is_some() {
+        return (bad(in_headers), response.map(body::stream));
     }
     if markers.is_empty() {
         return (None, response.map(body::stream));
@@ -670,7 +674,7 @@ async fn forbidden_says_credential_is_bad(
     let marked = markers
         .iter()
         .find(|m| text.contains(m.as_str()))
-        .map(|m| Some(Arc::from(m.as_str())));
+        .and_then(|m| bad(Some(m)));
     (marked, Response::from_parts(parts, rest))
 }
 
