@@ -187,6 +187,7 @@ impl RunningApp {
         let drained = tokio::time::timeout(self.shutdown_grace, self.state.tasks.wait())
             .await
             .is_ok();
+        self.state.telemetry.audit.flush().await;
         if drained {
             tracing::info!("drained; exiting");
         } else {

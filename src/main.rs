@@ -139,6 +139,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
         .enable_all()
         .build()
     {

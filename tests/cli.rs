@@ -94,7 +94,8 @@ fn check_reports_every_error_with_file_line_column_and_key_path() {
          routes:\n\
          \x20 - host: api.example.test\n    credential: good\n    inject: { type: bearer }\n\
          \x20 - host: \"bad host\"\n    credential: nobody\n    inject: { type: header, name: X-Key, value: \"nosecret\" }\n\
-         \x20 - host: ok.test\n    credential: good\n    inject: { type: wat }\n",
+         \x20 - host: ok.test\n    credential: good\n    inject: { type: wat }\n\
+         workers: 0\n",
     )
     .unwrap();
     let output = check(&path);
@@ -108,13 +109,14 @@ fn check_reports_every_error_with_file_line_column_and_key_path() {
         format!("{file}:14:5: routes[1].credential: "),
         format!("{file}:15:5: routes[1].inject.value: "),
         format!("{file}:18:5: routes[2].inject.type: "),
+        format!("{file}:19:1: workers: must be a number from 1 to 256, or `auto`"),
     ] {
         assert!(
             stderr.lines().any(|l| l.starts_with(&expected)),
             "missing `{expected}` in:\n{stderr}"
         );
     }
-    assert_eq!(stderr.lines().count(), 6, "{stderr}");
+    assert_eq!(stderr.lines().count(), 7, "{stderr}");
 }
 
 #[test]
@@ -296,7 +298,8 @@ async fn run_serves_curl_drains_on_sigterm_and_never_prints_the_secret() {
     let secret = format!("{canary}\n");
     let rig = BinaryRig::new(
         &[("example", &secret), ("other", &canary)],
-        "shutdown_grace: 10s\n",
+        // One worker per CPU here (the default is one): the multi-worker runtime is served too.
+        "shutdown_grace: 10s\nworkers: auto\n",
         "  bundle_out: ./run/bundle.crt\n",
     )
     .await;

@@ -42,6 +42,8 @@ pub struct Config {
     pub admin_token: Option<SourceSpec>,
     /// Fleet-wide state through Redis/Valkey; `None`: this pod alone (the default).
     pub fleet: Option<FleetConfig>,
+    /// Threads that serve requests (the runtime's workers). Read at start.
+    pub workers: usize,
 }
 
 /// A fleet of sidecars sharing per-credential state through one store. Read at start.

@@ -50,6 +50,17 @@ pub struct RawConfig {
     /// Share per-credential state with the other sidecars of a fleet through Redis/Valkey.
     #[serde(default)]
     pub fleet: Option<RawFleet>,
+    /// Threads serving requests: a count, or `auto` for one per CPU the process may use.
+    #[serde(default)]
+    pub workers: Option<RawWorkers>,
+}
+
+/// `workers: 2` or `workers: auto`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawWorkers {
+    Count(u64),
+    Word(String),
 }
 
 #[derive(Debug, Deserialize)]

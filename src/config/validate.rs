@@ -13,7 +13,7 @@ use crate::host::Host;
 use super::locate::{locate, parse_path};
 use super::raw::{
     RawAws, RawBreaker, RawCa, RawConfig, RawCredential, RawGithubApp, RawGoogle, RawId,
-    RawIdentity, RawInject, RawRateLimit, RawReload, RawRoute, RawSource, RawTimeouts,
+    RawIdentity, RawInject, RawRateLimit, RawReload, RawRoute, RawSource, RawTimeouts, RawWorkers,
 };
 use super::{
     AgentScope, AssumeRoleSpec, AwsBase, AwsSpec, BreakerSettings, CaConfig, CaOrigin, CommandSpec,
@@ -29,6 +29,10 @@ const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 const DEFAULT_REPLAY_LIMIT: usize = 64 * 1024;
 const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// One thread serves requests unless `workers` says otherwise: a sidecar serves one agent, and a
+/// second worker costs more CPU per request in cross-thread wakeups than it wins (see benches/).
+const DEFAULT_WORKERS: usize = 1;
+const MAX_WORKERS: u64 = 256;
 /// AWS error codes that mean "this key is bad", the default `auth_failure_markers` of a route that
 /// signs with SigV4 (a permission `AccessDenied` is not among them).
 const AWS_AUTH_FAILURE_CODES: [&str; 5] = [
@@ -313,6 +317,7 @@ impl Errors<'_> {
             );
         }
         let timeouts = self.timeouts(&raw.timeouts);
+        let workers = self.workers(raw.workers.as_ref());
         let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
             self.push("max_connections", "must be at least 1");
@@ -360,6 +365,7 @@ impl Errors<'_> {
         });
         Some(Config {
             fleet,
+            workers,
             timeouts,
             max_connections: max_connections.max(1),
             admin_token,
@@ -1062,6 +1068,25 @@ impl Errors<'_> {
             subject: raw.subject.clone(),
             timeout,
         })))
+    }
+
+    /// `workers`: 1 unless set; `auto` is one per CPU the process may use (cgroup quota and
+    /// affinity included).
+    fn workers(&mut self, raw: Option<&RawWorkers>) -> usize {
+        match raw {
+            None => DEFAULT_WORKERS,
+            Some(RawWorkers::Count(count @ 1..=MAX_WORKERS)) => *count as usize,
+            Some(RawWorkers::Word(word)) if word == "auto" => {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }
+            Some(_) => {
+                self.push(
+                    "workers",
+                    format!("must be a number from 1 to {MAX_WORKERS}, or `auto`"),
+                );
+                DEFAULT_WORKERS
+            }
+        }
     }
 
     fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {

@@ -4,14 +4,22 @@
 //! When the writer falls behind, lines are dropped and counted rather than buffered without end.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::telemetry::Metrics;
 
-/// Lines waiting for the writer before new ones are dropped.
-const QUEUE: usize = 65_536;
+/// Bytes of lines waiting for the writer before new ones are dropped (about 65,000 lines).
+const MAX_PENDING: usize = 16 * 1024 * 1024;
+
+/// Lines are written in batches: this long after the first line of a batch, or as soon as this
+/// much is waiting. One write per request cost 15 % of keep-alive throughput, and waking the
+/// writer for every line cost more than the write: requests append to one buffer and only the
+/// first line of a batch wakes the writer.
+const BATCH_BYTES: usize = 64 * 1024;
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,16 +29,35 @@ pub enum AuditOutput {
     Off,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuditLog {
-    lines: Option<mpsc::Sender<String>>,
+    shared: Option<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("on", &self.is_on())
+            .finish()
+    }
+}
+
+/// What requests and the writer share.
+struct Shared {
+    /// Serialised lines, each ending in a newline, not yet handed to the writer.
+    pending: Mutex<Vec<u8>>,
+    /// A batch has begun (its first line landed in an empty buffer).
+    batch_started: Notify,
+    /// The buffer reached `BATCH_BYTES`: write without waiting out `BATCH_WAIT`.
+    batch_full: Notify,
+    output: tokio::sync::Mutex<BufWriter<Box<dyn AsyncWrite + Send + Unpin>>>,
 }
 
 impl AuditLog {
     /// Opens the output and starts the writer task.
     pub async fn start(output: &AuditOutput) -> std::io::Result<Self> {
         let writer: Box<dyn AsyncWrite + Send + Unpin> = match output {
-            AuditOutput::Off => return Ok(Self { lines: None }),
+            AuditOutput::Off => return Ok(Self { shared: None }),
             AuditOutput::Stdout => Box::new(tokio::io::stdout()),
             AuditOutput::File(path) => {
                 if let Some(parent) = path.parent() {
@@ -45,52 +72,89 @@ impl AuditLog {
                 )
             }
         };
-        let (lines, receiver) = mpsc::channel(QUEUE);
-        tokio::spawn(write_lines(receiver, BufWriter::new(writer)));
-        Ok(Self { lines: Some(lines) })
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
+            batch_started: Notify::new(),
+            batch_full: Notify::new(),
+            output: tokio::sync::Mutex::new(BufWriter::new(writer)),
+        });
+        tokio::spawn(write_batches(shared.clone()));
+        Ok(Self {
+            shared: Some(shared),
+        })
     }
 
     pub fn is_on(&self) -> bool {
-        self.lines.is_some()
+        self.shared.is_some()
     }
 
-    /// Queues one line; never waits.
+    /// Appends one line for the writer; never waits for it. A line that does not fit under
+    /// `MAX_PENDING` is dropped and counted.
     pub fn record(&self, line: &impl serde::Serialize, metrics: &Metrics) {
-        let Some(lines) = &self.lines else { return };
-        let Ok(text) = serde_json::to_string(line) else {
+        let Some(shared) = &self.shared else { return };
+        let Ok(mut pending) = shared.pending.lock() else {
+            metrics.audit_dropped.inc();
             return;
         };
-        if lines.try_send(text).is_err() {
+        let before = pending.len();
+        if before >= MAX_PENDING || serde_json::to_writer(&mut *pending, line).is_err() {
+            pending.truncate(before);
             metrics.audit_dropped.inc();
+            return;
+        }
+        pending.push(b'\n');
+        let after = pending.len();
+        drop(pending);
+        if before == 0 {
+            shared.batch_started.notify_one();
+        }
+        if before < BATCH_BYTES && after >= BATCH_BYTES {
+            shared.batch_full.notify_one();
+        }
+    }
+
+    /// Writes every line recorded so far (at shutdown, after the last request).
+    pub async fn flush(&self) {
+        if let Some(shared) = &self.shared {
+            shared.write_pending(&mut Vec::new()).await;
         }
     }
 }
 
-/// Lines are flushed in batches: when this much is buffered or this long after the first line of
-/// a batch. One write per request cost 15 % of keep-alive throughput; batches cost a few.
-const BATCH_BYTES: usize = 64 * 1024;
-const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
-
-async fn write_lines(
-    mut receiver: mpsc::Receiver<String>,
-    mut writer: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
-) {
-    while let Some(first) = receiver.recv().await {
-        let mut batch = first;
-        batch.push('\n');
-        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
-        while batch.len() < BATCH_BYTES {
-            match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(line)) => {
-                    batch.push_str(&line);
-                    batch.push('\n');
-                }
-                Ok(None) | Err(_) => break,
-            }
+impl Shared {
+    /// Hands what is pending to the output; `spare` (emptied) becomes the next buffer, so the
+    /// two buffers are reused rather than reallocated.
+    async fn write_pending(&self, spare: &mut Vec<u8>) {
+        let mut output = self.output.lock().await;
+        spare.clear();
+        match self.pending.lock() {
+            Ok(mut pending) => std::mem::swap(&mut *pending, spare),
+            Err(_) => return,
         }
-        let written = writer.write_all(batch.as_bytes()).await;
-        if let Err(error) = written.and(writer.flush().await) {
+        if spare.is_empty() {
+            return;
+        }
+        let written = output.write_all(spare).await;
+        if let Err(error) = written.and(output.flush().await) {
             tracing::warn!(%error, "audit log write failed");
         }
+        // A burst may have grown this buffer to MAX_PENDING; do not keep that much for good.
+        if spare.capacity() > 4 * BATCH_BYTES {
+            *spare = Vec::with_capacity(BATCH_BYTES);
+        }
+    }
+}
+
+/// The writer: sleeps until a batch begins, lets it gather for `BATCH_WAIT` (or until it is
+/// full), writes it. Lives as long as the runtime; `flush` covers the lines of the last batch.
+async fn write_batches(shared: Arc<Shared>) {
+    let mut spare = Vec::with_capacity(BATCH_BYTES);
+    loop {
+        shared.batch_started.notified().await;
+        tokio::select! {
+            () = tokio::time::sleep(BATCH_WAIT) => {}
+            () = shared.batch_full.notified() => {}
+        }
+        shared.write_pending(&mut spare).await;
     }
 }
