@@ -68,25 +68,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if !any_hop_by_hop && !upgrade {
         return;
     }
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|h| !(upgrade && h == header::UPGRADE))
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
     // TE may only say "trailers" past this hop (gRPC needs that much).
     let te_is_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
-    if !te_is_trailers {
-        headers.remove(header::TE);
+    // Only the names the message carries are removed: most responses carry just
+    // `Connection: keep-alive`, and a hashed removal per absent name cost more than the rest.
+    let connection = headers.get_all(header::CONNECTION);
+    let listed = |name: &HeaderName| {
+        connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| name.as_str().eq_ignore_ascii_case(token.trim()))
+    };
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            if *name == header::UPGRADE {
+                return !upgrade;
+            }
+            HOP_BY_HOP.contains(name) || (*name == header::TE && !te_is_trailers) || listed(name)
+        })
+        .cloned()
+        .collect();
+    for name in &doomed {
+        headers.remove(name);
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -291,6 +302,15 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+
+        // TE: trailers passes on (gRPC) unless the Connection header names TE for this hop.
+        let mut trailers = HeaderMap::new();
+        trailers.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut trailers, false);
+        assert_eq!(trailers[header::TE], "trailers");
+        trailers.insert(header::CONNECTION, HeaderValue::from_static("TE"));
+        strip_hop_by_hop(&mut trailers, false);
+        assert!(trailers.is_empty(), "{trailers:?}");
     }
 
     #[test]

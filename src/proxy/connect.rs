@@ -19,7 +19,7 @@ use crate::proxy::conn::{serve_until_done, IdleWatch};
 use crate::proxy::pipeline::{self, Origin};
 use crate::proxy::sniff::sniff_tls;
 use crate::proxy::sniff::Prefixed;
-use crate::proxy::{until_body_ends, ProxyState};
+use crate::proxy::ProxyState;
 use crate::time::format_rfc3339;
 use crate::upstream::connect_error;
 
@@ -213,16 +213,15 @@ async fn intercept(
             return;
         }
     };
-    let origin = |tls| Origin::Intercepted {
-        host: host.clone(),
-        port,
-        tls,
-        agent: agent.clone(),
+    let tls = matches!(opened, AgentSide::Tls(_));
+    let Some(origin) = Origin::intercepted(host.clone(), port, tls, agent) else {
+        tracing::debug!(%host, "the CONNECT host cannot be written as a URI authority");
+        return;
     };
     match opened {
         // Plain HTTP inside the tunnel (undici tunnels http:// URLs): served all the same.
-        AgentSide::Plain(stream) => serve_intercepted(state, origin(false), stream).await,
-        AgentSide::Tls(tls) => serve_intercepted(state.clone(), origin(true), *tls).await,
+        AgentSide::Plain(stream) => serve_intercepted(state, origin, stream).await,
+        AgentSide::Tls(tls) => serve_intercepted(state.clone(), origin, *tls).await,
     }
 }
 
@@ -304,8 +303,9 @@ where
         let origin = origin.clone();
         let in_flight = watch.begin();
         async move {
-            let response = pipeline::forward(state, origin, request).await;
-            Ok::<_, std::convert::Infallible>(until_body_ends(response, in_flight))
+            Ok::<_, std::convert::Infallible>(
+                pipeline::forward(state, origin, request, in_flight).await,
+            )
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -74,8 +74,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
                 let state = connection_state.clone();
                 let in_flight = watch.begin();
                 async move {
-                    let response = route_request(state, request).await;
-                    Ok::<_, std::convert::Infallible>(until_body_ends(response, in_flight))
+                    Ok::<_, std::convert::Infallible>(
+                        route_request(state, request, in_flight).await,
+                    )
                 }
             });
             let connection = http1::Builder::new()
@@ -97,7 +98,11 @@ fn until_body_ends(response: Response<ProxyBody>, in_flight: InFlight) -> Respon
     })
 }
 
-async fn route_request(state: Arc<ProxyState>, request: Request<Incoming>) -> Response<ProxyBody> {
+async fn route_request(
+    state: Arc<ProxyState>,
+    request: Request<Incoming>,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
     let identified = state.state.load().identities.identify(request.headers());
     let agent = match identified {
         Ok(agent) => agent,
@@ -107,10 +112,11 @@ async fn route_request(state: Arc<ProxyState>, request: Request<Incoming>) -> Re
         }
     };
     if request.method() == Method::CONNECT {
-        return connect::handle(state, request, agent).await;
+        return until_body_ends(connect::handle(state, request, agent).await, in_flight);
     }
     if request.uri().scheme().is_some() && request.uri().authority().is_some() {
-        return pipeline::forward(state, pipeline::Origin::AbsoluteForm { agent }, request).await;
+        let origin = pipeline::Origin::AbsoluteForm { agent };
+        return pipeline::forward(state, origin, request, in_flight).await;
     }
     ProxyError::BadRequest("keystamp is a proxy: send CONNECT or an absolute URL").into_response()
 }

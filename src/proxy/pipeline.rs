@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::Authority;
 use http::{header, HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
@@ -27,6 +28,7 @@ use crate::fleet::Outgoing;
 use crate::host::Host;
 use crate::inject;
 use crate::limits::Limits;
+use crate::proxy::conn::InFlight;
 use crate::proxy::ProxyState;
 use crate::routes::{Route, RouteMatch};
 use crate::sigv4::{accepts_unsigned_payload, Payload, SignError};
@@ -44,12 +46,28 @@ pub enum Origin {
         port: u16,
         tls: bool,
         agent: Option<Arc<str>>,
+        /// `host[:port]` as requests in this tunnel name it and as it goes upstream, built once
+        /// per tunnel rather than per request.
+        authority: Authority,
     },
     /// An absolute-form request (`GET http://host/...` or `GET https://host/...`) to the proxy.
     AbsoluteForm { agent: Option<Arc<str>> },
 }
 
 impl Origin {
+    /// A tunnel to `host:port` keystamp terminated (`tls`: TLS inside, else plain HTTP);
+    /// `None` if the host cannot be written as a URI authority.
+    pub fn intercepted(host: Host, port: u16, tls: bool, agent: Option<Arc<str>>) -> Option<Self> {
+        let authority = authority_of(&host, port, tls).ok()?;
+        Some(Origin::Intercepted {
+            host,
+            port,
+            tls,
+            agent,
+            authority,
+        })
+    }
+
     pub fn agent(&self) -> Option<&Arc<str>> {
         match self {
             Origin::Intercepted { agent, .. } | Origin::AbsoluteForm { agent } => agent.as_ref(),
@@ -62,13 +80,24 @@ impl Origin {
 struct Target {
     https: bool,
     host: Host,
-    port: u16,
+    /// `host[:port]` for the upstream URI, the port left out when it is the scheme's default.
+    authority: Authority,
 }
 
+/// `host[:port]` as it goes into a URI, the port left out when it is the scheme's default.
+fn authority_of(host: &Host, port: u16, tls: bool) -> Result<Authority, ProxyError> {
+    let default_port = if tls { 443 } else { 80 };
+    Authority::try_from(host.authority(port, default_port))
+        .map_err(|_| ProxyError::BadRequest("the request target is not a valid URL"))
+}
+
+/// Forwards one request and answers it. `in_flight` is released, and the request's account
+/// closed, when the response body ends (one wrapper on the body does both).
 pub async fn forward(
     state: Arc<ProxyState>,
     origin: Origin,
     request: Request<Incoming>,
+    in_flight: InFlight,
 ) -> Response<ProxyBody> {
     let host = match &origin {
         Origin::Intercepted { host, .. } => Some(host.clone()),
@@ -102,7 +131,10 @@ pub async fn forward(
     // The account closes when the response body ends, so streamed responses are counted whole.
     let finished_state = state.clone();
     response.map(|body| {
-        let on_end = Box::new(move |bytes: u64| record.finish(&finished_state.telemetry, bytes));
+        let on_end = Box::new(move |bytes: u64| {
+            record.finish(&finished_state.telemetry, bytes);
+            drop(in_flight);
+        });
         Counted::new(body, None, Some(on_end)).boxed_unsync()
     })
 }
@@ -263,7 +295,11 @@ fn task_of(request: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
 fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, ProxyError> {
     match origin {
         Origin::Intercepted {
-            host, port, tls, ..
+            host,
+            port,
+            tls,
+            authority,
+            ..
         } => {
             let named = match request.uri().authority() {
                 Some(authority) => authority_without_userinfo(authority),
@@ -273,17 +309,22 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
                     .and_then(|h| h.to_str().ok())
                     .ok_or(ProxyError::BadRequest("the request has no Host header"))?,
             };
+            let target = Target {
+                https: *tls,
+                host: host.clone(),
+                authority: authority.clone(),
+            };
+            // Nearly every request names the tunnel's host exactly as the tunnel did.
+            if named.eq_ignore_ascii_case(authority.as_str()) {
+                return Ok(target);
+            }
             let (named_host, named_port) = Host::parse_authority(named)
                 .map_err(|_| ProxyError::BadRequest("the Host header is not a valid authority"))?;
             let default_port = if *tls { 443 } else { 80 };
             if named_host != *host || named_port.unwrap_or(default_port) != *port {
                 return Err(ProxyError::HostMismatch);
             }
-            Ok(Target {
-                https: *tls,
-                host: host.clone(),
-                port: *port,
-            })
+            Ok(target)
         }
         Origin::AbsoluteForm { .. } => {
             let uri = request.uri();
@@ -302,7 +343,12 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
             let (host, port) = Host::parse_authority(authority_without_userinfo(authority))
                 .map_err(|_| ProxyError::BadRequest("the request URL has no valid host"))?;
             let port = port.unwrap_or(if https { 443 } else { 80 });
-            Ok(Target { https, host, port })
+            let authority = authority_of(&host, port, https)?;
+            Ok(Target {
+                https,
+                host,
+                authority,
+            })
         }
     }
 }
@@ -825,16 +871,11 @@ fn authority_without_userinfo(authority: &http::uri::Authority) -> &str {
 }
 
 fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
-    let default_port = if target.https { 443 } else { 80 };
     let scheme = if target.https {
         http::uri::Scheme::HTTPS
     } else {
         http::uri::Scheme::HTTP
     };
-    let invalid = |_| ProxyError::BadRequest("the request target is not a valid URL");
-    let authority =
-        http::uri::Authority::try_from(target.host.authority(target.port, default_port))
-            .map_err(invalid)?;
     // The agent's path and query are kept as parsed (no re-format, no re-parse); an
     // authority-form or asterisk-form target becomes `/`.
     let path_and_query = original
@@ -844,7 +885,7 @@ fn upstream_uri(target: &Target, original: &Uri) -> Result<Uri, ProxyError> {
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(scheme);
-    parts.authority = Some(authority);
+    parts.authority = Some(target.authority.clone());
     parts.path_and_query = Some(path_and_query);
     Uri::from_parts(parts)
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URL"))
