@@ -30,15 +30,21 @@ pub fn from_agent(body: hyper::body::Incoming) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// Streams a hyper body through as it arrives.
-pub fn stream(body: hyper::body::Incoming) -> ProxyBody {
+/// Streams an upstream's body through as it arrives.
+pub fn stream<B>(body: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+{
     body.map_err(|error| -> BoxError { Box::new(error) })
         .boxed_unsync()
 }
 
 /// Reads up to `limit` bytes from the front of `body` and returns them with a body that yields
 /// the same bytes again followed by the rest, still streaming.
-pub async fn peek(mut body: hyper::body::Incoming, limit: usize) -> (Bytes, ProxyBody) {
+pub async fn peek<B>(mut body: B, limit: usize) -> (Bytes, ProxyBody)
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Unpin + 'static,
+{
     let mut prefix = bytes::BytesMut::new();
     let mut trailers = None;
     let mut ended = false;

@@ -462,10 +462,13 @@ async fn agents_get_their_own_narrowed_github_app_tokens() {
         serde_json::json!({ "contents": "read" })
     );
     assert!(read["expires_at"].is_string() && read["fingerprint"].is_string());
-    let audit = rig.keystamp.audit();
-    assert!(audit.iter().any(|l| l["agent"] == "reader"
-        && l["credential"] == "gh-read"
-        && l["fingerprint"] == read["fingerprint"]));
+    let read_line = |l: &serde_json::Value| {
+        l["agent"] == "reader"
+            && l["credential"] == "gh-read"
+            && l["fingerprint"] == read["fingerprint"]
+    };
+    let audit = rig.keystamp.audit_once(read_line).await;
+    assert!(audit.iter().any(read_line), "{audit:#?}");
     rig.assert_no_secret_leaked().await;
 }
 

@@ -606,3 +606,91 @@ async fn websocket_through_an_intercepted_route_is_stamped_at_the_handshake() {
     let seen = rig.upstream.seen.authorizations.lock().unwrap().clone();
     assert_eq!(seen, vec![Some(format!("Bearer {EXAMPLE_SECRET}"))]);
 }
+
+/// HTTP/1.1 agents' requests go out on warm upstream connections; one the upstream closed, or
+/// whose response the agent abandoned half-read, is never used again.
+#[tokio::test]
+async fn upstream_connections_are_reused_and_never_reused_broken() {
+    let rig = rig("deny", false).await;
+    let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
+    let connections = || {
+        rig.upstream
+            .seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    for n in 0..10 {
+        let response = client
+            .get(format!("https://api.example.test/v1/keep/{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(echo(response).await["path"], format!("/v1/keep/{n}"));
+    }
+    assert_eq!(
+        connections(),
+        1,
+        "ten sequential requests, one upstream connection"
+    );
+
+    // The upstream closes after this answer: the next request must go out on a new connection.
+    let closing = client
+        .get("https://api.example.test/close")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closing.text().await.unwrap(), "closing");
+    for _ in 0..3 {
+        let response = client
+            .get("https://api.example.test/v1/after-close")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(echo(response).await["path"], "/v1/after-close");
+    }
+    assert_eq!(connections(), 2);
+
+    // An event stream abandoned after its first event: the rest of it must not be read as the
+    // next response on a reused connection.
+    let mut events = client
+        .get("https://api.example.test/sse")
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let first = events.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("event-0"));
+    drop(events);
+    let fresh_client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
+    for _ in 0..3 {
+        let response = fresh_client
+            .get("https://api.example.test/v1/after-abandon")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(echo(response).await["path"], "/v1/after-abandon");
+    }
+
+    // Eight agents at once: each gets its answer, on at most one connection each.
+    let before = connections();
+    let answers = futures_util::future::join_all((0..8).map(|n| {
+        let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
+        async move {
+            let response = client
+                .get(format!("https://api.example.test/v1/parallel/{n}"))
+                .send()
+                .await
+                .unwrap();
+            echo(response).await["path"].as_str().unwrap().to_string()
+        }
+    }))
+    .await;
+    for (n, path) in answers.iter().enumerate() {
+        assert_eq!(path, &format!("/v1/parallel/{n}"));
+    }
+    assert!(
+        connections() - before <= 8,
+        "{} new connections",
+        connections() - before
+    );
+}

@@ -33,7 +33,7 @@ use crate::proxy::ProxyState;
 use crate::routes::{Route, RouteMatch};
 use crate::sigv4::{accepts_unsigned_payload, Payload, SignError};
 use crate::telemetry::RequestRecord;
-use crate::upstream::UpstreamProtocol;
+use crate::upstream::{PooledBody, UpstreamProtocol};
 
 /// How the request reached keystamp.
 #[derive(Debug, Clone)]
@@ -538,7 +538,7 @@ async fn send(
     stamping: Option<&Stamping>,
     admitted: Option<Admitted>,
     protocol: UpstreamProtocol,
-) -> Result<(Response<Incoming>, Option<Admitted>), ProxyError> {
+) -> Result<(Response<PooledBody>, Option<Admitted>), ProxyError> {
     let stamp = stamping.map(|s| (s.injection(), s.version.as_ref()));
     let version = stamping.map(|s| s.version.as_ref());
     let bytes = match body {
@@ -605,9 +605,9 @@ async fn send(
 /// An upstream that echoes the stamped value in a response header (a debug endpoint, an
 /// "invalid key sk-..." error) must not hand it to the agent: such values are redacted.
 fn without_echoes(
-    mut response: Response<Incoming>,
+    mut response: Response<PooledBody>,
     sent: Option<&CredentialVersion>,
-) -> Response<Incoming> {
+) -> Response<PooledBody> {
     if let Some(version) = sent {
         inject::redact_echoes(response.headers_mut(), &version.secret);
     }
@@ -620,7 +620,7 @@ async fn judge(
     state: &ProxyState,
     stamping: Option<&Stamping>,
     admitted: Option<Admitted>,
-    response: Response<Incoming>,
+    response: Response<PooledBody>,
 ) -> Response<ProxyBody> {
     let (Some(stamping), Some(admitted)) = (stamping, admitted) else {
         return response.map(body::stream);
@@ -684,7 +684,7 @@ const MARKER_PEEK: usize = 1024;
 /// Other 403s are permission answers and leave the breaker alone (`None`). The verdict names the
 /// marker that said so (none for `invalid_token`).
 async fn forbidden_says_credential_is_bad(
-    response: Response<Incoming>,
+    response: Response<PooledBody>,
     markers: &[String],
 ) -> (Option<Verdict>, Response<ProxyBody>) {
     let bad = |marker: Option<&String>| {

@@ -94,6 +94,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
 #[derive(Default)]
 pub struct Seen {
     pub requests: AtomicUsize,
+    /// TCP connections accepted.
+    pub connections: AtomicUsize,
     pub authorizations: Mutex<Vec<Option<String>>>,
     /// `METHOD path` of every request, in order.
     pub requests_seen: Mutex<Vec<String>>,
@@ -150,6 +152,7 @@ impl TestUpstream {
                     continue;
                 };
                 let seen = seen_for_loop.clone();
+                seen.connections.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
@@ -237,6 +240,14 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
         _ => {}
     }
     match path.as_str() {
+        // Answers, then closes the connection (as a server at its keep-alive limit does).
+        "/close" => {
+            let mut response = text(StatusCode::OK, "closing");
+            response
+                .headers_mut()
+                .insert("connection", "close".parse().unwrap());
+            response
+        }
         // Never answers: keystamp's response-head timeout must.
         "/hang" => {
             std::future::pending::<()>().await;
@@ -717,6 +728,22 @@ impl KeystampProcess {
     /// Everything keystamp logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("keystamp.log")).unwrap_or_default()
+    }
+
+    /// Every audit line so far, once one matches `wanted` (lines are written in batches, up to
+    /// 20 ms after the request ends), or after 5 s without one.
+    pub async fn audit_once(
+        &self,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.audit();
+            if lines.iter().any(&wanted) || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Every audit line so far.

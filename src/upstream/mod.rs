@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,6 +28,11 @@ use crate::egress::EgressPolicy;
 use crate::error::ProxyError;
 use crate::host::Host;
 use crate::tls::{upstream_client_config, TlsError, ALPN_H2, ALPN_HTTP11};
+
+mod h1_pool;
+
+pub use h1_pool::PooledBody;
+use h1_pool::{Http1Pool, PoolError};
 
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -295,7 +299,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
 #[derive(Clone)]
 pub struct Upstream {
     auto: Client<UpstreamConnector, ProxyBody>,
-    http1: Client<UpstreamConnector, ProxyBody>,
+    http1: Http1Pool,
     dialer: Dialer,
     /// From sending a request to its status line (the upload included; never the body after).
     response_head_timeout: Duration,
@@ -314,10 +318,13 @@ impl Upstream {
                 dialer: dialer.clone(),
                 tls: TlsConnector::from(auto),
             }),
-            http1: client(UpstreamConnector {
-                dialer: dialer.clone(),
-                tls: TlsConnector::from(http1),
-            }),
+            http1: Http1Pool::new(
+                UpstreamConnector {
+                    dialer: dialer.clone(),
+                    tls: TlsConnector::from(http1),
+                },
+                POOL_IDLE_TIMEOUT,
+            ),
             dialer,
             response_head_timeout,
         })
@@ -332,15 +339,21 @@ impl Upstream {
         &self,
         request: Request<ProxyBody>,
         protocol: UpstreamProtocol,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let client = match protocol {
-            UpstreamProtocol::PreferH2 => &self.auto,
-            UpstreamProtocol::Http1 => &self.http1,
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        let sent = async {
+            match protocol {
+                UpstreamProtocol::PreferH2 => self
+                    .auto
+                    .request(request)
+                    .await
+                    .map(|response| response.map(PooledBody::unpooled))
+                    .map_err(classify),
+                UpstreamProtocol::Http1 => self.http1.send(request).await.map_err(classify_pool),
+            }
         };
-        tokio::time::timeout(self.response_head_timeout, client.request(request))
+        tokio::time::timeout(self.response_head_timeout, sent)
             .await
             .map_err(|_| ProxyError::UpstreamTimeout)?
-            .map_err(classify)
     }
 }
 
@@ -354,7 +367,25 @@ fn client(connector: UpstreamConnector) -> Client<UpstreamConnector, ProxyBody> 
 
 /// Maps a client error to the code the agent sees, keeping which phase failed.
 fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    let is_connect = error.is_connect();
+    classify_chain(&error, is_connect)
+}
+
+fn classify_pool(error: PoolError) -> ProxyError {
+    match &error {
+        PoolError::Connect(connect) => {
+            tracing::debug!(error = %connect, "upstream connect failed");
+            connect_error(connect)
+        }
+        PoolError::NoAuthority => ProxyError::UpstreamConnect("no host".into()),
+        PoolError::Handshake(_) => classify_chain(&error, true),
+        PoolError::Request(_) => classify_chain(&error, false),
+    }
+}
+
+/// Looks through an error's sources for a connect failure or the agent's broken body.
+fn classify_chain(error: &(dyn std::error::Error + 'static), is_connect: bool) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
         if let Some(connect) = current.downcast_ref::<ConnectError>() {
             tracing::debug!(error = %connect, "upstream connect failed");
@@ -366,8 +397,8 @@ fn classify(error: hyper_util::client::legacy::Error) -> ProxyError {
         }
         source = current.source();
     }
-    tracing::debug!(error = %error, "upstream request failed");
-    if error.is_connect() {
+    tracing::debug!(%error, "upstream request failed");
+    if is_connect {
         ProxyError::UpstreamConnect("connection failed".into())
     } else {
         ProxyError::UpstreamFailed
