@@ -10,6 +10,7 @@
 #   SECONDS_PER_CASE=4 PEERS="hudsucker squid" benches/e2e.sh
 #   KS_BASELINE=/path/to/older/keystamp benches/e2e.sh   # also an older build, same config, same run
 #   FLEET=1 benches/e2e.sh    # also keystamp with fleet: on (starts redis-server on 127.0.0.1:18150)
+#   ROUNDS=3 benches/e2e.sh   # every case three times, interleaved; medians reported
 #
 # Needs: oha (cargo install oha --locked), the peer rig (../shared/peers/up.sh, started here).
 set -euo pipefail
@@ -135,14 +136,35 @@ target_args() {
   esac
 }
 targets="direct keystamp keystamp-quiet$extra_targets $peers"
+# ROUNDS=N runs every case N times, the targets interleaved within each round, and reports each
+# column's median: CPU per request then compares proxies measured minutes apart, not an hour.
+rounds=${ROUNDS:-1}
 declare -A ka one fresh
+# median_of LINE... -> the line whose every column is that column's median
+median_of() {
+  python3 - "$@" <<'PY'
+import statistics, sys
+rows = [list(map(float, line.split())) for line in sys.argv[1:]]
+print(" ".join(f"{statistics.median(col):.3f}" if i in (1, 2) else f"{statistics.median(col):.0f}"
+                for i, col in enumerate(zip(*rows))))
+PY
+}
+declare -A ka_runs one_runs fresh_runs
+for round in $(seq "$rounds"); do
+  for t in $targets; do
+    # shellcheck disable=SC2046
+    ka_runs[$t]+="$(measure $t -c 16 $(target_args $t))|"
+    # shellcheck disable=SC2046
+    one_runs[$t]+="$(measure $t -c 1 $(target_args $t))|"
+    # shellcheck disable=SC2046
+    fresh_runs[$t]+="$(measure $t -c 4 --disable-keepalive $(target_args $t))|"
+  done
+  [ "$rounds" -gt 1 ] && echo "round $round of $rounds done" >&2
+done
 for t in $targets; do
-  # shellcheck disable=SC2046
-  ka[$t]=$(measure $t -c 16 $(target_args $t))
-  # shellcheck disable=SC2046
-  one[$t]=$(measure $t -c 1 $(target_args $t))
-  # shellcheck disable=SC2046
-  fresh[$t]=$(measure $t -c 4 --disable-keepalive $(target_args $t))
+  IFS='|' read -r -a runs <<<"${ka_runs[$t]%|}"; ka[$t]=$(median_of "${runs[@]}")
+  IFS='|' read -r -a runs <<<"${one_runs[$t]%|}"; one[$t]=$(median_of "${runs[@]}")
+  IFS='|' read -r -a runs <<<"${fresh_runs[$t]%|}"; fresh[$t]=$(median_of "${runs[@]}")
 done
 after_rss=$(rss_kib $ks_pid)
 

@@ -87,8 +87,8 @@ count() {
   echo "$label $((ka / requests)) $((nc / fresh))"
   if [ -n "${TOP:-}" ]; then
     callgrind_annotate --threshold=100 "$(grep -l '^desc: Trigger: dump keep-alive' "$work"/cg.*)" 2>/dev/null |
-      grep -v '^-' | grep -v 'clone.S\|start_thread\|thread_start\|call_once\|__rust_begin_short_backtrace\|task::core\|task::raw\|task::harness\|blocking::pool\|worker::run\|context::scoped\|PROGRAM TOTALS' |
-      grep '^ *[0-9]' | head -n "$TOP" >"./target/instructions-$label.top"
+      grep -v '^-' | grep -v 'clone.S\|start_thread\|thread_start\|call_once\|__rust_begin_short_backtrace\|task::core\|task::raw\|task::harness\|blocking::pool\|blocking::task\|worker::run\|context::scoped\|PROGRAM TOTALS' |
+      grep '^ *[0-9]' | head -n "$TOP" >"./target/instructions-$label.top" || true
   fi
 }
 
