@@ -100,7 +100,7 @@ fn main() {
     // `LIFECYCLE=p99 cargo bench --bench lifecycle`: only the reload-vs-request-p99 part, for
     // quick A/B runs of two builds.
     if std::env::var("LIFECYCLE").as_deref() == Ok("p99") {
-        print_p99(&runtime);
+        print_p99();
         return;
     }
     let mut per_request = Vec::new();
@@ -149,11 +149,11 @@ fn main() {
         breaker_ns(&metrics)
     );
     println!("| `..data` swap to first request stamped with the new value (200 ms debounce), median of 5 | {:.0} ms |", swap_to_stamp(&runtime));
-    print_p99(&runtime);
+    print_p99();
 }
 
-fn print_p99(runtime: &tokio::runtime::Runtime) {
-    let (quiet, during) = p99_during_reloads(runtime);
+fn print_p99() {
+    let (quiet, during) = p99_during_reloads();
     for (every, reloading) in during {
         println!("| request p99 with 10,000 file credentials: quiet / full reload every {every} ms | {quiet:.2} ms / {reloading:.2} ms ({:+.2} ms) |", reloading - quiet);
     }
@@ -184,8 +184,14 @@ fn breaker_ns(metrics: &Arc<Metrics>) -> f64 {
 
 /// Request latency (p99 of sequential plain-HTTP requests, each on a new connection) with 10,000
 /// file credentials, quiet and while the whole table is re-read every 500 ms and every 50 ms
-/// (back to back: a reload takes about that long), in alternating windows.
-fn p99_during_reloads(runtime: &tokio::runtime::Runtime) -> (f64, Vec<(u64, f64)>) {
+/// (back to back: a reload takes about that long), in alternating windows. keystamp runs on a
+/// runtime of its own with one worker, as the binary does by default (`workers: 1`).
+fn p99_during_reloads() -> (f64, Vec<(u64, f64)>) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("secrets")).expect("mkdir");
     let echo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
