@@ -85,39 +85,53 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    println!("{}: ok", path.display());
-    println!(
+    // Written at once, and a reader that stops early (`keystamp check | head`) is no error.
+    let report = check_report(path, &config).unwrap_or_default();
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), report.as_bytes());
+    ExitCode::SUCCESS
+}
+
+/// What `keystamp check` prints for a valid config: listeners, routes with each agent's
+/// credential, credential kinds and identities.
+fn check_report(path: &std::path::Path, config: &Config) -> Result<String, std::fmt::Error> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    writeln!(out, "{}: ok", path.display())?;
+    writeln!(
+        out,
         "listen {}  admin {}  unmatched {}",
         config.listen,
         config.admin.map_or("off".to_string(), |a| a.to_string()),
         config.unmatched
-    );
-    println!("routes ({}):", config.routes.len());
+    )?;
+    writeln!(out, "routes ({}):", config.routes.len())?;
     for route in &config.routes {
         let methods = route.methods.as_ref().map_or("*".to_string(), |m| {
             m.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(",")
         });
-        println!(
+        writeln!(
+            out,
             "  {:<32} {:<16} {:<10} -> {} ({})",
             route.host.to_string(),
             route.path_prefix.as_deref().unwrap_or("/"),
             methods,
             route.credential.as_deref().unwrap_or("(agents' own)"),
             route.inject.kind()
-        );
+        )?;
         // Which credential each agent uses on this route.
         for (agent, scope) in route.agents.iter().flatten() {
             let credential = scope.credential.as_ref().or(route.credential.as_ref());
             let inject = scope.inject.as_ref().unwrap_or(&route.inject).kind();
-            println!(
+            writeln!(
+                out,
                 "      agent {agent:<24} -> {} ({inject})",
                 credential.map_or("-", String::as_str)
-            );
+            )?;
         }
     }
-    println!("credentials ({}):", config.credentials.len());
+    writeln!(out, "credentials ({}):", config.credentials.len())?;
     for (name, spec) in &config.credentials {
-        println!("  {name:<24} {}", spec.source.kind());
+        writeln!(out, "  {name:<24} {}", spec.source.kind())?;
     }
     if !config.identities.is_empty() {
         let required = if config.require_identity {
@@ -125,12 +139,12 @@ fn check(path: &std::path::Path) -> ExitCode {
         } else {
             ""
         };
-        println!("identities ({}{required}):", config.identities.len());
+        writeln!(out, "identities ({}{required}):", config.identities.len())?;
         for (name, identity) in &config.identities {
-            println!("  {name:<24} {}", identity.source.kind());
+            writeln!(out, "  {name:<24} {}", identity.source.kind())?;
         }
     }
-    ExitCode::SUCCESS
+    Ok(out)
 }
 
 fn run(path: &std::path::Path) -> ExitCode {

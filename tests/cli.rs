@@ -83,6 +83,25 @@ fn check_accepts_the_shipped_configs_and_lists_routes_and_credential_kinds() {
 }
 
 #[test]
+fn check_into_a_closed_pipe_stops_quietly() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/everything.yaml");
+    let mut child = keystamp()
+        .args(["check", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before keystamp writes (as `| head` does after its lines): that is
+    // the reader's choice, not an error worth a panic; the verdict is the exit code.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{stderr}");
+}
+
+#[test]
 fn check_reports_every_error_with_file_line_column_and_key_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.yaml");
