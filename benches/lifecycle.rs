@@ -185,13 +185,8 @@ fn breaker_ns(metrics: &Arc<Metrics>) -> f64 {
 /// Request latency (p99 of sequential plain-HTTP requests, each on a new connection) with 10,000
 /// file credentials, quiet and while the whole table is re-read every 500 ms and every 50 ms
 /// (back to back: a reload takes about that long), in alternating windows. keystamp runs on a
-/// runtime of its own with one worker, as the binary does by default (`workers: 1`).
+/// runtime of its own with the config's `workers` (one, the default), as the binary does.
 fn p99_during_reloads() -> (f64, Vec<(u64, f64)>) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("secrets")).expect("mkdir");
     let echo = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -219,6 +214,11 @@ fn p99_during_reloads() -> (f64, Vec<(u64, f64)>) {
     );
     std::fs::write(dir.path().join("k.yaml"), &yaml).expect("write");
     let config = Config::load(&dir.path().join("k.yaml")).expect("config");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.workers)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let app = Arc::new(runtime.block_on(App::start(config)).expect("start"));
     let proxy = app.proxy_addr();
     let p99 = |samples: &mut Vec<f64>| {

@@ -84,10 +84,18 @@ struct Target {
     authority: Authority,
 }
 
+/// The port a URL or Host without one means: 443 for https (TLS), 80 for http.
+fn default_port(tls: bool) -> u16 {
+    if tls {
+        443
+    } else {
+        80
+    }
+}
+
 /// `host[:port]` as it goes into a URI, the port left out when it is the scheme's default.
 fn authority_of(host: &Host, port: u16, tls: bool) -> Result<Authority, ProxyError> {
-    let default_port = if tls { 443 } else { 80 };
-    Authority::try_from(host.authority(port, default_port))
+    Authority::try_from(host.authority(port, default_port(tls)))
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URL"))
 }
 
@@ -320,8 +328,7 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
             }
             let (named_host, named_port) = Host::parse_authority(named)
                 .map_err(|_| ProxyError::BadRequest("the Host header is not a valid authority"))?;
-            let default_port = if *tls { 443 } else { 80 };
-            if named_host != *host || named_port.unwrap_or(default_port) != *port {
+            if named_host != *host || named_port.unwrap_or(default_port(*tls)) != *port {
                 return Err(ProxyError::HostMismatch);
             }
             Ok(target)
@@ -342,7 +349,7 @@ fn target_of(origin: &Origin, request: &Request<Incoming>) -> Result<Target, Pro
                 .ok_or(ProxyError::BadRequest("the request URL has no host"))?;
             let (host, port) = Host::parse_authority(authority_without_userinfo(authority))
                 .map_err(|_| ProxyError::BadRequest("the request URL has no valid host"))?;
-            let port = port.unwrap_or(if https { 443 } else { 80 });
+            let port = port.unwrap_or(default_port(https));
             let authority = authority_of(&host, port, https)?;
             Ok(Target {
                 https,

@@ -70,6 +70,13 @@ struct IdleConnection {
     since: Instant,
 }
 
+impl IdleConnection {
+    /// Still open and idle for less than `timeout`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < timeout
+    }
+}
+
 struct Inner {
     connector: UpstreamConnector,
     idle: Mutex<HashMap<PoolKey, Vec<IdleConnection>>>,
@@ -150,9 +157,7 @@ impl Http1Pool {
         let connections = idle.get_mut(key)?;
         let now = Instant::now();
         while let Some(connection) = connections.pop() {
-            if !connection.sender.is_closed()
-                && now.duration_since(connection.since) < self.inner.idle_timeout
-            {
+            if connection.usable(now, self.inner.idle_timeout) {
                 return Some(connection.sender);
             }
         }
@@ -201,9 +206,7 @@ impl Inner {
     fn reap(&self, now: Instant) {
         if let Ok(mut idle) = self.idle.lock() {
             for connections in idle.values_mut() {
-                connections.retain(|c| {
-                    !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout
-                });
+                connections.retain(|c| c.usable(now, self.idle_timeout));
             }
             idle.retain(|_, connections| !connections.is_empty());
         }

@@ -1,6 +1,7 @@
 //! Outbound only: the dialer (honouring `resolve:` pins and egress policy, for tunnels and token
-//! endpoints too), the TLS connector that always verifies, and the pooled hyper clients that
-//! reuse upstream connections (h2 when the upstream offers it over ALPN, http/1.1 otherwise).
+//! endpoints too), the TLS connector that always verifies, and the pools that reuse upstream
+//! connections: hyper-util's client for h2 agents (h2 when the upstream offers it over ALPN),
+//! keystamp's own HTTP/1.1 pool (`h1_pool`) for HTTP/1.1 agents.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -730,22 +730,6 @@ impl KeystampProcess {
         std::fs::read_to_string(self.dir.path().join("keystamp.log")).unwrap_or_default()
     }
 
-    /// Every audit line so far, once one matches `wanted` (lines are written in batches, up to
-    /// 20 ms after the request ends), or after 5 s without one.
-    pub async fn audit_once(
-        &self,
-        wanted: impl Fn(&serde_json::Value) -> bool,
-    ) -> Vec<serde_json::Value> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let lines = self.audit();
-            if lines.iter().any(&wanted) || std::time::Instant::now() > deadline {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Every audit line so far.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
