@@ -7,6 +7,7 @@
 #
 #   benches/instructions.sh                       # keep-alive (1 conn) and new-connection cases
 #   REQUESTS=4000 benches/instructions.sh
+#   CONNS=16 benches/instructions.sh              # keep-alive over 16 agent connections at once
 #   KS_BASELINE=/path/to/older/keystamp benches/instructions.sh   # the same for an older build
 #   TOP=25 benches/instructions.sh                # also the 25 costliest functions (exclusive)
 #   PEER=1 benches/instructions.sh                # hudsucker-peer counted the same way, same run
@@ -20,6 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${REQUESTS:-2000}
+conns=${CONNS:-1}
 peers_dir=${PEERS_RIG:-../shared/peers}
 command -v valgrind >/dev/null || { echo "valgrind is missing" >&2; exit 1; }
 command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked" >&2; exit 1; }
@@ -70,7 +72,7 @@ count() {
   local label=$1
   rm -f "$work"/cg.*
   launch "$label" valgrind --tool=callgrind --callgrind-out-file="$work/cg.%p"
-  local args=(--no-tui -c 1 --cacert "$ca" -x "$proxy")
+  local args=(--no-tui -c "$conns" --cacert "$ca" -x "$proxy")
   oha "${args[@]}" -n 300 "$UPSTREAM_URL" >/dev/null 2>&1
   oha "${args[@]}" -n 30 --disable-keepalive "$UPSTREAM_URL" >/dev/null 2>&1
   callgrind_control -z "$pid" >/dev/null

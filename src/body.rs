@@ -1,5 +1,8 @@
 //! The one body type responses and forwarded requests use: boxed, streaming, never buffered whole.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, BodyStream, Empty, Full, StreamBody};
@@ -24,10 +27,25 @@ pub fn empty() -> ProxyBody {
 #[error("the agent's request body could not be read: {0}")]
 pub struct AgentBodyError(#[source] hyper::Error);
 
-/// Streams an agent's request body through as it arrives; its errors are [`AgentBodyError`]s.
-pub fn from_agent(body: hyper::body::Incoming) -> ProxyBody {
-    body.map_err(|error| -> BoxError { Box::new(AgentBodyError(error)) })
-        .boxed_unsync()
+/// Set when an agent's streamed body failed. An HTTP/1.1 upstream request fails with the
+/// [`AgentBodyError`] in its chain; an h2 one only resets its stream, so the sender checks this.
+#[derive(Clone, Default)]
+pub struct AgentBodyFailed(Arc<AtomicBool>);
+
+impl AgentBodyFailed {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Streams an agent's request body through as it arrives; its errors are [`AgentBodyError`]s,
+/// and each sets `failed`.
+pub fn from_agent(body: hyper::body::Incoming, failed: AgentBodyFailed) -> ProxyBody {
+    body.map_err(move |error| -> BoxError {
+        failed.0.store(true, Ordering::Release);
+        Box::new(AgentBodyError(error))
+    })
+    .boxed_unsync()
 }
 
 /// Streams an upstream's body through as it arrives.

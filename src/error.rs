@@ -87,6 +87,10 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// The agent's streamed request body broke off or was malformed mid-request.
+    pub const AGENT_BODY_FAILED: ProxyError =
+        ProxyError::BadRequest("the request body is malformed or ended early");
+
     /// The stable, machine-readable code agents script against.
     pub fn code(&self) -> &'static str {
         match self {

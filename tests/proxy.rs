@@ -13,6 +13,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
@@ -259,14 +260,19 @@ async fn h2_and_http1_on_both_sides() {
                 reqwest::Version::HTTP_2
             };
             assert_eq!(agent_version, expected_agent);
-            // The upstream protocol follows the agent's, as far as the upstream offers it.
+            // h2 whenever the upstream offers it, whatever the agent speaks.
             assert_eq!(
                 echo["version"],
-                if h2_upstream && !http1_only {
-                    "HTTP/2.0"
+                if h2_upstream { "HTTP/2.0" } else { "HTTP/1.1" },
+            );
+            // h2 carries the authority in `:authority`, HTTP/1.1 in `Host`: never both.
+            assert_eq!(
+                header(&echo, "host"),
+                if h2_upstream {
+                    Vec::<&str>::new()
                 } else {
-                    "HTTP/1.1"
-                },
+                    vec!["api.example.test"]
+                }
             );
             assert_eq!(
                 header(&echo, "authorization"),
@@ -609,6 +615,71 @@ async fn websocket_through_an_intercepted_route_is_stamped_at_the_handshake() {
 
 /// HTTP/1.1 agents' requests go out on warm upstream connections; one the upstream closed, or
 /// whose response the agent abandoned half-read, is never used again.
+/// HTTP/1.1 agents on many connections share one h2 connection to an upstream that offers h2;
+/// past 100 open streams a second one opens; a connection the upstream drops is replaced.
+#[tokio::test]
+async fn agents_share_an_h2_upstream_connection() {
+    let rig = rig("deny", true).await;
+    let connections = || {
+        rig.upstream
+            .seen
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let get = |client: reqwest::Client, path: String| async move {
+        let response = client
+            .get(format!("https://api.example.test{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let echo = echo(response).await;
+        assert_eq!(echo["path"], path);
+        assert_eq!(echo["version"], "HTTP/2.0");
+        assert_eq!(
+            header(&echo, "authorization"),
+            vec![format!("Bearer {EXAMPLE_SECRET}")]
+        );
+    };
+    // 16 agent connections at once, cold: one upstream connection, every answer its own.
+    let agents: Vec<_> = (0..16)
+        .map(|n| {
+            let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
+            tokio::spawn(get(client, format!("/v1/shared/{n}")))
+        })
+        .collect();
+    for agent in agents {
+        agent.await.unwrap();
+    }
+    assert_eq!(connections(), 1, "16 agents, one h2 connection");
+
+    // 100 requests held open upstream fill the connection; the next one opens another.
+    let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
+    let held: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(client.get("https://api.example.test/hang").send()))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            rig.upstream.seen.count() >= 116
+        })
+        .await,
+        "100 requests waiting upstream"
+    );
+    get(client.clone(), "/v1/overflow".into()).await;
+    assert_eq!(connections(), 2, "a full connection is not queued on");
+    for request in held {
+        request.abort();
+    }
+
+    // The upstream drops both connections without a goodbye: requests go out on a new one.
+    rig.upstream.seen.drop_connections();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 0..3 {
+        get(client.clone(), format!("/v1/after-drop/{n}")).await;
+    }
+    assert_eq!(connections(), 3);
+}
+
 #[tokio::test]
 async fn upstream_connections_are_reused_and_never_reused_broken() {
     let rig = rig("deny", false).await;

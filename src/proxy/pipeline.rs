@@ -163,11 +163,13 @@ async fn forward_stages(
         None => None,
     };
     let admitted = stamping.as_ref().map(|s| admit(state, s)).transpose()?;
-    let protocol = match request.version() {
-        Version::HTTP_2 => UpstreamProtocol::PreferH2,
-        _ => UpstreamProtocol::Http1,
-    };
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
+    // An upgrade needs an HTTP/1.1 connection of its own; anything else may share an h2 one.
+    let protocol = if upgrade {
+        UpstreamProtocol::Http1
+    } else {
+        UpstreamProtocol::PreferH2
+    };
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();
     let unstamped = Unstamped::new(parts, &target, stamping.as_ref(), upgrade)?;
@@ -549,9 +551,16 @@ async fn send(
     let stamp = stamping.map(|s| (s.injection(), s.version.as_ref()));
     let version = stamping.map(|s| s.version.as_ref());
     let bytes = match body {
-        RequestBody::Streaming(streaming) => {
+        RequestBody::Streaming(streaming, failed) => {
             let request = unstamped.into_request(stamp, streaming, Payload::Unsigned)?;
-            let response = state.upstream.send(request, protocol).await?;
+            let response = state
+                .upstream
+                .send(request, protocol)
+                .await
+                .map_err(|error| match failed.get() {
+                    true => ProxyError::AGENT_BODY_FAILED,
+                    false => error,
+                })?;
             return Ok((without_echoes(response, version), admitted));
         }
         RequestBody::Replayable(bytes) => bytes,
@@ -814,7 +823,8 @@ impl Unstamped {
 /// otherwise. Either way its bytes are counted into the request's account.
 enum RequestBody {
     Replayable(Bytes),
-    Streaming(ProxyBody),
+    /// With the mark its stream sets if the agent's body fails.
+    Streaming(ProxyBody, body::AgentBodyFailed),
 }
 
 impl RequestBody {
@@ -856,8 +866,10 @@ impl RequestBody {
             .filter(|limit| body.is_end_stream() || declared.is_some_and(|l| l <= *limit as u64));
         let Some(limit) = small else {
             let counter = Some(record.request_bytes.clone());
-            let streaming = Counted::new(body::from_agent(body), counter, None).boxed_unsync();
-            return Ok(Self::Streaming(streaming));
+            let failed = body::AgentBodyFailed::default();
+            let streaming =
+                Counted::new(body::from_agent(body, failed.clone()), counter, None).boxed_unsync();
+            return Ok(Self::Streaming(streaming, failed));
         };
         let bytes = Limited::new(body, limit)
             .collect()

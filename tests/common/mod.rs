@@ -101,11 +101,18 @@ pub struct Seen {
     pub requests_seen: Mutex<Vec<String>>,
     /// When set, only `Authorization: Bearer <this>` is accepted; anything else gets 401.
     pub accept_only: Mutex<Option<String>>,
+    /// Woken to drop every open connection at once, as a restarting server does.
+    drop_connections: tokio::sync::Notify,
 }
 
 impl Seen {
     pub fn accept_only(&self, token: &str) {
         *self.accept_only.lock().unwrap() = Some(token.to_string());
+    }
+
+    /// Closes every connection open now, without a goodbye (no GOAWAY, no `Connection: close`).
+    pub fn drop_connections(&self) {
+        self.drop_connections.notify_waiters();
     }
 
     pub fn count(&self) -> usize {
@@ -154,7 +161,8 @@ impl TestUpstream {
                 let seen = seen_for_loop.clone();
                 seen.connections.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
-                tokio::spawn(async move {
+                let dropped = seen.clone();
+                let connection = async move {
                     let service = service_fn(move |request| {
                         let seen = seen.clone();
                         async move { Ok::<_, Infallible>(respond(request, seen).await) }
@@ -174,6 +182,12 @@ impl TestUpstream {
                                 .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                                 .await;
                         }
+                    }
+                };
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = connection => {}
+                        _ = dropped.drop_connections.notified() => {}
                     }
                 });
             }

@@ -1,0 +1,533 @@
+//! Upstream connections kept between requests, one pool for both protocols. An HTTP/1.1
+//! connection serves one request at a time and is taken back only when its response body has
+//! been read to the end. An h2 connection is shared: every request to that upstream (from h1 and
+//! h2 agents alike, upgrades excepted) goes out as a stream on it, up to `MAX_STREAMS_PER_H2`
+//! at once, so many agent connections cost one TLS session and few upstream reads and writes.
+//! Which protocol an upstream speaks is learned from ALPN on the first dial.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{Authority, PathAndQuery, Uri};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use super::{ConnectError, UpstreamConnector, UpstreamProtocol, UpstreamStream};
+use crate::body::ProxyBody;
+
+/// Idle HTTP/1.1 connections kept per upstream; more are closed when their request ends.
+const MAX_IDLE_PER_UPSTREAM: usize = 64;
+/// Streams keystamp opens at once on one h2 connection before it opens another. Below the
+/// limits public APIs announce (100 and up), so a request never queues behind the server's.
+const MAX_STREAMS_PER_H2: usize = 100;
+/// How often idle connections past the idle timeout are closed.
+const REAP_EVERY: Duration = Duration::from_secs(30);
+
+/// Why a request found no connection or lost it.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("the request URI has no scheme or host")]
+    NoAuthority,
+    #[error("connecting failed: {0}")]
+    Connect(#[from] ConnectError),
+    #[error("the HTTP handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+    #[error("the request failed: {0}")]
+    Request(#[source] hyper::Error),
+}
+
+/// Which upstream a connection reaches. Authorities are hashed as one string (keystamp writes
+/// them lowercase), not byte by byte as `http`'s case-insensitive `Hash` does.
+#[derive(Clone, Debug)]
+struct PoolKey {
+    https: bool,
+    authority: Authority,
+}
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.https == other.https && self.authority.as_str() == other.authority.as_str()
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl Hash for PoolKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.https.hash(state);
+        self.authority.as_str().hash(state);
+    }
+}
+
+struct IdleConnection {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+impl IdleConnection {
+    /// Still open and idle for less than `timeout`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.since) < timeout
+    }
+}
+
+/// An h2 connection and how many of its streams are open.
+struct SharedH2 {
+    sender: http2::SendRequest<ProxyBody>,
+    streams: Arc<StreamCount>,
+}
+
+/// Open streams on one h2 connection, and when the last one ended.
+struct StreamCount {
+    open: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl SharedH2 {
+    /// Open, and either busy or idle for less than `timeout`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        if self.sender.is_closed() {
+            return false;
+        }
+        self.streams.open.load(Ordering::Acquire) > 0
+            || self
+                .streams
+                .idle_since
+                .lock()
+                .map_or(true, |since| now.duration_since(*since) < timeout)
+    }
+}
+
+/// What the pool holds for one upstream.
+#[derive(Default)]
+struct UpstreamConnections {
+    idle_http1: Vec<IdleConnection>,
+    shared_h2: Vec<SharedH2>,
+    /// What the last dial with h2 offered negotiated; `None` before the first.
+    speaks_h2: Option<bool>,
+    /// Held while dialing with h2 offered, so that requests arriving together at a cold h2
+    /// upstream share the one connection the first of them opens.
+    dialing: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A connection taken for one request.
+enum Taken {
+    Http1(http1::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>, StreamSlot),
+}
+
+struct Inner {
+    /// Offers h2 and HTTP/1.1 over ALPN.
+    connector: UpstreamConnector,
+    /// Offers HTTP/1.1 only (protocol upgrades).
+    http1_connector: UpstreamConnector,
+    upstreams: Mutex<HashMap<PoolKey, UpstreamConnections>>,
+    idle_timeout: Duration,
+    reaper_started: std::sync::Once,
+}
+
+/// The pool; cloning is cheap and shares it.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl Pool {
+    pub fn new(
+        connector: UpstreamConnector,
+        http1_connector: UpstreamConnector,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                connector,
+                http1_connector,
+                upstreams: Mutex::new(HashMap::new()),
+                idle_timeout,
+                reaper_started: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// Sends `request` (absolute URI) on a stream of a shared h2 connection, an idle HTTP/1.1
+    /// connection, or a new connection. A request found unsent on a connection the upstream
+    /// closed goes out on another.
+    pub async fn send(
+        &self,
+        mut request: Request<ProxyBody>,
+        protocol: UpstreamProtocol,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        let key = PoolKey {
+            https: request.uri().scheme_str() == Some("https"),
+            authority: request
+                .uri()
+                .authority()
+                .cloned()
+                .ok_or(PoolError::NoAuthority)?,
+        };
+        let uri = request.uri().clone();
+        loop {
+            let (taken, reused) = match self.take(&key, protocol) {
+                Some(taken) => (taken, true),
+                None => (self.connect(&key, &uri, protocol).await?, false),
+            };
+            let unsent = match taken {
+                Taken::Http1(mut sender) => {
+                    // A reused connection may have been closed by the upstream while idle.
+                    if let Err(error) = sender.ready().await {
+                        if reused {
+                            continue;
+                        }
+                        return Err(PoolError::Request(error));
+                    }
+                    to_origin_form(&mut request, &key.authority);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            // After a 101 the connection belongs to the upgraded protocol.
+                            let hold = if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                            {
+                                Hold::Nothing
+                            } else {
+                                Hold::Http1(Lease {
+                                    pool: Arc::downgrade(&self.inner),
+                                    key,
+                                    sender,
+                                })
+                            };
+                            return Ok(response.map(|inner| PooledBody { inner, hold }));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            Some(unsent) if reused => unsent,
+                            _ => return Err(PoolError::Request(error.into_error())),
+                        },
+                    }
+                }
+                Taken::Http2(mut sender, slot) => {
+                    to_absolute_form(&mut request, &uri);
+                    match sender.try_send_request(request).await {
+                        Ok(response) => {
+                            let hold = Hold::Http2 { _slot: slot };
+                            return Ok(response.map(|inner| PooledBody { inner, hold }));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            Some(unsent) if sender.is_closed() => unsent,
+                            _ => return Err(PoolError::Request(error.into_error())),
+                        },
+                    }
+                }
+            };
+            // Never written: safe to send again on another connection.
+            request = unsent;
+        }
+    }
+
+    /// A stream on a shared h2 connection with room, else an idle HTTP/1.1 connection.
+    fn take(&self, key: &PoolKey, protocol: UpstreamProtocol) -> Option<Taken> {
+        let mut upstreams = self.inner.upstreams.lock().ok()?;
+        let connections = upstreams.get_mut(key)?;
+        let now = Instant::now();
+        if protocol == UpstreamProtocol::PreferH2 {
+            connections.shared_h2.retain(|c| !c.sender.is_closed());
+            if let Some(shared) = connections
+                .shared_h2
+                .iter()
+                .find(|c| c.streams.open.load(Ordering::Acquire) < MAX_STREAMS_PER_H2)
+            {
+                return Some(Taken::Http2(
+                    shared.sender.clone(),
+                    StreamSlot::open(&shared.streams),
+                ));
+            }
+        }
+        while let Some(connection) = connections.idle_http1.pop() {
+            if connection.usable(now, self.inner.idle_timeout) {
+                return Some(Taken::Http1(connection.sender));
+            }
+        }
+        None
+    }
+
+    /// Dials `key`'s upstream: h2 offered unless the request must stay on HTTP/1.1. Dials that
+    /// may end in h2 wait for one another, then look again for a shared connection.
+    async fn connect(
+        &self,
+        key: &PoolKey,
+        uri: &Uri,
+        protocol: UpstreamProtocol,
+    ) -> Result<Taken, PoolError> {
+        self.start_reaper();
+        if protocol == UpstreamProtocol::Http1 {
+            return self.dial_http1(key, uri, &self.inner.http1_connector).await;
+        }
+        let dialing = {
+            let mut upstreams = self.inner.upstreams.lock().map_err(|_| poisoned())?;
+            let connections = upstreams.entry(key.clone()).or_default();
+            (connections.speaks_h2 != Some(false)).then(|| connections.dialing.clone())
+        };
+        let Some(dialing) = dialing else {
+            return self.dial_http1(key, uri, &self.inner.connector).await;
+        };
+        let turn = dialing.lock().await;
+        if let Some(taken) = self.take(key, protocol) {
+            return Ok(taken);
+        }
+        if self.speaks_h2(key) == Some(false) {
+            // Learned while waiting: HTTP/1.1 connections are dialed side by side.
+            drop(turn);
+            return self.dial_http1(key, uri, &self.inner.connector).await;
+        }
+        let io = self.inner.connector.clone().dial(uri).await?;
+        let h2 = io.negotiated_h2();
+        if let Ok(mut upstreams) = self.inner.upstreams.lock() {
+            upstreams.entry(key.clone()).or_default().speaks_h2 = Some(h2);
+        }
+        if !h2 {
+            return handshake_http1(key, io).await.map(Taken::Http1);
+        }
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(PoolError::Handshake)?;
+        let upstream = key.authority.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%upstream, %error, "upstream h2 connection ended with an error");
+            }
+        });
+        let shared = SharedH2 {
+            sender: sender.clone(),
+            streams: Arc::new(StreamCount {
+                open: AtomicUsize::new(0),
+                idle_since: Mutex::new(Instant::now()),
+            }),
+        };
+        let slot = StreamSlot::open(&shared.streams);
+        if let Ok(mut upstreams) = self.inner.upstreams.lock() {
+            upstreams
+                .entry(key.clone())
+                .or_default()
+                .shared_h2
+                .push(shared);
+        }
+        Ok(Taken::Http2(sender, slot))
+    }
+
+    fn speaks_h2(&self, key: &PoolKey) -> Option<bool> {
+        let upstreams = self.inner.upstreams.lock().ok()?;
+        upstreams.get(key)?.speaks_h2
+    }
+
+    async fn dial_http1(
+        &self,
+        key: &PoolKey,
+        uri: &Uri,
+        connector: &UpstreamConnector,
+    ) -> Result<Taken, PoolError> {
+        let io = connector.clone().dial(uri).await?;
+        handshake_http1(key, io).await.map(Taken::Http1)
+    }
+
+    /// Closes idle connections past the idle timeout every `REAP_EVERY`, for as long as the pool
+    /// lives. Started with the first connection (a runtime is running by then).
+    fn start_reaper(&self) {
+        self.inner.reaper_started.call_once(|| {
+            let pool = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REAP_EVERY);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = pool.upgrade() else { return };
+                    inner.reap(Instant::now());
+                }
+            });
+        });
+    }
+}
+
+fn poisoned() -> PoolError {
+    PoolError::Connect(ConnectError::Connect(std::io::Error::other(
+        "connection pool lock poisoned",
+    )))
+}
+
+async fn handshake_http1(
+    key: &PoolKey,
+    io: UpstreamStream,
+) -> Result<http1::SendRequest<ProxyBody>, PoolError> {
+    let (sender, connection) = http1::Builder::new()
+        .handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(PoolError::Handshake)?;
+    let upstream = key.authority.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%upstream, %error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+impl Inner {
+    fn reap(&self, now: Instant) {
+        if let Ok(mut upstreams) = self.upstreams.lock() {
+            for connections in upstreams.values_mut() {
+                connections
+                    .idle_http1
+                    .retain(|c| c.usable(now, self.idle_timeout));
+                connections
+                    .shared_h2
+                    .retain(|c| c.usable(now, self.idle_timeout));
+            }
+        }
+    }
+
+    fn put_back(&self, key: PoolKey, sender: http1::SendRequest<ProxyBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut upstreams) = self.upstreams.lock() {
+            let connections = &mut upstreams.entry(key).or_default().idle_http1;
+            if connections.len() < MAX_IDLE_PER_UPSTREAM {
+                connections.push(IdleConnection {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+/// One open stream on a shared h2 connection, counted until the response body ends or drops.
+struct StreamSlot {
+    streams: Arc<StreamCount>,
+}
+
+impl StreamSlot {
+    fn open(streams: &Arc<StreamCount>) -> Self {
+        streams.open.fetch_add(1, Ordering::AcqRel);
+        Self {
+            streams: streams.clone(),
+        }
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.streams.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut since) = self.streams.idle_since.lock() {
+                *since = Instant::now();
+            }
+        }
+    }
+}
+
+/// Puts back the absolute URI an h2 request carries (`:scheme`, `:authority`); `Host` goes, as
+/// `:authority` says it and h2 servers may refuse both.
+fn to_absolute_form(request: &mut Request<ProxyBody>, uri: &Uri) {
+    if request.uri() != uri {
+        *request.uri_mut() = uri.clone();
+    }
+    request.headers_mut().remove(HOST);
+}
+
+/// Rewrites an absolute URI to origin form (`/path?query`) with `Host` set from the authority,
+/// as HTTP/1.1 servers expect.
+fn to_origin_form(request: &mut Request<ProxyBody>, authority: &Authority) {
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(path);
+    if let Ok(origin_form) = Uri::from_parts(parts) {
+        *request.uri_mut() = origin_form;
+    }
+    if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+        request.headers_mut().insert(HOST, host);
+    }
+}
+
+/// A connection lent to one request, returned when its response body ends.
+struct Lease {
+    pool: Weak<Inner>,
+    key: PoolKey,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+/// An upstream response body. When it has been read to its end, the connection it came on goes
+/// back to the pool; dropped before that, the connection is closed with it (the rest of the body
+/// would otherwise arrive as the next response).
+pub struct PooledBody {
+    inner: Incoming,
+    hold: Hold,
+}
+
+/// What a response body keeps from the pool until it ends.
+enum Hold {
+    Nothing,
+    Http1(Lease),
+    /// Held for its drop, which frees the stream's place.
+    Http2 {
+        _slot: StreamSlot,
+    },
+}
+
+impl PooledBody {
+    /// Gives the connection back (HTTP/1.1) or frees the stream's place (h2).
+    fn release(&mut self) {
+        if let Hold::Http1(lease) = std::mem::replace(&mut self.hold, Hold::Nothing) {
+            if let Some(pool) = lease.pool.upgrade() {
+                pool.put_back(lease.key, lease.sender);
+            }
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Err(_))) => self.hold = Hold::Nothing,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (204, HEAD, Content-Length: 0) is often never polled: it ended all the same.
+        if self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
