@@ -260,15 +260,16 @@ async fn h2_and_http1_on_both_sides() {
                 reqwest::Version::HTTP_2
             };
             assert_eq!(agent_version, expected_agent);
-            // h2 whenever the upstream offers it, whatever the agent speaks.
+            // A lone request follows the agent's protocol, as far as the upstream offers it.
+            let upstream_h2 = h2_upstream && !http1_only;
             assert_eq!(
                 echo["version"],
-                if h2_upstream { "HTTP/2.0" } else { "HTTP/1.1" },
+                if upstream_h2 { "HTTP/2.0" } else { "HTTP/1.1" },
             );
             // h2 carries the authority in `:authority`, HTTP/1.1 in `Host`: never both.
             assert_eq!(
                 header(&echo, "host"),
-                if h2_upstream {
+                if upstream_h2 {
                     Vec::<&str>::new()
                 } else {
                     vec!["api.example.test"]
@@ -615,10 +616,11 @@ async fn websocket_through_an_intercepted_route_is_stamped_at_the_handshake() {
 
 /// HTTP/1.1 agents' requests go out on warm upstream connections; one the upstream closed, or
 /// whose response the agent abandoned half-read, is never used again.
-/// HTTP/1.1 agents on many connections share one h2 connection to an upstream that offers h2;
-/// past 100 open streams a second one opens; a connection the upstream drops is replaced.
+/// HTTP/1.1 agents: a lone request goes out on an HTTP/1.1 connection (the least CPU), requests
+/// that overlap share one h2 connection to an upstream that offers h2 (the least I/O); past 100
+/// open streams a second one opens; connections the upstream drops are replaced.
 #[tokio::test]
-async fn agents_share_an_h2_upstream_connection() {
+async fn overlapping_agents_share_an_h2_upstream_connection() {
     let rig = rig("deny", true).await;
     let connections = || {
         rig.upstream
@@ -626,6 +628,8 @@ async fn agents_share_an_h2_upstream_connection() {
             .connections
             .load(std::sync::atomic::Ordering::SeqCst)
     };
+    let client = || agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
+    // GETs `path` and returns the upstream protocol it arrived on.
     let get = |client: reqwest::Client, path: String| async move {
         let response = client
             .get(format!("https://api.example.test{path}"))
@@ -635,49 +639,65 @@ async fn agents_share_an_h2_upstream_connection() {
         assert_eq!(response.status(), 200, "{path}");
         let echo = echo(response).await;
         assert_eq!(echo["path"], path);
-        assert_eq!(echo["version"], "HTTP/2.0");
         assert_eq!(
             header(&echo, "authorization"),
             vec![format!("Bearer {EXAMPLE_SECRET}")]
         );
+        echo["version"].as_str().unwrap().to_string()
     };
-    // 16 agent connections at once, cold: one upstream connection, every answer its own.
+
+    // An event stream keeps the first (HTTP/1.1) connection busy...
+    let mut events = client()
+        .get("https://api.example.test/sse")
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    events.next().await.unwrap().unwrap();
+    assert_eq!(connections(), 1);
+    // ...so 16 agents arriving together share one new h2 connection.
     let agents: Vec<_> = (0..16)
-        .map(|n| {
-            let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
-            tokio::spawn(get(client, format!("/v1/shared/{n}")))
-        })
+        .map(|n| tokio::spawn(get(client(), format!("/v1/shared/{n}"))))
         .collect();
     for agent in agents {
-        agent.await.unwrap();
+        assert_eq!(agent.await.unwrap(), "HTTP/2.0");
     }
-    assert_eq!(connections(), 1, "16 agents, one h2 connection");
+    assert_eq!(connections(), 2, "16 overlapping agents, one h2 connection");
+    while events.next().await.is_some() {}
+    // Alone again: back on the idle HTTP/1.1 connection.
+    let lone = client();
+    assert_eq!(get(lone.clone(), "/v1/alone".into()).await, "HTTP/1.1");
+    assert_eq!(connections(), 2);
 
-    // 100 requests held open upstream fill the connection; the next one opens another.
-    let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
-    let held: Vec<_> = (0..100)
-        .map(|_| tokio::spawn(client.get("https://api.example.test/hang").send()))
+    // 101 requests held upstream fill the HTTP/1.1 connection and the h2 one; the next
+    // request opens a second h2 connection rather than queue on a full one.
+    let before = rig.upstream.seen.count();
+    let held: Vec<_> = (0..101)
+        .map(|_| tokio::spawn(lone.get("https://api.example.test/hang").send()))
         .collect();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            rig.upstream.seen.count() >= 116
+            rig.upstream.seen.count() >= before + 101
         })
         .await,
-        "100 requests waiting upstream"
+        "101 requests waiting upstream"
     );
-    get(client.clone(), "/v1/overflow".into()).await;
-    assert_eq!(connections(), 2, "a full connection is not queued on");
+    assert_eq!(get(lone.clone(), "/v1/overflow".into()).await, "HTTP/2.0");
+    assert_eq!(connections(), 3, "a full h2 connection is not queued on");
     for request in held {
         request.abort();
     }
 
-    // The upstream drops both connections without a goodbye: requests go out on a new one.
+    // The upstream drops every connection without a goodbye: requests go out on a new one.
     rig.upstream.seen.drop_connections();
     tokio::time::sleep(Duration::from_millis(200)).await;
     for n in 0..3 {
-        get(client.clone(), format!("/v1/after-drop/{n}")).await;
+        assert_eq!(
+            get(lone.clone(), format!("/v1/after-drop/{n}")).await,
+            "HTTP/1.1"
+        );
     }
-    assert_eq!(connections(), 3);
+    assert_eq!(connections(), 4);
 }
 
 #[tokio::test]

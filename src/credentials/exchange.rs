@@ -46,7 +46,7 @@ pub async fn send(
     }
     let exchange = async {
         let response = upstream
-            .send(request, UpstreamProtocol::PreferH2)
+            .send(request, UpstreamProtocol::Any)
             .await
             .map_err(|e| SourceError::TokenEndpoint(e.code().to_string()))?;
         let status = response.status();

@@ -164,11 +164,11 @@ async fn forward_stages(
     };
     let admitted = stamping.as_ref().map(|s| admit(state, s)).transpose()?;
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
-    // An upgrade needs an HTTP/1.1 connection of its own; anything else may share an h2 one.
-    let protocol = if upgrade {
-        UpstreamProtocol::Http1
-    } else {
-        UpstreamProtocol::PreferH2
+    let protocol = match request.version() {
+        Version::HTTP_2 => UpstreamProtocol::PreferH2,
+        // An upgrade needs an HTTP/1.1 connection of its own.
+        _ if upgrade => UpstreamProtocol::Http1,
+        _ => UpstreamProtocol::Any,
     };
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (parts, incoming) = request.into_parts();

@@ -39,7 +39,11 @@ pub type Pins = HashMap<(Host, u16), SocketAddr>;
 /// Which protocols a request may go out on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
-    /// h2 when the upstream offers it over ALPN, HTTP/1.1 otherwise.
+    /// Whichever costs least now (HTTP/1.1 agents, keystamp's own requests): an idle HTTP/1.1
+    /// connection, else a stream on a shared h2 connection.
+    Any,
+    /// h2 when the upstream offers it over ALPN, HTTP/1.1 otherwise (h2 agents: gRPC and other
+    /// h2-only semantics stay h2 end to end).
     PreferH2,
     /// HTTP/1.1 only (protocol upgrades).
     Http1,

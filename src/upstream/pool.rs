@@ -113,6 +113,8 @@ impl SharedH2 {
 #[derive(Default)]
 struct UpstreamConnections {
     idle_http1: Vec<IdleConnection>,
+    /// HTTP/1.1 connections lent out (or being dialed) right now.
+    lent_http1: Arc<AtomicUsize>,
     shared_h2: Vec<SharedH2>,
     /// What the last dial with h2 offered negotiated; `None` before the first.
     speaks_h2: Option<bool>,
@@ -121,9 +123,48 @@ struct UpstreamConnections {
     dialing: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl UpstreamConnections {
+    /// The most recently returned idle HTTP/1.1 connection still usable.
+    fn take_http1(&mut self, now: Instant, timeout: Duration) -> Option<Taken> {
+        while let Some(connection) = self.idle_http1.pop() {
+            if connection.usable(now, timeout) {
+                return Some(Taken::Http1(connection.sender, self.lend_http1()));
+            }
+        }
+        None
+    }
+
+    /// A stream on a shared h2 connection with room for one more.
+    fn take_h2(&mut self) -> Option<Taken> {
+        self.shared_h2.retain(|c| !c.sender.is_closed());
+        let shared = self
+            .shared_h2
+            .iter()
+            .find(|c| c.streams.open.load(Ordering::Acquire) < MAX_STREAMS_PER_H2)?;
+        Some(Taken::Http2(
+            shared.sender.clone(),
+            StreamSlot::open(&shared.streams),
+        ))
+    }
+
+    fn lend_http1(&self) -> LentHttp1 {
+        self.lent_http1.fetch_add(1, Ordering::AcqRel);
+        LentHttp1(self.lent_http1.clone())
+    }
+}
+
+/// Counts one HTTP/1.1 connection as lent out until dropped.
+struct LentHttp1(Arc<AtomicUsize>);
+
+impl Drop for LentHttp1 {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A connection taken for one request.
 enum Taken {
-    Http1(http1::SendRequest<ProxyBody>),
+    Http1(http1::SendRequest<ProxyBody>, LentHttp1),
     Http2(http2::SendRequest<ProxyBody>, StreamSlot),
 }
 
@@ -183,7 +224,7 @@ impl Pool {
                 None => (self.connect(&key, &uri, protocol).await?, false),
             };
             let unsent = match taken {
-                Taken::Http1(mut sender) => {
+                Taken::Http1(mut sender, lent) => {
                     // A reused connection may have been closed by the upstream while idle.
                     if let Err(error) = sender.ready().await {
                         if reused {
@@ -203,6 +244,7 @@ impl Pool {
                                     pool: Arc::downgrade(&self.inner),
                                     key,
                                     sender,
+                                    _lent: lent,
                                 })
                             };
                             return Ok(response.map(|inner| PooledBody { inner, hold }));
@@ -232,34 +274,33 @@ impl Pool {
         }
     }
 
-    /// A stream on a shared h2 connection with room, else an idle HTTP/1.1 connection.
+    /// A connection already open, by `protocol`: an HTTP/1.1 connection costs a request the
+    /// least CPU, an h2 stream the least I/O when requests overlap, so `Any` takes an idle
+    /// HTTP/1.1 connection, and a shared h2 stream only while another HTTP/1.1 request to the
+    /// upstream is in flight; h2 agents get h2 where the upstream speaks it.
     fn take(&self, key: &PoolKey, protocol: UpstreamProtocol) -> Option<Taken> {
         let mut upstreams = self.inner.upstreams.lock().ok()?;
         let connections = upstreams.get_mut(key)?;
-        let now = Instant::now();
-        if protocol == UpstreamProtocol::PreferH2 {
-            connections.shared_h2.retain(|c| !c.sender.is_closed());
-            if let Some(shared) = connections
-                .shared_h2
-                .iter()
-                .find(|c| c.streams.open.load(Ordering::Acquire) < MAX_STREAMS_PER_H2)
-            {
-                return Some(Taken::Http2(
-                    shared.sender.clone(),
-                    StreamSlot::open(&shared.streams),
-                ));
+        let (now, timeout) = (Instant::now(), self.inner.idle_timeout);
+        match protocol {
+            UpstreamProtocol::Http1 => connections.take_http1(now, timeout),
+            UpstreamProtocol::PreferH2 if connections.speaks_h2 == Some(false) => {
+                connections.take_http1(now, timeout)
             }
+            UpstreamProtocol::PreferH2 => connections.take_h2(),
+            UpstreamProtocol::Any => match connections.take_http1(now, timeout) {
+                Some(taken) => Some(taken),
+                // Alone: `connect` dials another HTTP/1.1 connection.
+                None if connections.lent_http1.load(Ordering::Acquire) == 0 => None,
+                None => connections.take_h2(),
+            },
         }
-        while let Some(connection) = connections.idle_http1.pop() {
-            if connection.usable(now, self.inner.idle_timeout) {
-                return Some(Taken::Http1(connection.sender));
-            }
-        }
-        None
     }
 
-    /// Dials `key`'s upstream: h2 offered unless the request must stay on HTTP/1.1. Dials that
-    /// may end in h2 wait for one another, then look again for a shared connection.
+    /// Dials `key`'s upstream. HTTP/1.1 when the request must have it, when the upstream only
+    /// speaks it, or (`Any`) when no other HTTP/1.1 request to it is in flight: a lone agent
+    /// keeps the cheaper protocol. Otherwise h2 is offered; dials that may end in h2 wait for
+    /// one another, then look again for a shared connection.
     async fn connect(
         &self,
         key: &PoolKey,
@@ -267,33 +308,49 @@ impl Pool {
         protocol: UpstreamProtocol,
     ) -> Result<Taken, PoolError> {
         self.start_reaper();
-        if protocol == UpstreamProtocol::Http1 {
-            return self.dial_http1(key, uri, &self.inner.http1_connector).await;
-        }
-        let dialing = {
+        let (lent, dialing) = {
             let mut upstreams = self.inner.upstreams.lock().map_err(|_| poisoned())?;
             let connections = upstreams.entry(key.clone()).or_default();
-            (connections.speaks_h2 != Some(false)).then(|| connections.dialing.clone())
+            let http1 = match protocol {
+                UpstreamProtocol::Http1 => true,
+                UpstreamProtocol::PreferH2 => connections.speaks_h2 == Some(false),
+                UpstreamProtocol::Any => {
+                    connections.speaks_h2 == Some(false)
+                        || connections.lent_http1.load(Ordering::Acquire) == 0
+                }
+            };
+            match http1 {
+                true => (Some(connections.lend_http1()), None),
+                false => (None, Some(connections.dialing.clone())),
+            }
         };
+        if let Some(lent) = lent {
+            return self.dial_http1(key, uri, lent).await;
+        }
         let Some(dialing) = dialing else {
-            return self.dial_http1(key, uri, &self.inner.connector).await;
+            return Err(poisoned());
         };
         let turn = dialing.lock().await;
         if let Some(taken) = self.take(key, protocol) {
             return Ok(taken);
         }
-        if self.speaks_h2(key) == Some(false) {
+        if let Some(lent) = self.lend_if_http1_only(key) {
             // Learned while waiting: HTTP/1.1 connections are dialed side by side.
             drop(turn);
-            return self.dial_http1(key, uri, &self.inner.connector).await;
+            return self.dial_http1(key, uri, lent).await;
         }
-        let io = self.inner.connector.clone().dial(uri).await?;
+        let io = self.inner.connector.dial(uri).await?;
         let h2 = io.negotiated_h2();
+        let mut lent = None;
         if let Ok(mut upstreams) = self.inner.upstreams.lock() {
-            upstreams.entry(key.clone()).or_default().speaks_h2 = Some(h2);
+            let connections = upstreams.entry(key.clone()).or_default();
+            connections.speaks_h2 = Some(h2);
+            lent = (!h2).then(|| connections.lend_http1());
         }
         if !h2 {
-            return handshake_http1(key, io).await.map(Taken::Http1);
+            let lent = lent.ok_or_else(poisoned)?;
+            let sender = handshake_http1(key, io).await?;
+            return Ok(Taken::Http1(sender, lent));
         }
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -324,19 +381,23 @@ impl Pool {
         Ok(Taken::Http2(sender, slot))
     }
 
-    fn speaks_h2(&self, key: &PoolKey) -> Option<bool> {
+    /// Lends a new HTTP/1.1 connection's place if the upstream is known to speak only HTTP/1.1.
+    fn lend_if_http1_only(&self, key: &PoolKey) -> Option<LentHttp1> {
         let upstreams = self.inner.upstreams.lock().ok()?;
-        upstreams.get(key)?.speaks_h2
+        let connections = upstreams.get(key)?;
+        (connections.speaks_h2 == Some(false)).then(|| connections.lend_http1())
     }
 
+    /// Dials for HTTP/1.1 only (ALPN offers nothing else).
     async fn dial_http1(
         &self,
         key: &PoolKey,
         uri: &Uri,
-        connector: &UpstreamConnector,
+        lent: LentHttp1,
     ) -> Result<Taken, PoolError> {
-        let io = connector.clone().dial(uri).await?;
-        handshake_http1(key, io).await.map(Taken::Http1)
+        let io = self.inner.http1_connector.dial(uri).await?;
+        let sender = handshake_http1(key, io).await?;
+        Ok(Taken::Http1(sender, lent))
     }
 
     /// Closes idle connections past the idle timeout every `REAP_EVERY`, for as long as the pool
@@ -466,6 +527,7 @@ struct Lease {
     pool: Weak<Inner>,
     key: PoolKey,
     sender: http1::SendRequest<ProxyBody>,
+    _lent: LentHttp1,
 }
 
 /// An upstream response body. When it has been read to its end, the connection it came on goes
