@@ -147,6 +147,15 @@ impl UpstreamConnections {
         ))
     }
 
+    /// Whether any request to this upstream is in flight, on either protocol.
+    fn busy(&self) -> bool {
+        self.lent_http1.load(Ordering::Acquire) > 0
+            || self
+                .shared_h2
+                .iter()
+                .any(|c| c.streams.open.load(Ordering::Acquire) > 0)
+    }
+
     fn lend_http1(&self) -> LentHttp1 {
         self.lent_http1.fetch_add(1, Ordering::AcqRel);
         LentHttp1(self.lent_http1.clone())
@@ -274,10 +283,10 @@ impl Pool {
         }
     }
 
-    /// A connection already open, by `protocol`: an HTTP/1.1 connection costs a request the
-    /// least CPU, an h2 stream the least I/O when requests overlap, so `Any` takes an idle
-    /// HTTP/1.1 connection, and a shared h2 stream only while another HTTP/1.1 request to the
-    /// upstream is in flight; h2 agents get h2 where the upstream speaks it.
+    /// A connection already open, by `protocol`: a lone request costs the least CPU on
+    /// HTTP/1.1, overlapping ones the least I/O as streams of one h2 connection, so `Any` takes
+    /// an idle HTTP/1.1 connection when nothing else to the upstream is in flight and a shared
+    /// h2 stream while something is; h2 agents get h2 where the upstream speaks it.
     fn take(&self, key: &PoolKey, protocol: UpstreamProtocol) -> Option<Taken> {
         let mut upstreams = self.inner.upstreams.lock().ok()?;
         let connections = upstreams.get_mut(key)?;
@@ -288,18 +297,15 @@ impl Pool {
                 connections.take_http1(now, timeout)
             }
             UpstreamProtocol::PreferH2 => connections.take_h2(),
-            UpstreamProtocol::Any => match connections.take_http1(now, timeout) {
-                Some(taken) => Some(taken),
-                // Alone: `connect` dials another HTTP/1.1 connection.
-                None if connections.lent_http1.load(Ordering::Acquire) == 0 => None,
-                None => connections.take_h2(),
-            },
+            // Alone: an idle HTTP/1.1 connection, or `connect` dials one.
+            UpstreamProtocol::Any if !connections.busy() => connections.take_http1(now, timeout),
+            UpstreamProtocol::Any => connections.take_h2(),
         }
     }
 
     /// Dials `key`'s upstream. HTTP/1.1 when the request must have it, when the upstream only
-    /// speaks it, or (`Any`) when no other HTTP/1.1 request to it is in flight: a lone agent
-    /// keeps the cheaper protocol. Otherwise h2 is offered; dials that may end in h2 wait for
+    /// speaks it, or (`Any`) when no other request to it is in flight: a lone agent keeps the
+    /// cheaper protocol. Otherwise h2 is offered; dials that may end in h2 wait for
     /// one another, then look again for a shared connection.
     async fn connect(
         &self,
@@ -315,8 +321,7 @@ impl Pool {
                 UpstreamProtocol::Http1 => true,
                 UpstreamProtocol::PreferH2 => connections.speaks_h2 == Some(false),
                 UpstreamProtocol::Any => {
-                    connections.speaks_h2 == Some(false)
-                        || connections.lent_http1.load(Ordering::Acquire) == 0
+                    connections.speaks_h2 == Some(false) || !connections.busy()
                 }
             };
             match http1 {
