@@ -762,22 +762,30 @@ async fn upstream_connections_are_reused_and_never_reused_broken() {
         assert_eq!(echo(response).await["path"], "/v1/after-abandon");
     }
 
-    // Eight agents at once: each gets its answer, on at most one connection each.
+    // Eight agents at once, ten requests each: every answer its own, and no more upstream
+    // connections than requests ever in flight together (an upstream without h2 is never
+    // re-dialed while idle connections wait).
     let before = connections();
     let answers = futures_util::future::join_all((0..8).map(|n| {
         let client = agent_client(&rig.keystamp.proxy_url(), &rig.keystamp.ca_path, true);
         async move {
-            let response = client
-                .get(format!("https://api.example.test/v1/parallel/{n}"))
-                .send()
-                .await
-                .unwrap();
-            echo(response).await["path"].as_str().unwrap().to_string()
+            let mut paths = Vec::new();
+            for round in 0..10 {
+                let response = client
+                    .get(format!("https://api.example.test/v1/parallel/{n}/{round}"))
+                    .send()
+                    .await
+                    .unwrap();
+                paths.push(echo(response).await["path"].as_str().unwrap().to_string());
+            }
+            paths
         }
     }))
     .await;
-    for (n, path) in answers.iter().enumerate() {
-        assert_eq!(path, &format!("/v1/parallel/{n}"));
+    for (n, paths) in answers.iter().enumerate() {
+        for (round, path) in paths.iter().enumerate() {
+            assert_eq!(path, &format!("/v1/parallel/{n}/{round}"));
+        }
     }
     assert!(
         connections() - before <= 8,

@@ -297,8 +297,13 @@ impl Pool {
                 connections.take_http1(now, timeout)
             }
             UpstreamProtocol::PreferH2 => connections.take_h2(),
-            // Alone: an idle HTTP/1.1 connection, or `connect` dials one.
-            UpstreamProtocol::Any if !connections.busy() => connections.take_http1(now, timeout),
+            // Alone, or HTTP/1.1 is all there is: an idle HTTP/1.1 connection, or `connect`
+            // dials one.
+            UpstreamProtocol::Any
+                if connections.speaks_h2 == Some(false) || !connections.busy() =>
+            {
+                connections.take_http1(now, timeout)
+            }
             UpstreamProtocol::Any => connections.take_h2(),
         }
     }
