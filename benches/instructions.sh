@@ -7,7 +7,8 @@
 #
 #   benches/instructions.sh                       # keep-alive (1 conn) and new-connection cases
 #   REQUESTS=4000 benches/instructions.sh
-#   CONNS=16 benches/instructions.sh              # keep-alive over 16 agent connections at once
+#   CONNS=16 benches/instructions.sh              # 16 agent connections at once (their 16
+#                                                 # handshakes fall inside the keep-alive count)
 #   KS_BASELINE=/path/to/older/keystamp benches/instructions.sh   # the same for an older build
 #   TOP=25 benches/instructions.sh                # also the 25 costliest functions (exclusive)
 #   PEER=1 benches/instructions.sh                # hudsucker-peer counted the same way, same run
@@ -96,9 +97,9 @@ count() {
 
 # syscalls LABEL -> prints "LABEL keep-alive-syscalls/req" (strace -c over 1,000 requests)
 syscalls() {
-  local label=$1 n=1000
+  local label=$1 n=$((1000 * conns))
   launch "$label"
-  local args=(--no-tui -c 1 --cacert "$ca" -x "$proxy")
+  local args=(--no-tui -c "$conns" --cacert "$ca" -x "$proxy")
   oha "${args[@]}" -n 300 "$UPSTREAM_URL" >/dev/null 2>&1
   strace -c -f -p "$pid" -o "$work/strace.$label" 2>/dev/null &
   local tracer=$!
