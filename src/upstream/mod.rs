@@ -1,7 +1,7 @@
 //! Outbound only: the dialer (honouring `resolve:` pins and egress policy, for tunnels and token
 //! endpoints too), the TLS connector that always verifies, and the pools that reuse upstream
-//! connections (`pool`: one shared h2 connection per upstream that offers h2, HTTP/1.1
-//! connections lent one request at a time otherwise).
+//! connections (`pool`: HTTP/1.1 connections lent one request at a time, and a shared h2
+//! connection for requests that overlap when the upstream offers h2).
 
 use std::collections::HashMap;
 use std::io;
@@ -280,11 +280,12 @@ impl UpstreamConnector {
     }
 }
 
-/// Sends requests to upstreams over pooled connections. An upstream that offers h2 over ALPN
-/// gets every request as a stream on one shared connection (more past `MAX_STREAMS_PER_H2`),
-/// whatever the agent spoke: on loopback that cut the kernel's share of a keep-alive request
-/// by a third with 16 agents (fewer, fuller reads and writes). Protocol upgrades (WebSocket)
-/// stay on HTTP/1.1 connections dialed without h2. Cloning is cheap: the pool is shared.
+/// Sends requests to upstreams over pooled connections. Requests that overlap go to an upstream
+/// that offers h2 as streams of one shared connection (more past `MAX_STREAMS_PER_H2`), whatever
+/// the agent spoke: with 16 agents that cut the kernel's share of a request by a third (fewer,
+/// fuller reads and writes). A lone HTTP/1.1 request takes an HTTP/1.1 connection, cheaper in
+/// user space; h2 agents keep h2; upgrades (WebSocket) dial HTTP/1.1 only. Cloning is cheap: the
+/// pool is shared.
 #[derive(Clone)]
 pub struct Upstream {
     pool: Pool,

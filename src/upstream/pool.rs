@@ -1,9 +1,10 @@
 //! Upstream connections kept between requests, one pool for both protocols. An HTTP/1.1
 //! connection serves one request at a time and is taken back only when its response body has
-//! been read to the end. An h2 connection is shared: every request to that upstream (from h1 and
-//! h2 agents alike, upgrades excepted) goes out as a stream on it, up to `MAX_STREAMS_PER_H2`
-//! at once, so many agent connections cost one TLS session and few upstream reads and writes.
-//! Which protocol an upstream speaks is learned from ALPN on the first dial.
+//! been read to the end. An h2 connection is shared: requests that overlap (from h1 and h2
+//! agents alike, upgrades excepted) go out as streams on it, up to `MAX_STREAMS_PER_H2` at once,
+//! so many agent connections cost one TLS session and few upstream reads and writes; a lone
+//! HTTP/1.1 agent's request stays on HTTP/1.1, which costs less CPU. Which protocol an upstream
+//! speaks is learned from ALPN when a dial offers h2.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
