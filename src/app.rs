@@ -18,7 +18,7 @@ use crate::fleet;
 use crate::proxy::{self, ConnectionCap, ProxyState};
 use crate::reload::{ReloadContext, ReloadHandle, Reloader};
 use crate::state::{SharedState, Snapshot};
-use crate::telemetry::{AuditLog, Metrics, Telemetry};
+use crate::telemetry::{AuditLog, Metrics, RequestSeries, Telemetry};
 use crate::tls::{combined_bundle, upstream_roots, CertificateAuthority, LeafCache};
 use crate::upstream::{Dialer, Upstream};
 
@@ -94,6 +94,7 @@ impl App {
                     .await
                     .context("opening the audit log")?,
                 per_request_metrics: config.per_request_metrics,
+                series: RequestSeries::default(),
             },
             reloads,
             replay_body_limit: config.reload.replay_body_limit,

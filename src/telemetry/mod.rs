@@ -5,10 +5,12 @@
 pub mod audit;
 mod metrics;
 mod request;
+mod series;
 
 pub use audit::{AuditLog, AuditOutput};
 pub use metrics::{Metrics, ObservedVersion};
 pub use request::RequestRecord;
+pub use series::RequestSeries;
 
 /// Where requests report: the metrics registry and the audit log, and whether per-request
 /// families are on.
@@ -17,4 +19,6 @@ pub struct Telemetry {
     pub audit: AuditLog,
     /// `keystamp_requests_total` and `keystamp_request_duration_seconds` on or off.
     pub per_request_metrics: bool,
+    /// Those two families' children for the label sets used lately.
+    pub series: RequestSeries,
 }

@@ -9,11 +9,9 @@ use std::time::SystemTime;
 use http::{Method, StatusCode};
 use tokio::time::Instant;
 
+use super::series::{Labels, Origin};
 use crate::telemetry::Telemetry;
 use crate::time::format_rfc3339;
-
-/// Placeholder label for "none" (unrouted request, anonymous agent).
-const NONE: &str = "-";
 
 #[derive(Debug)]
 pub struct RequestRecord {
@@ -62,26 +60,26 @@ impl RequestRecord {
     /// Records the metrics and the audit line; `response_bytes` is what reached the agent.
     pub fn finish(&self, telemetry: &Telemetry, response_bytes: u64) {
         let duration = self.started.elapsed();
-        let route = self.route.as_deref().unwrap_or(NONE);
-        let credential = self.credential.as_deref().unwrap_or(NONE);
-        let agent = self.agent.as_deref().unwrap_or(NONE);
         let origin = if self.by_keystamp {
             "keystamp"
         } else {
             "upstream"
         };
         if telemetry.per_request_metrics {
-            let class = status_class(self.status);
+            let labels = Labels {
+                route: self.route.as_ref(),
+                credential: self.credential.as_ref(),
+                agent: self.agent.as_ref(),
+                status: self.status,
+                origin: if self.by_keystamp {
+                    Origin::Keystamp
+                } else {
+                    Origin::Upstream
+                },
+            };
             telemetry
-                .metrics
-                .requests
-                .with_label_values(&[route, credential, agent, class, origin])
-                .inc();
-            telemetry
-                .metrics
-                .request_duration
-                .with_label_values(&[route, credential])
-                .observe(duration.as_secs_f64());
+                .series
+                .observe(&telemetry.metrics, &labels, duration.as_secs_f64());
         }
         if telemetry.audit.is_on() {
             let time = format_rfc3339(self.time);
@@ -129,14 +127,4 @@ struct AuditLine<'a> {
     bytes_out: u64,
     error: Option<&'static str>,
     fault: Option<&'static str>,
-}
-
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
