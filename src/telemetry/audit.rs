@@ -91,13 +91,22 @@ impl AuditLog {
     /// Appends one line for the writer; never waits for it. A line that does not fit under
     /// `MAX_PENDING` is dropped and counted.
     pub fn record(&self, line: &impl serde::Serialize, metrics: &Metrics) {
+        self.record_with(|out| serde_json::to_writer(out, line), metrics);
+    }
+
+    /// [`record`](Self::record) for a line that writes its own JSON (no newline) into `out`.
+    pub fn record_with(
+        &self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
+        metrics: &Metrics,
+    ) {
         let Some(shared) = &self.shared else { return };
         let Ok(mut pending) = shared.pending.lock() else {
             metrics.audit_dropped.inc();
             return;
         };
         let before = pending.len();
-        if before >= MAX_PENDING || serde_json::to_writer(&mut *pending, line).is_err() {
+        if before >= MAX_PENDING || write(&mut pending).is_err() {
             pending.truncate(before);
             metrics.audit_dropped.inc();
             return;
