@@ -533,6 +533,45 @@ async fn an_upstream_that_stalls_tls_or_never_answers_gets_a_typed_error_in_time
     assert!(answer.text.contains("event-2"), "{}", answer.text);
 }
 
+/// The response-head timeout starts when the request is sent: an upstream slow to connect to,
+/// within the connect timeout, still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_connect_is_not_charged_to_the_response_head_timeout() {
+    let (upstream, ca_path, _dir) = tls_upstream().await;
+    // Holds each connection 1.5 s before passing it on to the real upstream.
+    let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut agent_side, _)) = slow.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let mut upstream_side =
+                    tokio::net::TcpStream::connect(upstream.addr).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut agent_side, &mut upstream_side).await;
+            });
+        }
+    });
+    let mut config = TestConfig::new();
+    config
+        .trust(&ca_path)
+        .pin("api.example.test:443", slow_addr)
+        .set(
+            "timeouts",
+            serde_json::json!({ "connect": "5s", "response_head": "1s" }),
+        )
+        .credential_file("key", serde_json::json!({}))
+        .bearer_route("api.example.test", "key", serde_json::json!({}));
+    let keystamp = KeystampProcess::start(&config.yaml(), &[("key", SECRET)]);
+    let answer = in_tunnel(
+        &keystamp,
+        "api.example.test",
+        None,
+        &get("/v1/slow-dial", "api.example.test"),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn metric_families_exist_at_zero_before_their_first_event() {
     let rig = rig("").await;

@@ -290,8 +290,6 @@ impl UpstreamConnector {
 pub struct Upstream {
     pool: Pool,
     dialer: Dialer,
-    /// From sending a request to its status line (the upload included; never the body after).
-    response_head_timeout: Duration,
 }
 
 impl Upstream {
@@ -307,9 +305,13 @@ impl Upstream {
             tls: TlsConnector::from(config),
         };
         Ok(Self {
-            pool: Pool::new(connector(any), connector(http1), POOL_IDLE_TIMEOUT),
+            pool: Pool::new(
+                connector(any),
+                connector(http1),
+                POOL_IDLE_TIMEOUT,
+                response_head_timeout,
+            ),
             dialer: dialer.clone(),
-            response_head_timeout,
         })
     }
 
@@ -317,19 +319,17 @@ impl Upstream {
         &self.dialer
     }
 
-    /// Sends `request` (absolute URI) on a pooled connection.
+    /// Sends `request` (absolute URI) on a pooled connection: connecting within the connect
+    /// timeout, then the response head within the response-head timeout.
     pub async fn send(
         &self,
         request: Request<ProxyBody>,
         protocol: UpstreamProtocol,
     ) -> Result<Response<PooledBody>, ProxyError> {
-        tokio::time::timeout(
-            self.response_head_timeout,
-            self.pool.send(request, protocol),
-        )
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout)?
-        .map_err(classify_pool)
+        self.pool
+            .send(request, protocol)
+            .await
+            .map_err(classify_pool)
     }
 }
 
@@ -340,6 +340,7 @@ fn classify_pool(error: PoolError) -> ProxyError {
             connect_error(connect)
         }
         PoolError::NoAuthority => ProxyError::UpstreamConnect("no host".into()),
+        PoolError::HeadTimeout => ProxyError::UpstreamTimeout,
         PoolError::Handshake(_) => classify_chain(&error, true),
         PoolError::Request(_) => classify_chain(&error, false),
     }

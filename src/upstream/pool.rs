@@ -7,6 +7,7 @@
 //! speaks is learned from ALPN when a dial offers h2.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,6 +47,8 @@ pub enum PoolError {
     Handshake(#[source] hyper::Error),
     #[error("the request failed: {0}")]
     Request(#[source] hyper::Error),
+    #[error("no response head within the response-head timeout")]
+    HeadTimeout,
 }
 
 /// Which upstream a connection reaches. Authorities are hashed as one string (keystamp writes
@@ -185,6 +188,8 @@ struct Inner {
     http1_connector: UpstreamConnector,
     upstreams: Mutex<HashMap<PoolKey, UpstreamConnections>>,
     idle_timeout: Duration,
+    /// From sending a request to its status line; connecting has its own deadline.
+    response_head_timeout: Duration,
     reaper_started: std::sync::Once,
 }
 
@@ -199,6 +204,7 @@ impl Pool {
         connector: UpstreamConnector,
         http1_connector: UpstreamConnector,
         idle_timeout: Duration,
+        response_head_timeout: Duration,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -206,6 +212,7 @@ impl Pool {
                 http1_connector,
                 upstreams: Mutex::new(HashMap::new()),
                 idle_timeout,
+                response_head_timeout,
                 reaper_started: std::sync::Once::new(),
             }),
         }
@@ -243,7 +250,8 @@ impl Pool {
                         return Err(PoolError::Request(error));
                     }
                     to_origin_form(&mut request, &key.authority);
-                    match sender.try_send_request(request).await {
+                    let sent = self.head_deadline(sender.try_send_request(request)).await?;
+                    match sent {
                         Ok(response) => {
                             // After a 101 the connection belongs to the upgraded protocol.
                             let hold = if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
@@ -267,7 +275,7 @@ impl Pool {
                 }
                 Taken::Http2(mut sender, slot) => {
                     to_absolute_form(&mut request, &uri);
-                    match sender.try_send_request(request).await {
+                    match self.head_deadline(sender.try_send_request(request)).await? {
                         Ok(response) => {
                             let hold = Hold::Http2 { _slot: slot };
                             return Ok(response.map(|inner| PooledBody { inner, hold }));
@@ -282,6 +290,14 @@ impl Pool {
             // Never written: safe to send again on another connection.
             request = unsent;
         }
+    }
+
+    /// Waits for `sent` (a request going out, until its response head) for at most the
+    /// response-head timeout.
+    async fn head_deadline<T>(&self, sent: impl Future<Output = T>) -> Result<T, PoolError> {
+        tokio::time::timeout(self.inner.response_head_timeout, sent)
+            .await
+            .map_err(|_| PoolError::HeadTimeout)
     }
 
     /// A connection already open, by `protocol`: a lone request costs the least CPU on
