@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The revocation drill counts failures in a time window: it runs alone, the other tests in
+/// this file side by side.
+static DRILL: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 const SECRET: &str = "fleet-key-1";
 
 /// `pods` keystamp processes in front of `upstream`, all naming fleet `drill` on `store` (or
@@ -135,6 +139,8 @@ impl Agents {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_key_costs_the_fleet_failures_once_not_once_per_pod() {
+    // Timed: no other fleet test runs meanwhile (they start pods of their own).
+    let _alone = DRILL.write().await;
     let store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
 
@@ -209,6 +215,7 @@ async fn a_revoked_key_costs_the_fleet_failures_once_not_once_per_pod() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operators_switch_and_an_upstream_429_reach_every_pod() {
+    let _drill = DRILL.read().await;
     let store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;
@@ -307,6 +314,7 @@ async fn an_operators_switch_and_an_upstream_429_reach_every_pod() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_outage_leaves_local_protection_and_the_fleet_rejoins() {
+    let _drill = DRILL.read().await;
     let mut store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;
@@ -368,6 +376,7 @@ async fn a_store_outage_leaves_local_protection_and_the_fleet_rejoins() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
+    let _drill = DRILL.read().await;
     let store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;
@@ -407,6 +416,7 @@ async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rediss_store_with_a_password_is_verified_against_extra_roots() {
+    let _drill = DRILL.read().await;
     let dir = tempfile::tempdir().unwrap();
     let store_ca = TestCa::new("store");
     let store = RedisServer::start_tls(&store_ca, dir.path(), "fleet-pass-9");
@@ -447,6 +457,7 @@ async fn a_rediss_store_with_a_password_is_verified_against_extra_roots() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_probe_lease_left_by_a_dead_pod_expires_and_one_probe_follows() {
+    let _drill = DRILL.read().await;
     let store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;
@@ -513,6 +524,7 @@ async fn a_probe_lease_left_by_a_dead_pod_expires_and_one_probe_follows() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_the_store_a_fleet_limit_falls_back_to_this_pods_share_never_to_none() {
+    let _drill = DRILL.read().await;
     let mut store = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (upstream, ca, _ca_dir) = tls_upstream().await;

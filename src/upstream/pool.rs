@@ -175,6 +175,13 @@ impl Drop for LentHttp1 {
     }
 }
 
+/// How `connect` dials: for HTTP/1.1 only (its place already counted), or offering h2 in turn
+/// with others doing the same.
+enum Dial {
+    Http1(LentHttp1),
+    OfferingH2(Arc<tokio::sync::Mutex<()>>),
+}
+
 /// A connection taken for one request.
 enum Taken {
     Http1(http1::SendRequest<ProxyBody>, LentHttp1),
@@ -336,7 +343,7 @@ impl Pool {
         protocol: UpstreamProtocol,
     ) -> Result<Taken, PoolError> {
         self.start_reaper();
-        let (lent, dialing) = {
+        let dialing = {
             let mut upstreams = self.inner.upstreams.lock().map_err(|_| poisoned())?;
             let connections = upstreams.entry(key.clone()).or_default();
             let http1 = match protocol {
@@ -346,16 +353,15 @@ impl Pool {
                     connections.speaks_h2 == Some(false) || !connections.busy()
                 }
             };
-            match http1 {
-                true => (Some(connections.lend_http1()), None),
-                false => (None, Some(connections.dialing.clone())),
+            if http1 {
+                Dial::Http1(connections.lend_http1())
+            } else {
+                Dial::OfferingH2(connections.dialing.clone())
             }
         };
-        if let Some(lent) = lent {
-            return self.dial_http1(key, uri, lent).await;
-        }
-        let Some(dialing) = dialing else {
-            return Err(poisoned());
+        let dialing = match dialing {
+            Dial::OfferingH2(dialing) => dialing,
+            Dial::Http1(lent) => return self.dial_http1(key, uri, lent).await,
         };
         let turn = dialing.lock().await;
         if let Some(taken) = self.take(key, protocol) {
