@@ -243,40 +243,37 @@ pub struct UpstreamConnector {
 impl UpstreamConnector {
     /// Dials `uri`'s host, then TLS for `https`.
     pub async fn dial(&self, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
-        let this = self;
-        {
-            let host = uri
-                .host()
-                .and_then(|host| Host::parse(host).ok())
-                .ok_or(ConnectError::NoHost)?;
-            let https = uri.scheme_str() == Some("https");
-            let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            // One deadline for DNS, TCP and TLS: an upstream that accepts and then stalls the
-            // handshake must not hold the agent's request.
-            let deadline = tokio::time::Instant::now() + this.dialer.connect_timeout;
-            let tcp = tokio::time::timeout_at(deadline, this.dialer.dial_untimed(&host, port))
-                .await
-                .unwrap_or(Err(ConnectError::Timeout))?;
-            if !https {
-                return Ok(UpstreamStream::Plain(tcp));
-            }
-            let name = ServerName::try_from(host.as_str().to_string()).map_err(|_| {
-                ConnectError::Tls(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "invalid server name",
-                ))
-            })?;
-            let tls = tokio::time::timeout_at(deadline, this.tls.connect(name, tcp))
-                .await
-                .map_err(|_| {
-                    ConnectError::Tls(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "TLS handshake timed out",
-                    ))
-                })?
-                .map_err(ConnectError::Tls)?;
-            Ok(UpstreamStream::Tls(Box::new(tls)))
+        let host = uri
+            .host()
+            .and_then(|host| Host::parse(host).ok())
+            .ok_or(ConnectError::NoHost)?;
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        // One deadline for DNS, TCP and TLS: an upstream that accepts and then stalls the
+        // handshake must not hold the agent's request.
+        let deadline = tokio::time::Instant::now() + self.dialer.connect_timeout;
+        let tcp = tokio::time::timeout_at(deadline, self.dialer.dial_untimed(&host, port))
+            .await
+            .unwrap_or(Err(ConnectError::Timeout))?;
+        if !https {
+            return Ok(UpstreamStream::Plain(tcp));
         }
+        let name = ServerName::try_from(host.as_str().to_string()).map_err(|_| {
+            ConnectError::Tls(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "invalid server name",
+            ))
+        })?;
+        let tls = tokio::time::timeout_at(deadline, self.tls.connect(name, tcp))
+            .await
+            .map_err(|_| {
+                ConnectError::Tls(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ))
+            })?
+            .map_err(ConnectError::Tls)?;
+        Ok(UpstreamStream::Tls(Box::new(tls)))
     }
 }
 
