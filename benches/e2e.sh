@@ -4,7 +4,9 @@
 # Prints a markdown table with ratios against the direct connection (this machine is shared and
 # noisy: absolute numbers drift, ratios in one run hold), and the CPU time each proxy's process
 # tree spent per request (/proc utime + stime; for direct, nginx's own), the figure compared
-# against peers because it drifts far less than req/s.
+# against peers because it drifts far less than req/s. The `relay` column is a plain TCP relay
+# (benches/tcp_relay.rs: one thread, bytes copied, no TLS, no HTTP) in front of the upstream:
+# what the extra hop alone costs here, the floor under any proxy's latency and CPU.
 #
 #   benches/e2e.sh            # all cases, 8 s each
 #   SECONDS_PER_CASE=4 PEERS="hudsucker squid" benches/e2e.sh
@@ -22,9 +24,11 @@ command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked"
 
 eval "$("$peers_dir/up.sh" | grep -E '^[A-Z_]+=')"
 cargo build --release -q
+relay_binary=$(cargo bench --bench tcp_relay --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p')
+[ -x "$relay_binary" ] || { echo "could not build benches/tcp_relay.rs" >&2; exit 1; }
 work=$(mktemp -d)
 extra_pids=""
-trap 'kill $ks_pid $quiet_pid $extra_pids 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $ks_pid $quiet_pid $relay_pid $extra_pids 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$work/secrets"
 printf 'bench-secret\n' >"$work/secrets/token"
 cat >"$work/keystamp.yaml" <<YAML
@@ -47,6 +51,10 @@ RUST_LOG=warn ./target/release/keystamp run --config "$work/keystamp.yaml" 2>"$w
 ks_pid=$!
 RUST_LOG=warn ./target/release/keystamp run --config "$work/quiet.yaml" 2>"$work/quiet.log" &
 quiet_pid=$!
+upstream_port=$(echo "$UPSTREAM_URL" | sed -n 's|https://[^:/]*:\([0-9]*\)/.*|\1|p')
+"$relay_binary" 127.0.0.1:18139 "127.0.0.1:${upstream_port:-443}" &
+relay_pid=$!
+RELAY_URL=$(echo "$UPSTREAM_URL" | sed "s|:${upstream_port}/|:18139/|")
 extra_targets=""
 admin_ports="18141 18143"
 if [ -n "${KS_BASELINE:-}" ]; then
@@ -96,6 +104,7 @@ pid_on_port() { ss -Htlnp "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -
 proxy_pid() {
   case $1 in
     direct) pgrep -o -x nginx ;;
+    relay) echo "$relay_pid" ;;
     keystamp) echo "$ks_pid" ;;
     keystamp-quiet) echo "$quiet_pid" ;;
     keystamp-baseline) pid_on_port 18146 ;;
@@ -112,7 +121,7 @@ measure() {
   local pid before after
   pid=$(proxy_pid "$target")
   before=$(cpu_ticks "$pid")
-  oha --no-tui --output-format json -z "${secs}s" "$@" "$UPSTREAM_URL" 2>/dev/null >"$work/oha.json"
+  oha --no-tui --output-format json -z "${secs}s" "$@" "$(target_url "$target")" 2>/dev/null >"$work/oha.json"
   after=$(cpu_ticks "$pid")
   python3 - "$work/oha.json" "$((after - before))" "$clk_tck" <<'PY'
 import json, sys
@@ -123,9 +132,10 @@ cpu_us = int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / n
 print("%.0f %.3f %.3f %.0f" % (s["requestsPerSec"], p * 1000, s["successRate"] or 0, cpu_us))
 PY
 }
+target_url() { if [ "$1" = relay ]; then echo "$RELAY_URL"; else echo "$UPSTREAM_URL"; fi; }
 target_args() {
   case $1 in
-    direct) echo "--cacert $UPSTREAM_CA" ;;
+    direct | relay) echo "--cacert $UPSTREAM_CA" ;;
     keystamp) echo "--cacert $KS_CA -x $KS_PROXY" ;;
     keystamp-quiet) echo "--cacert $work/ca-quiet.crt -x http://127.0.0.1:18142" ;;
     keystamp-baseline) echo "--cacert $work/ca-baseline.crt -x http://127.0.0.1:18146" ;;
@@ -135,7 +145,7 @@ target_args() {
     mitm) echo "--cacert $MITM_CA -x $MITM_PROXY" ;;
   esac
 }
-targets="direct keystamp keystamp-quiet$extra_targets $peers"
+targets="direct relay keystamp keystamp-quiet$extra_targets $peers"
 # ROUNDS=N runs every case N times, the targets interleaved within each round, and reports each
 # column's median: CPU per request then compares proxies measured minutes apart, not an hour.
 rounds=${ROUNDS:-1}
@@ -196,7 +206,10 @@ for t in $targets; do printf ' %s / %s / %s |' "$(col "${ka[$t]}" 3)" "$(col "${
 echo
 ks_ka=$(col "${ka[keystamp]}" 1)
 echo
-echo "keystamp added p50 latency, 1 conn: $(python3 -c "print(f'{($(col "${one[keystamp]}" 2) - $(col "${one[direct]}" 2))*1000:.0f}')") µs"
+added_p50() { python3 -c "print(f'{($(col "${one[$1]}" 2) - $(col "${one[direct]}" 2))*1000:.0f}')"; }
+echo "added p50 latency over direct, 1 conn: keystamp $(added_p50 keystamp) µs, the bare TCP relay $(added_p50 relay) µs$(for p in $peers; do printf ', %s %s µs' "$p" "$(added_p50 "$p")"; done)"
+above_relay() { echo "$(($(col "${ka[$1]}" 4) - $(col "${ka[relay]}" 4))) / $(($(col "${one[$1]}" 4) - $(col "${one[relay]}" 4))) / $(($(col "${fresh[$1]}" 4) - $(col "${fresh[relay]}" 4)))"; }
+echo "CPU per request above the bare relay's (16 conns / 1 conn / new conn, µs): keystamp $(above_relay keystamp)$(for p in $peers; do printf ', %s %s' "$p" "$(above_relay "$p")"; done)"
 for p in $peers; do
   echo "keystamp / $p: keep-alive $(ratio "$ks_ka" "$(col "${ka[$p]}" 1)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 1)" "$(col "${fresh[$p]}" 1)")×"
   echo "keystamp / $p CPU per request: keep-alive $(ratio "$(col "${ka[keystamp]}" 4)" "$(col "${ka[$p]}" 4)")×, 1 conn $(ratio "$(col "${one[keystamp]}" 4)" "$(col "${one[$p]}" 4)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 4)" "$(col "${fresh[$p]}" 4)")×"
