@@ -164,6 +164,15 @@ impl UpstreamConnections {
         self.lent_http1.fetch_add(1, Ordering::AcqRel);
         LentHttp1(self.lent_http1.clone())
     }
+
+    /// Holds no connection and nobody is using or dialing one: only the memory of whether the
+    /// upstream speaks h2 is left, which the next dial learns again.
+    fn forgettable(&self) -> bool {
+        self.idle_http1.is_empty()
+            && self.shared_h2.is_empty()
+            && self.lent_http1.load(Ordering::Acquire) == 0
+            && Arc::strong_count(&self.dialing) == 1
+    }
 }
 
 /// Counts one HTTP/1.1 connection as lent out until dropped.
@@ -433,8 +442,9 @@ impl Pool {
         Ok(Taken::Http1(sender, lent))
     }
 
-    /// Closes idle connections past the idle timeout every `REAP_EVERY`, for as long as the pool
-    /// lives. Started with the first connection (a runtime is running by then).
+    /// Closes idle connections past the idle timeout every `REAP_EVERY`, and forgets upstreams
+    /// left with no connection (a wildcard route would otherwise grow the map with every host
+    /// an agent ever named), for as long as the pool lives. Started with the first connection (a runtime is running by then).
     fn start_reaper(&self) {
         self.inner.reaper_started.call_once(|| {
             let pool = Arc::downgrade(&self.inner);
@@ -477,14 +487,15 @@ async fn handshake_http1(
 impl Inner {
     fn reap(&self, now: Instant) {
         if let Ok(mut upstreams) = self.upstreams.lock() {
-            for connections in upstreams.values_mut() {
+            upstreams.retain(|_, connections| {
                 connections
                     .idle_http1
                     .retain(|c| c.usable(now, self.idle_timeout));
                 connections
                     .shared_h2
                     .retain(|c| c.usable(now, self.idle_timeout));
-            }
+                !connections.forgettable()
+            });
         }
     }
 
@@ -624,5 +635,60 @@ impl Drop for PooledBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{DialRules, Dialer, Upstream};
+
+    fn pool() -> Pool {
+        let dialer = Dialer::fixed(DialRules::default());
+        let upstream = Upstream::new(
+            dialer,
+            rustls::RootCertStore::empty(),
+            Duration::from_secs(5),
+        )
+        .expect("an upstream with no roots still builds");
+        upstream.pool.clone()
+    }
+
+    fn key(authority: &str) -> PoolKey {
+        PoolKey {
+            https: true,
+            authority: authority.parse().expect("authority"),
+        }
+    }
+
+    #[test]
+    fn the_reaper_forgets_upstreams_left_with_no_connection() {
+        let pool = pool();
+        let (lent, dialing);
+        {
+            let mut upstreams = pool.inner.upstreams.lock().expect("lock");
+            for host in [
+                "a.example:443",
+                "b.example:443",
+                "c.example:443",
+                "d.example:443",
+            ] {
+                upstreams.entry(key(host)).or_default().speaks_h2 = Some(true);
+            }
+            lent = upstreams[&key("b.example:443")].lend_http1();
+            dialing = upstreams[&key("c.example:443")].dialing.clone();
+        }
+        pool.inner.reap(Instant::now());
+        let kept = |host: &str| {
+            let upstreams = pool.inner.upstreams.lock().expect("lock");
+            upstreams.contains_key(&key(host))
+        };
+        assert!(!kept("a.example:443"), "nothing left: forgotten");
+        assert!(!kept("d.example:443"), "nothing left: forgotten");
+        assert!(kept("b.example:443"), "a connection is lent out");
+        assert!(kept("c.example:443"), "a dial is in progress");
+        drop((lent, dialing));
+        pool.inner.reap(Instant::now());
+        assert!(pool.inner.upstreams.lock().expect("lock").is_empty());
     }
 }
