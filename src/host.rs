@@ -98,6 +98,15 @@ impl Host {
     }
 }
 
+/// The port a URL or Host without one means: 443 for https (TLS), 80 for http.
+pub fn default_port(tls: bool) -> u16 {
+    if tls {
+        443
+    } else {
+        80
+    }
+}
+
 fn parse_port(digits: &str) -> Result<u16, HostError> {
     if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(HostError::BadPort);

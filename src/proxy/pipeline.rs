@@ -25,7 +25,7 @@ use crate::config::Unmatched;
 use crate::credentials::{is_task_id, Credential, TaskKey, Version as CredentialVersion};
 use crate::error::ProxyError;
 use crate::fleet::Outgoing;
-use crate::host::Host;
+use crate::host::{default_port, Host};
 use crate::inject;
 use crate::limits::Limits;
 use crate::proxy::conn::InFlight;
@@ -82,15 +82,6 @@ struct Target {
     host: Host,
     /// `host[:port]` for the upstream URI, the port left out when it is the scheme's default.
     authority: Authority,
-}
-
-/// The port a URL or Host without one means: 443 for https (TLS), 80 for http.
-fn default_port(tls: bool) -> u16 {
-    if tls {
-        443
-    } else {
-        80
-    }
 }
 
 /// `host[:port]` as it goes into a URI, the port left out when it is the scheme's default.

@@ -23,7 +23,7 @@ use crate::body::{AgentBodyError, ProxyBody};
 use crate::config::Config;
 use crate::egress::EgressPolicy;
 use crate::error::ProxyError;
-use crate::host::Host;
+use crate::host::{default_port, Host};
 use crate::tls::{upstream_client_config, TlsError, ALPN_H2, ALPN_HTTP11};
 
 mod pool;
@@ -248,7 +248,7 @@ impl UpstreamConnector {
             .and_then(|host| Host::parse(host).ok())
             .ok_or(ConnectError::NoHost)?;
         let https = uri.scheme_str() == Some("https");
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let port = uri.port_u16().unwrap_or(default_port(https));
         // One deadline for DNS, TCP and TLS: an upstream that accepts and then stalls the
         // handshake must not hold the agent's request.
         let deadline = tokio::time::Instant::now() + self.dialer.connect_timeout;
