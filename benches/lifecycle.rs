@@ -274,7 +274,7 @@ fn swap_to_stamp(runtime: &tokio::runtime::Runtime) -> f64 {
     let mount = dir.path().join("mount");
     swap(&mount, 0);
     let yaml = format!(
-        "listen: 127.0.0.1:0\nca: {{ generate: true }}\nresolve: {{ 'plain.test:80': {echo_addr} }}\n\
+        "listen: 127.0.0.1:0\nca: {{ generate: true }}\naudit: {{ output: off }}\nresolve: {{ 'plain.test:80': {echo_addr} }}\n\
          credentials:\n  k: {{ source: {{ file: ./mount/token }} }}\n\
          routes:\n  - {{ host: plain.test, credential: k, inject: {{ type: bearer }}, tls_only: false }}\n"
     );
