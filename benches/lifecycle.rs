@@ -184,8 +184,8 @@ fn breaker_ns(metrics: &Arc<Metrics>) -> f64 {
 
 /// Request latency (p99 of sequential plain-HTTP requests, each on a new connection) with 10,000
 /// file credentials, quiet and while the whole table is re-read every 500 ms and every 50 ms
-/// (back to back: a reload takes about that long), in alternating windows. keystamp runs on a
-/// runtime of its own with the config's `workers` (one, the default), as the binary does.
+/// (back to back: a reload takes about that long), in alternating windows. keystamp runs on the
+/// runtime the binary builds for the config (one worker by default: a current-thread runtime).
 fn p99_during_reloads() -> (f64, Vec<(u64, f64)>) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir_all(dir.path().join("secrets")).expect("mkdir");
@@ -214,11 +214,7 @@ fn p99_during_reloads() -> (f64, Vec<(u64, f64)>) {
     );
     std::fs::write(dir.path().join("k.yaml"), &yaml).expect("write");
     let config = Config::load(&dir.path().join("k.yaml")).expect("config");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = serving_runtime(&config);
     let app = Arc::new(runtime.block_on(App::start(config)).expect("start"));
     let proxy = app.proxy_addr();
     let p99 = |samples: &mut Vec<f64>| {
@@ -258,6 +254,15 @@ fn p99_during_reloads() -> (f64, Vec<(u64, f64)>) {
     }
     let quiet = p99(&mut quiet_samples);
     (quiet, during)
+}
+
+/// The runtime the binary would serve `config` on (`App::runtime`), driven by a thread of its
+/// own for the rest of the bench, so the bench's blocking clients can call into it.
+fn serving_runtime(config: &Config) -> tokio::runtime::Handle {
+    let runtime = App::runtime(config).expect("runtime");
+    let handle = runtime.handle().clone();
+    std::thread::spawn(move || runtime.block_on(std::future::pending::<()>()));
+    handle
 }
 
 /// Starts keystamp with a plain-HTTP route to a tiny echo server, swaps a kubelet-style volume,

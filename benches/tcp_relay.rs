@@ -13,8 +13,7 @@ fn main() -> std::io::Result<()> {
         eprintln!("usage: tcp_relay LISTEN_ADDR TARGET_ADDR");
         std::process::exit(2);
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
         .block_on(async move {

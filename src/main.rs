@@ -152,11 +152,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
-        .enable_all()
-        .build()
-    {
+    let runtime = match App::runtime(&config) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("keystamp: cannot start the runtime: {error}");
