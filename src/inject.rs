@@ -167,7 +167,9 @@ pub fn stamp(
             )?;
         }
         Injection::Bearer => {
-            let value = sensitive(format!("Bearer {}", secret.expose()))?;
+            let value = secret
+                .bearer_header()
+                .ok_or(StampError::InvalidHeaderValue)?;
             headers.insert(header::AUTHORIZATION, value);
         }
         Injection::Basic { username } => {
