@@ -1,5 +1,6 @@
 //! The one type a credential value lives in. `Debug` and `Display` print `[redacted]`; the value
-//! is exposed only through [`Secret::expose`], which the stamp in `inject.rs` calls.
+//! is exposed only through [`Secret::expose`] and [`Secret::bearer_header`] (a sensitive header
+//! value), which the stamp in `inject.rs` calls.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
