@@ -61,9 +61,9 @@ impl RequestRecord {
     pub fn finish(&self, telemetry: &Telemetry, response_bytes: u64) {
         let duration = self.started.elapsed();
         let origin = if self.by_keystamp {
-            "keystamp"
+            Origin::Keystamp
         } else {
-            "upstream"
+            Origin::Upstream
         };
         if telemetry.per_request_metrics {
             let labels = Labels {
@@ -71,11 +71,7 @@ impl RequestRecord {
                 credential: self.credential.as_ref(),
                 agent: self.agent.as_ref(),
                 status: self.status,
-                origin: if self.by_keystamp {
-                    Origin::Keystamp
-                } else {
-                    Origin::Upstream
-                },
+                origin,
             };
             telemetry
                 .series
@@ -95,7 +91,7 @@ impl RequestRecord {
                 host: &self.host,
                 path: &self.path,
                 status: self.status.as_u16(),
-                origin,
+                origin: origin.label(),
                 duration_ms: (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
                 bytes_in: self.request_bytes.load(Ordering::Relaxed),
                 bytes_out: response_bytes,

@@ -444,7 +444,8 @@ impl Pool {
 
     /// Closes idle connections past the idle timeout every `REAP_EVERY`, and forgets upstreams
     /// left with no connection (a wildcard route would otherwise grow the map with every host
-    /// an agent ever named), for as long as the pool lives. Started with the first connection (a runtime is running by then).
+    /// an agent ever named), for as long as the pool lives. Started with the first connection
+    /// (a runtime is running by then).
     fn start_reaper(&self) {
         self.inner.reaper_started.call_once(|| {
             let pool = Arc::downgrade(&self.inner);
