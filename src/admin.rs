@@ -270,6 +270,8 @@ fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Va
             serde_json::json!({
                 "name": credential.name.as_ref(),
                 "source": credential.source_kind(),
+                // The files the source reads, as keystamp resolved them (absolute).
+                "files": credential.spec.source.files(),
                 "fingerprint": version.map(|v| v.fingerprint.clone()),
                 "loaded_at": version.map(|v| format_rfc3339(v.loaded_at)),
                 "expires_at": version.and_then(|v| v.expiry).map(|e| format_rfc3339(e.at)),

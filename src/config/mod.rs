@@ -3,6 +3,7 @@
 //! echoes a value from the file: a credential may have been pasted into it by mistake.
 
 mod locate;
+mod paths;
 mod raw;
 mod validate;
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use http::{HeaderName, Method};
@@ -11,6 +11,7 @@ use http::{HeaderName, Method};
 use crate::host::Host;
 
 use super::locate::{locate, parse_path};
+use super::paths;
 use super::raw::{
     RawAws, RawBreaker, RawCa, RawConfig, RawCredential, RawGithubApp, RawGoogle, RawId,
     RawIdentity, RawInject, RawRateLimit, RawReload, RawRoute, RawSource, RawTimeouts, RawWorkers,
@@ -91,8 +92,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
             }]);
         }
     };
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let config = errors.config(raw, &base);
+    let located = paths::absolute(path);
+    let base = located.parent().map(Path::to_path_buf).unwrap_or_default();
+    let config = errors.config(raw, &located, &base);
     match config {
         Some(config) if errors.list.is_empty() => Ok(config),
         _ => Err(errors.list),
@@ -224,7 +226,7 @@ impl Errors<'_> {
         });
     }
 
-    fn config(&mut self, raw: RawConfig, base: &Path) -> Option<Config> {
+    fn config(&mut self, raw: RawConfig, located: &Path, base: &Path) -> Option<Config> {
         let listen = self.socket_addr("listen", &raw.listen);
         let admin = raw
             .admin
@@ -243,7 +245,7 @@ impl Errors<'_> {
             .upstream_tls
             .extra_roots
             .iter()
-            .map(|p| resolve_path(base, p))
+            .map(|p| paths::resolve(base, p))
             .collect();
         let resolve = self.resolve(&raw.resolve);
         let breaker = self.breaker(&raw.breaker);
@@ -280,7 +282,7 @@ impl Errors<'_> {
         let audit = match raw.audit.output.as_deref() {
             None | Some("stdout") => crate::telemetry::AuditOutput::Stdout,
             Some("off") => crate::telemetry::AuditOutput::Off,
-            Some(path) => crate::telemetry::AuditOutput::File(resolve_path(base, path)),
+            Some(path) => crate::telemetry::AuditOutput::File(paths::resolve(base, path)),
         };
         let mut identities = BTreeMap::new();
         for (name, identity) in &raw.identities {
@@ -374,7 +376,7 @@ impl Errors<'_> {
             identities,
             require_identity: raw.require_identity,
             egress: crate::egress::EgressPolicy { allow },
-            path: self.file.to_path_buf(),
+            path: located.to_path_buf(),
             reload,
             listen: listen?,
             admin,
@@ -402,8 +404,8 @@ impl Errors<'_> {
         let origin = match (raw.generate, &raw.cert, &raw.key) {
             (true, None, None) => CaOrigin::Generate,
             (false, Some(cert), Some(key)) => CaOrigin::Load {
-                cert: resolve_path(base, cert),
-                key: resolve_path(base, key),
+                cert: paths::resolve(base, cert),
+                key: paths::resolve(base, key),
             },
             (true, _, _) => {
                 self.push(
@@ -423,8 +425,8 @@ impl Errors<'_> {
         }
         Some(CaConfig {
             origin,
-            cert_out: raw.cert_out.as_deref().map(|p| resolve_path(base, p)),
-            bundle_out: raw.bundle_out.as_deref().map(|p| resolve_path(base, p)),
+            cert_out: raw.cert_out.as_deref().map(|p| paths::resolve(base, p)),
+            bundle_out: raw.bundle_out.as_deref().map(|p| paths::resolve(base, p)),
             leaf_cache_size: leaf_cache_size.max(1),
         })
     }
@@ -645,7 +647,7 @@ impl Errors<'_> {
                 return None;
             }
             return Some(SourceSpec::File {
-                path: resolve_path(base, file),
+                path: paths::resolve(base, file),
                 format,
             });
         }
@@ -673,7 +675,7 @@ impl Errors<'_> {
             // A relative program path (./bin/token) resolves like every other path; a bare name
             // (`vault`) is looked up on PATH.
             let program = if program.contains('/') {
-                resolve_path(base, program).display().to_string()
+                paths::resolve(base, program).display().to_string()
             } else {
                 program.clone()
             };
@@ -921,7 +923,7 @@ impl Errors<'_> {
                         .ok()
                         .filter(|path| !path.is_empty())
                         .map(|path| SourceSpec::File {
-                            path: resolve_path(base, &path),
+                            path: paths::resolve(base, &path),
                             format: ValueFormat::Plain,
                         }),
                 };
@@ -1500,15 +1502,6 @@ fn parse_method(text: &str) -> Option<Method> {
     upper
         .then(|| Method::from_bytes(text.as_bytes()).ok())
         .flatten()
-}
-
-fn resolve_path(base: &Path, path: &str) -> PathBuf {
-    let path = Path::new(path);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
 }
 
 fn valid_name(name: &str) -> bool {

@@ -672,7 +672,32 @@ pub struct KeystampProcess {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     pub ca_pem: String,
+    /// The config's directory: `keystamp.yaml`, `secrets/`, `run/ca.crt`, `audit.jsonl`.
+    pub home: PathBuf,
     child: std::process::Child,
+}
+
+/// Where [`KeystampProcess`] puts its config and how it names it on the command line.
+pub struct Layout {
+    /// The config's directory below the temp dir (`""` for the temp dir itself).
+    pub config_dir: &'static str,
+    /// The working directory below the temp dir keystamp starts in.
+    pub cwd: &'static str,
+    /// `--config` as written, relative to `cwd`; `None` passes the absolute path.
+    pub argument: Option<&'static str>,
+    /// A symlink made before start: (link, target), both below the temp dir.
+    pub symlink: Option<(&'static str, &'static str)>,
+}
+
+impl Layout {
+    fn absolute() -> Self {
+        Self {
+            config_dir: "",
+            cwd: "",
+            argument: None,
+            symlink: None,
+        }
+    }
 }
 
 impl KeystampProcess {
@@ -683,16 +708,30 @@ impl KeystampProcess {
     /// As [`start`](Self::start), run under `wrapper` (`["prlimit", "--nofile=48:48"]`), which
     /// must exec keystamp with the arguments that follow it.
     pub fn start_under(wrapper: &[&str], yaml: &str, secrets: &[(&str, &str)]) -> Self {
+        Self::spawn(wrapper, &Layout::absolute(), yaml, secrets)
+    }
+
+    /// As [`start`](Self::start), laid out and started as `layout` says (a relative `--config`
+    /// from some working directory, a symlinked config directory).
+    pub fn start_in(layout: &Layout, yaml: &str, secrets: &[(&str, &str)]) -> Self {
+        Self::spawn(&[], layout, yaml, secrets)
+    }
+
+    fn spawn(wrapper: &[&str], layout: &Layout, yaml: &str, secrets: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        let home = dir.path().join(layout.config_dir);
+        std::fs::create_dir_all(home.join("secrets")).unwrap();
         for (name, value) in secrets {
-            std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
+            std::fs::write(home.join("secrets").join(name), value).unwrap();
+        }
+        if let Some((link, target)) = layout.symlink {
+            std::os::unix::fs::symlink(dir.path().join(target), dir.path().join(link)).unwrap();
         }
         let (proxy_port, admin_port) = (free_port(), free_port());
         let config = format!(
             "listen: 127.0.0.1:{proxy_port}\nadmin: 127.0.0.1:{admin_port}\nca: {{ generate: true, cert_out: ./run/ca.crt }}\naudit: {{ output: ./audit.jsonl }}\n{yaml}"
         );
-        let config_path = dir.path().join("keystamp.yaml");
+        let config_path = home.join("keystamp.yaml");
         std::fs::write(&config_path, config).unwrap();
         let binary = env!("CARGO_BIN_EXE_keystamp");
         let mut command = match wrapper.split_first() {
@@ -703,9 +742,18 @@ impl KeystampProcess {
             }
             None => std::process::Command::new(binary),
         };
+        command.args(["--log-format", "json", "run", "--config"]);
+        match layout.argument {
+            Some(argument) => {
+                let cwd = dir.path().join(layout.cwd);
+                std::fs::create_dir_all(&cwd).unwrap();
+                command.arg(argument).current_dir(cwd);
+            }
+            None => {
+                command.arg(&config_path);
+            }
+        }
         command
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config_path)
             .env("RUST_LOG", "keystamp=debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("keystamp.log")).unwrap());
@@ -713,8 +761,8 @@ impl KeystampProcess {
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         let started = std::time::Instant::now();
         loop {
-            let ready = std::net::TcpStream::connect(admin).is_ok()
-                && dir.path().join("run/ca.crt").exists();
+            let ready =
+                std::net::TcpStream::connect(admin).is_ok() && home.join("run/ca.crt").exists();
             if ready {
                 break;
             }
@@ -725,11 +773,12 @@ impl KeystampProcess {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
-        let ca_pem = std::fs::read_to_string(dir.path().join("run/ca.crt")).unwrap();
+        let ca_pem = std::fs::read_to_string(home.join("run/ca.crt")).unwrap();
         Self {
             proxy: format!("127.0.0.1:{proxy_port}").parse().unwrap(),
             admin,
             ca_pem,
+            home,
             dir,
             child,
         }
@@ -746,7 +795,7 @@ impl KeystampProcess {
 
     /// Every audit line so far.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+        std::fs::read_to_string(self.home.join("audit.jsonl"))
             .unwrap_or_default()
             .lines()
             .filter_map(|line| serde_json::from_str(line).ok())

@@ -1,0 +1,181 @@
+//! Hot reload whatever the config path's spelling: the real binary started from a working
+//! directory with a relative `--config` (`conf/`, `./conf/`, `../conf/`, a symlinked config
+//! directory) follows every way a file gets replaced within a second, as it does with an
+//! absolute path. Every earlier lifecycle test passed absolute paths, which hid that it did not.
+
+// Test code: a panic is a failed assertion, which is what we want here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// How fast a replaced file must be stamped: well inside the 30 s periodic resync, so only the
+/// watcher can make it.
+const WITHIN: Duration = Duration::from_secs(1);
+
+fn config(upstream: &TestUpstream, ca: &Path, hosts: &[&str]) -> String {
+    let mut config = TestConfig::new();
+    config
+        .trust(ca)
+        .credential_file("token", serde_json::json!({}));
+    for host in hosts {
+        config
+            .pin(&format!("{host}:443"), upstream.addr)
+            .bearer_route(host, "token", serde_json::json!({}));
+    }
+    config.yaml()
+}
+
+/// The bearer value `host`'s upstream received, or keystamp's error code.
+async fn stamped(keystamp: &KeystampProcess, host: &str) -> Result<String, String> {
+    let response = keystamp
+        .client()
+        .get(format!("https://{host}/who"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(code) = response.headers().get("x-keystamp-error") {
+        return Err(code.to_str().unwrap().to_string());
+    }
+    let echo: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let value = echo["headers"]["authorization"][0].as_str().unwrap_or("");
+    Ok(value.trim_start_matches("Bearer ").to_string())
+}
+
+async fn stamps_within(keystamp: &KeystampProcess, host: &str, want: &str) -> bool {
+    eventually(WITHIN, || async {
+        stamped(keystamp, host).await.as_deref() == Ok(want)
+    })
+    .await
+}
+
+/// Each way a user or a tool replaces a file, checked against one running keystamp.
+async fn every_replacement_is_followed(layout: Layout) {
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let keystamp = KeystampProcess::start_in(
+        &layout,
+        &config(&upstream, &ca, &["api.example.test"]),
+        &[("token", "first-value")],
+    );
+    let spelled = layout.argument.unwrap();
+    let token = keystamp.home.join("secrets/token");
+    assert_eq!(
+        stamped(&keystamp, "api.example.test").await.as_deref(),
+        Ok("first-value")
+    );
+
+    // Renamed over it (kubelet-less mounts, `mv`, most secret writers).
+    let temporary = keystamp.home.join("secrets/.token.tmp");
+    std::fs::write(&temporary, "renamed-value").unwrap();
+    std::fs::rename(&temporary, &token).unwrap();
+    assert!(
+        stamps_within(&keystamp, "api.example.test", "renamed-value").await,
+        "{spelled}: rename over the file not followed within {WITHIN:?}"
+    );
+
+    // Written in place (`echo > file`, editors that truncate).
+    std::fs::write(&token, "in-place-value").unwrap();
+    assert!(
+        stamps_within(&keystamp, "api.example.test", "in-place-value").await,
+        "{spelled}: write in place not followed within {WITHIN:?}"
+    );
+
+    // Copied over it with the real `cp`.
+    let source = keystamp.dir.path().join("copied");
+    std::fs::write(&source, "copied-value").unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg(&source)
+        .arg(&token)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    assert!(
+        stamps_within(&keystamp, "api.example.test", "copied-value").await,
+        "{spelled}: cp over the file not followed within {WITHIN:?}"
+    );
+
+    // The config itself rewritten by rename (`sed -i`, editors, ConfigMaps), adding a route.
+    let config_path = keystamp.home.join("keystamp.yaml");
+    let current = std::fs::read_to_string(&config_path).unwrap();
+    let header: String = current.lines().take(4).map(|l| format!("{l}\n")).collect();
+    let hosts = ["api.example.test", "basic.example.test"];
+    let rewritten = keystamp.home.join(".keystamp.yaml.tmp");
+    std::fs::write(&rewritten, header + &config(&upstream, &ca, &hosts)).unwrap();
+    std::fs::rename(&rewritten, &config_path).unwrap();
+    assert!(
+        stamps_within(&keystamp, "basic.example.test", "copied-value").await,
+        "{spelled}: config rewritten by rename not followed within {WITHIN:?}: {:?}\n{}",
+        stamped(&keystamp, "basic.example.test").await,
+        keystamp.log()
+    );
+
+    // /status names the source file as keystamp resolved it: absolute, symlinks kept.
+    let status = keystamp.status().await;
+    let shown = status["credentials"][0]["files"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        Path::new(&shown).is_absolute(),
+        "{spelled}: /status shows {shown}"
+    );
+    let expected = keystamp
+        .dir
+        .path()
+        .join(layout.symlink.map_or(layout.config_dir, |(link, _)| link))
+        .join("secrets/token");
+    assert_eq!(Path::new(&shown), expected, "{spelled}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_config_path_is_hot_reloaded() {
+    every_replacement_is_followed(Layout {
+        config_dir: "conf",
+        cwd: "",
+        argument: Some("conf/keystamp.yaml"),
+        symlink: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dot_slash_config_path_is_hot_reloaded() {
+    every_replacement_is_followed(Layout {
+        config_dir: "conf",
+        cwd: "",
+        argument: Some("./conf/keystamp.yaml"),
+        symlink: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dot_dot_config_path_is_hot_reloaded() {
+    every_replacement_is_followed(Layout {
+        config_dir: "conf",
+        cwd: "work",
+        argument: Some("../conf/keystamp.yaml"),
+        symlink: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_in_a_symlinked_directory_is_hot_reloaded() {
+    every_replacement_is_followed(Layout {
+        config_dir: "real",
+        cwd: "",
+        argument: Some("conf/keystamp.yaml"),
+        symlink: Some(("conf", "real")),
+    })
+    .await;
+}
