@@ -12,6 +12,7 @@ mod breaker;
 mod config;
 mod credentials;
 mod duration;
+mod echo;
 mod egress;
 mod error;
 mod fleet;

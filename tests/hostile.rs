@@ -12,8 +12,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -107,58 +105,6 @@ fn parse_answer(text: &str) -> Answer {
         code,
         text: text.to_string(),
     }
-}
-
-/// `CONNECT authority` on a fresh connection to the proxy; returns the stream after the 200.
-async fn tunnel(proxy: SocketAddr, authority: &str, agent: Option<&str>) -> TcpStream {
-    let mut stream = TcpStream::connect(proxy).await.unwrap();
-    let auth = agent
-        .map(|credentials| {
-            use base64::Engine;
-            let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
-            format!("Proxy-Authorization: Basic {encoded}\r\n")
-        })
-        .unwrap_or_default();
-    let request = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        assert_eq!(
-            stream.read(&mut byte).await.unwrap(),
-            1,
-            "proxy closed during CONNECT"
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    stream
-}
-
-/// TLS to keystamp's leaf inside a tunnel, trusting its CA.
-async fn agent_tls(
-    stream: TcpStream,
-    ca_pem: &str,
-    sni: &str,
-    alpn: &[&[u8]],
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    connector.connect(name, stream).await
 }
 
 /// Writes `raw`, then reads until the peer closes or 5 s pass.

@@ -540,7 +540,6 @@ async fn send(
     protocol: UpstreamProtocol,
 ) -> Result<(Response<PooledBody>, Option<Admitted>), ProxyError> {
     let stamp = stamping.map(|s| (s.injection(), s.version.as_ref()));
-    let version = stamping.map(|s| s.version.as_ref());
     let bytes = match body {
         RequestBody::Streaming(streaming, failed) => {
             let request = unstamped.into_request(stamp, streaming, Payload::Unsigned)?;
@@ -552,7 +551,7 @@ async fn send(
                     true => ProxyError::AGENT_BODY_FAILED,
                     false => error,
                 })?;
-            return Ok((without_echoes(response, version), admitted));
+            return Ok((without_echoes(response, stamp), admitted));
         }
         RequestBody::Replayable(bytes) => bytes,
     };
@@ -560,7 +559,7 @@ async fn send(
         unstamped
             .clone()
             .into_request(stamp, body::full(bytes.clone()), Payload::Bytes(&bytes))?;
-    let response = without_echoes(state.upstream.send(request, protocol).await?, version);
+    let response = without_echoes(state.upstream.send(request, protocol).await?, stamp);
     let Some(stamping) = stamping.filter(|_| response.status() == StatusCode::UNAUTHORIZED) else {
         return Ok((response, admitted));
     };
@@ -604,19 +603,22 @@ async fn send(
     )?;
     let response = state.upstream.send(request, protocol).await?;
     Ok((
-        without_echoes(response, Some(newer.as_ref())),
+        without_echoes(response, Some((stamping.injection(), newer.as_ref()))),
         Some(retry_admission),
     ))
 }
 
-/// An upstream that echoes the stamped value in a response header (a debug endpoint, an
-/// "invalid key sk-..." error) must not hand it to the agent: such values are redacted.
+/// An upstream that echoes the stamped value in a response header or trailer (a debug endpoint,
+/// an "invalid key sk-..." error, a redirect that carries the query) must not hand it to the
+/// agent: every form keystamp sent is redacted (`echo.rs`). Bodies are not rewritten.
 fn without_echoes(
     mut response: Response<PooledBody>,
-    sent: Option<&CredentialVersion>,
+    sent: Option<(&Injection, &CredentialVersion)>,
 ) -> Response<PooledBody> {
-    if let Some(version) = sent {
-        inject::redact_echoes(response.headers_mut(), &version.secret);
+    if let Some((injection, version)) = sent {
+        let echoes = inject::echoes(injection, &version.secret);
+        echoes.redact(response.headers_mut());
+        response.body_mut().redact_trailers(echoes);
     }
     response
 }

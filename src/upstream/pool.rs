@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::{ConnectError, UpstreamConnector, UpstreamProtocol, UpstreamStream};
 use crate::body::ProxyBody;
+use crate::echo::Echoes;
 
 /// Idle HTTP/1.1 connections kept per upstream; more are closed when their request ends.
 const MAX_IDLE_PER_UPSTREAM: usize = 64;
@@ -281,7 +282,11 @@ impl Pool {
                                     _lent: lent,
                                 })
                             };
-                            return Ok(response.map(|inner| PooledBody { inner, hold }));
+                            return Ok(response.map(|inner| PooledBody {
+                                inner,
+                                hold,
+                                echoes: None,
+                            }));
                         }
                         Err(mut error) => match error.take_message() {
                             Some(unsent) if reused => unsent,
@@ -294,7 +299,11 @@ impl Pool {
                     match self.head_deadline(sender.try_send_request(request)).await? {
                         Ok(response) => {
                             let hold = Hold::Http2 { _slot: slot };
-                            return Ok(response.map(|inner| PooledBody { inner, hold }));
+                            return Ok(response.map(|inner| PooledBody {
+                                inner,
+                                hold,
+                                echoes: None,
+                            }));
                         }
                         Err(mut error) => match error.take_message() {
                             Some(unsent) if sender.is_closed() => unsent,
@@ -581,6 +590,8 @@ struct Lease {
 pub struct PooledBody {
     inner: Incoming,
     hold: Hold,
+    /// Taken out of the trailers (h2, chunked HTTP/1.1) as the headers were.
+    echoes: Option<Echoes>,
 }
 
 /// What a response body keeps from the pool until it ends.
@@ -594,6 +605,11 @@ enum Hold {
 }
 
 impl PooledBody {
+    /// Redacts `echoes` from the trailers when they arrive.
+    pub fn redact_trailers(&mut self, echoes: Echoes) {
+        self.echoes = Some(echoes);
+    }
+
     /// Gives the connection back (HTTP/1.1) or frees the stream's place (h2).
     fn release(&mut self) {
         if let Hold::Http1(lease) = std::mem::replace(&mut self.hold, Hold::Nothing) {
@@ -612,11 +628,16 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Err(_))) => self.hold = Hold::Nothing,
-            _ => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(trailers), Some(echoes)) = (frame.trailers_mut(), &self.echoes) {
+                    echoes.redact(trailers);
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }
