@@ -24,6 +24,7 @@ mod path;
 mod proxy;
 mod reload;
 mod routes;
+mod s3;
 mod secret;
 mod sigv4;
 mod state;

@@ -10,6 +10,7 @@ use http::Method;
 use crate::config::{HostPattern, Injection, RouteSpec};
 use crate::host::Host;
 use crate::path;
+use crate::s3::NamedSource;
 
 /// A route as the request path uses it.
 #[derive(Debug)]
@@ -36,6 +37,15 @@ pub enum RouteMatch<'a> {
     /// The host is routed, but no route allows this path and method.
     Denied,
     Matched(&'a Arc<Route>),
+}
+
+/// Whose bounds a named source falls outside of.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OutsideScope {
+    /// The route's `path_prefix`.
+    Route,
+    /// The agent's own `path_prefix`.
+    Agent,
 }
 
 /// All routes, indexed for lookups that cost a few hash probes whatever the route count.
@@ -136,6 +146,28 @@ impl Route {
                 .path_prefix
                 .as_ref()
                 .is_none_or(|prefix| path::is_under(prefix, path))
+    }
+
+    /// Whether an object the request names outside its path (an S3 copy source, see `s3.rs`)
+    /// lies within the route's prefix and `agent`'s scope, by the same path rule as the path.
+    /// Something no path stands for passes only where neither has a prefix.
+    pub fn admits_named_source(
+        &self,
+        agent: Option<&str>,
+        source: &NamedSource,
+    ) -> Result<(), OutsideScope> {
+        let within = |prefix: &String| match source {
+            NamedSource::Path(path) => path::is_under(prefix, path),
+            NamedSource::Unreadable => false,
+        };
+        if self.path_prefix.as_ref().is_some_and(|p| !within(p)) {
+            return Err(OutsideScope::Route);
+        }
+        let scope_prefix = self.scope_of(agent).and_then(|s| s.path_prefix.as_ref());
+        if scope_prefix.is_some_and(|p| !within(p)) {
+            return Err(OutsideScope::Agent);
+        }
+        Ok(())
     }
 
     /// The credential `agent` uses on this route: its own, else the route's default.

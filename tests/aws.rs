@@ -781,3 +781,122 @@ async fn botocore_accepts_keystamps_signatures_and_big_bodies_are_refused() {
     assert!(!log.contains(SECRET) && !log.contains("session-token-value"));
     drop(checker);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_source_outside_the_agents_scope_is_refused_and_nothing_is_copied() {
+    let mut rig = rig().await;
+    rig.config
+        .credential(
+            "aws-s3",
+            serde_json::json!({ "source": { "aws": static_keys() } }),
+        )
+        .set(
+            "identities",
+            serde_json::json!({
+                "owner": { "source": { "file": "./secrets/id-owner" } },
+                "scratcher": { "source": { "file": "./secrets/id-scratcher" } },
+            }),
+        );
+    rig.config.routes.push(serde_json::json!({
+        "host": S3_HOST, "credential": "aws-s3", "inject": { "type": "aws_sigv4" },
+        "agents": {
+            "owner": {},
+            "scratcher": { "path_prefix": "/copy-bucket/scratch/" },
+        },
+    }));
+    let (akid, secret) = (
+        rig.moto.key("access_key_id"),
+        rig.moto.key("secret_access_key"),
+    );
+    let keystamp = KeystampProcess::start(
+        &rig.config.yaml(),
+        &[
+            ("akid", &akid),
+            ("sak", &secret),
+            ("id-owner", "o-token"),
+            ("id-scratcher", "s-token"),
+        ],
+    );
+    let owner = keystamp.agent_client(Some(("owner", "o-token")));
+    let scratcher = keystamp.agent_client(Some(("scratcher", "s-token")));
+    let bucket = format!("https://{S3_HOST}/copy-bucket");
+    for (url, body) in [
+        (bucket.clone(), ""),
+        (format!("{bucket}/private/secret.txt"), "owner's eyes only"),
+        (format!("{bucket}/scratch/a.txt"), "scratch data"),
+    ] {
+        let put = owner.put(&url).body(body).send().await.unwrap();
+        assert_eq!(put.status(), 200, "{url}: {}", put.text().await.unwrap());
+    }
+    let read = scratcher
+        .get(format!("{bucket}/private/secret.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.headers()["x-keystamp-error"], "scope_denied");
+
+    let before = rig.front.seen().len();
+    let outside = [
+        "/copy-bucket/private/secret.txt",
+        "copy-bucket/private/secret.txt",
+        "/copy-bucket/private/secret.txt?versionId=null",
+        "/copy-bucket/scratch/../private/secret.txt",
+        "/copy-bucket/scratch/%2e%2e/private/secret.txt",
+        "/copy-bucket/scratch/%252e%252e/private/secret.txt",
+        "/copy-bucket/scratch%2f..%2fprivate/secret.txt",
+        "arn:aws:s3:us-east-1:123456789012:accesspoint/ap/object/private/secret.txt",
+    ];
+    for source in outside {
+        for (header, target) in [
+            ("x-amz-copy-source", "scratch/copy"),
+            ("x-amz-copy-source", "scratch/big?partNumber=1&uploadId=u1"),
+            ("x-amz-rename-source", "scratch/renamed"),
+        ] {
+            let copy = scratcher
+                .put(format!("{bucket}/{target}"))
+                .header(header, source)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(copy.status(), 403, "{header}: {source} into {target}");
+            assert_eq!(
+                copy.headers()["x-keystamp-error"],
+                "scope_denied",
+                "{source}"
+            );
+        }
+    }
+    assert_eq!(
+        rig.front.seen().len(),
+        before,
+        "nothing outside the scope was sent"
+    );
+
+    // Inside the scope a copy is signed and works.
+    let copy = scratcher
+        .put(format!("{bucket}/scratch/b.txt"))
+        .header("x-amz-copy-source", "/copy-bucket/scratch/a.txt")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copy.status(), 200, "{}", copy.text().await.unwrap());
+    let copied = scratcher
+        .get(format!("{bucket}/scratch/b.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(copied.text().await.unwrap(), "scratch data");
+    let never = owner
+        .get(format!("{bucket}/scratch/copy"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status(), 404, "the refused copy never happened");
+    for request in rig.front.seen() {
+        let source = request.headers.get("x-amz-copy-source");
+        assert!(
+            source.is_none_or(|s| s.contains("/scratch/")),
+            "S3 received a copy from outside the scope: {source:?}"
+        );
+    }
+}

@@ -30,7 +30,8 @@ use crate::inject;
 use crate::limits::Limits;
 use crate::proxy::conn::InFlight;
 use crate::proxy::ProxyState;
-use crate::routes::{Route, RouteMatch};
+use crate::routes::{OutsideScope, Route, RouteMatch};
+use crate::s3;
 use crate::sigv4::{accepts_unsigned_payload, Payload, SignError};
 use crate::telemetry::RequestRecord;
 use crate::upstream::{PooledBody, UpstreamProtocol};
@@ -386,6 +387,17 @@ fn choose_route(
     }
     if !route.admits_agent(agent_name, path, request.method()) {
         return Err(ProxyError::ScopeDenied);
+    }
+    // A signed S3 request may name a second object in a header (a copy source): it is held to
+    // the same bounds as the path, or the copy would read what the path may not.
+    if let Injection::AwsSigV4 { .. } = route.inject_for(agent_name) {
+        for source in s3::named_sources(request.headers(), target.host.as_str()) {
+            match route.admits_named_source(agent_name, &source) {
+                Ok(()) => {}
+                Err(OutsideScope::Route) => return Err(ProxyError::RouteDenied),
+                Err(OutsideScope::Agent) => return Err(ProxyError::ScopeDenied),
+            }
+        }
     }
     // A route without a default credential serves only agents that have their own.
     let Some(credential_name) = credential_name else {
