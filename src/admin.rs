@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{full, ProxyBody};
+use crate::breaker::Authority;
 use crate::config::{MintMode, SourceSpec};
 use crate::credentials::{access_key_id, is_task_id, read_local, Credential};
 use crate::fleet::{held_by_fleet, FleetLink, ManualAction, Outgoing};
@@ -87,12 +88,12 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
         ),
         (&Method::POST, path) if path.starts_with("/breakers/") => {
             match authorized(admin, request) {
-                Ok(()) => breaker_action(admin, path),
+                Ok(authority) => breaker_action(admin, path, authority),
                 Err(refusal) => refusal,
             }
         }
         (&Method::POST, path) if path.starts_with("/tasks/") => match authorized(admin, request) {
-            Ok(()) => end_task(admin, path),
+            Ok(_) => end_task(admin, path),
             Err(refusal) => refusal,
         },
         _ => (
@@ -114,9 +115,9 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
 fn authorized(
     admin: &Admin,
     request: &Request<Incoming>,
-) -> Result<(), (StatusCode, &'static str, String)> {
+) -> Result<Authority, (StatusCode, &'static str, String)> {
     let Some(source) = &admin.token else {
-        return Ok(());
+        return Ok(Authority::Unproven);
     };
     let expected = match read_local(source) {
         Some(Ok(fetched)) => fetched.secret,
@@ -135,7 +136,7 @@ fn authorized(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(token) if expected.matches(token) => Ok(()),
+        Some(token) if expected.matches(token) => Ok(Authority::AdminToken),
         _ => {
             tracing::warn!("admin POST refused: missing or wrong token");
             Err((
@@ -176,7 +177,11 @@ fn end_task(admin: &Admin, path: &str) -> (StatusCode, &'static str, String) {
 
 /// `POST /breakers/NAME/open` (a leaked key: nothing goes out with it until it is rotated or
 /// closed by hand) and `POST /breakers/NAME/close`. Logged and counted.
-fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, String) {
+fn breaker_action(
+    admin: &Admin,
+    path: &str,
+    authority: Authority,
+) -> (StatusCode, &'static str, String) {
     let mut parts = path.trim_start_matches("/breakers/").splitn(2, '/');
     let (Some(name), Some(action)) = (parts.next(), parts.next()) else {
         return (
@@ -195,11 +200,20 @@ fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, Strin
     };
     let action = match action {
         "open" => {
-            credential.breaker.force_open(tokio::time::Instant::now());
+            credential
+                .breaker
+                .force_open(tokio::time::Instant::now(), authority);
             ManualAction::Open
         }
         "close" => {
-            credential.breaker.force_close();
+            if !credential.breaker.force_close(authority) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "opened with the admin token; closing needs it too\n".into(),
+                );
+            }
+            credential.limits.clear_hold();
             ManualAction::Close
         }
         _ => {
@@ -215,6 +229,7 @@ fn breaker_action(admin: &Admin, path: &str) -> (StatusCode, &'static str, Strin
         fleet.send(Outgoing::Manual {
             credential: credential.name.clone(),
             action,
+            authority,
         });
     }
     let action = action.label();

@@ -88,6 +88,8 @@ struct Inner {
     fingerprint: Option<String>,
     /// Forced open by an operator: stays open until closed by hand or a new version arrives.
     forced: bool,
+    /// That operator proved the admin token: only a close with the same proof undoes it.
+    forced_by_admin: bool,
     /// Opened by the fleet: after `open_until` this pod still waits until the fleet's one probe
     /// lease is its own (or another pod's probe closes it).
     fleet_held: bool,
@@ -123,6 +125,14 @@ pub enum BreakerEvent {
 }
 
 pub type BreakerEvents = tokio::sync::mpsc::Sender<BreakerEvent>;
+
+/// Who asked for a manual switch: an operator who proved the `admin_token`, or anyone else who
+/// reached the admin listener or the store (no `admin_token` configured, a store message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authority {
+    AdminToken,
+    Unproven,
+}
 
 pub struct Breaker {
     credential: Arc<str>,
@@ -175,6 +185,7 @@ impl Breaker {
                 reason: String::new(),
                 fingerprint: None,
                 forced: false,
+                forced_by_admin: false,
                 fleet_held: false,
                 jitter_seed,
             }),
@@ -322,6 +333,7 @@ impl Breaker {
         };
         self.generation.fetch_add(1, Ordering::AcqRel);
         inner.forced = false;
+        inner.forced_by_admin = false;
         inner.fleet_held = false;
         if self.state() != BreakerState::Closed {
             tracing::info!(credential = %self.credential, "new credential version; breaker closed");
@@ -330,22 +342,30 @@ impl Breaker {
     }
 
     /// Incident response: a leaked key. Stays open until closed by hand or rotated.
-    pub fn force_open(&self, now: Instant) {
+    pub fn force_open(&self, now: Instant, authority: Authority) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
         inner.forced = true;
+        inner.forced_by_admin |= authority == Authority::AdminToken;
         inner.reason = "forced open by an operator".into();
         self.open(&mut inner, now);
     }
 
-    pub fn force_close(&self) {
+    /// Closes by hand. Refused (`false`) when an open proved by the admin token would be undone
+    /// by a close that does not prove it (a message forged into the fleet's store, say).
+    pub fn force_close(&self, authority: Authority) -> bool {
         let Ok(mut inner) = self.inner.lock() else {
-            return;
+            return false;
         };
+        if inner.forced_by_admin && authority != Authority::AdminToken {
+            return false;
+        }
         inner.forced = false;
+        inner.forced_by_admin = false;
         inner.fleet_held = false;
         self.close(&mut inner);
+        true
     }
 
     /// The fleet saw version `fingerprint` fail `failures` times (on any pods): open here too,
@@ -361,7 +381,7 @@ impl Breaker {
         inner.open_for = open_for.max(inner.open_for);
         inner.reason = format!("{reason} (fleet)");
         inner.fingerprint = Some(fingerprint.to_string());
-        inner.open_until = inner.open_until.max(now + open_for);
+        inner.open_until = inner.open_until.max(crate::time::deadline(now, open_for));
         inner.probe_in_flight = false;
         self.transition(BreakerState::Open);
     }
@@ -484,6 +504,7 @@ mod tests {
             failures: 5,
             open_for: Duration::from_secs(30),
             max_open_for: Duration::from_secs(300),
+            max_hold: Duration::from_secs(3600),
             jitter: false,
         };
         Arc::new(Breaker::new(
@@ -615,10 +636,12 @@ mod tests {
             fail(&b);
         }
         assert_eq!(b.state(), BreakerState::Closed);
-        b.force_open(Instant::now());
+        b.force_open(Instant::now(), Authority::AdminToken);
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(matches!(b.admit(Instant::now()), Admission::Reject(_)));
-        b.force_close();
+        assert!(!b.force_close(Authority::Unproven), "an unproven close");
+        assert!(matches!(b.admit(Instant::now()), Admission::Reject(_)));
+        assert!(b.force_close(Authority::AdminToken));
         assert!(matches!(b.admit(Instant::now()), Admission::Pass { .. }));
     }
 }

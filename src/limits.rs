@@ -112,6 +112,14 @@ impl Limits {
         }
     }
 
+    /// An operator closed the breaker, or a new version replaced the one the upstream held:
+    /// the hold is over.
+    pub fn clear_hold(&self) {
+        if let Ok(mut held) = self.held_until.lock() {
+            *held = None;
+        }
+    }
+
     /// For the fleet task: how many tokens to ask the store for now (`None`: not fleet-wide, or
     /// nothing needed). An idle pod keeps one token in hand and never hoards more, so the
     /// fleet's tokens go where the requests are.

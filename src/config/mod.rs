@@ -54,6 +54,10 @@ pub struct FleetConfig {
     /// Where the store's URL comes from (`file` or `env`): it may hold a password.
     pub store_url: SourceSpec,
     pub replicas_hint: Option<u32>,
+    /// The fleet key (`file` or `env`): seals what goes through the store.
+    pub key: Option<SourceSpec>,
+    /// The admin token, which proves an operator's switch to the other pods.
+    pub admin_token: Option<SourceSpec>,
 }
 
 /// How long each side may hold keystamp waiting. Read at start; a reload does not change them.
@@ -147,6 +151,8 @@ pub struct BreakerSettings {
     /// The first open period; doubles on each failed probe.
     pub open_for: Duration,
     pub max_open_for: Duration,
+    /// The longest an upstream's `Retry-After` (or a fleet hold) may stop this credential.
+    pub max_hold: Duration,
     /// Spread open periods by ±20 % (tests switch it off).
     pub jitter: bool,
 }
@@ -157,6 +163,7 @@ impl Default for BreakerSettings {
             failures: 5,
             open_for: Duration::from_secs(30),
             max_open_for: Duration::from_secs(300),
+            max_hold: Duration::from_secs(3600),
             jitter: true,
         }
     }

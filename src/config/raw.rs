@@ -69,6 +69,9 @@ pub struct RawFleet {
     /// Isolates fleets sharing one store; every key and channel is prefixed with it.
     pub name: String,
     pub store: RawFleetStore,
+    /// Authenticates every message and index entry keystamp writes to the store (HMAC).
+    #[serde(default)]
+    pub key: Option<RawSource>,
     /// Pods expected when none has been seen yet (degraded mode).
     #[serde(default)]
     pub replicas_hint: Option<u32>,
@@ -160,6 +163,8 @@ pub struct RawBreaker {
     pub open_for: Option<String>,
     #[serde(default)]
     pub max_open_for: Option<String>,
+    #[serde(default)]
+    pub max_hold: Option<String>,
     #[serde(default)]
     pub jitter: Option<bool>,
 }

@@ -359,10 +359,25 @@ impl Errors<'_> {
             if fleet.replicas_hint == Some(0) {
                 self.push("fleet.replicas_hint", "must be at least 1");
             }
+            let key = match &fleet.key {
+                None => Some(None),
+                Some(raw) => match self.source("fleet.key", raw, base) {
+                    Some(spec @ (SourceSpec::File { .. } | SourceSpec::Env { .. })) => {
+                        Some(Some(spec))
+                    }
+                    Some(_) => {
+                        self.push("fleet.key", "the fleet key takes a `file` or `env` source");
+                        None
+                    }
+                    None => None,
+                },
+            };
             Some(FleetConfig {
                 name: fleet.name.clone(),
                 store_url: url?,
                 replicas_hint: fleet.replicas_hint,
+                key: key?,
+                admin_token: admin_token.clone(),
             })
         });
         Some(Config {
@@ -515,6 +530,11 @@ impl Errors<'_> {
             .as_deref()
             .and_then(|t| self.duration("breaker.max_open_for", t))
             .unwrap_or(defaults.max_open_for);
+        let max_hold = raw
+            .max_hold
+            .as_deref()
+            .and_then(|t| self.duration("breaker.max_hold", t))
+            .unwrap_or(defaults.max_hold);
         let failures = raw.failures.unwrap_or(defaults.failures);
         if failures == 0 {
             self.push("breaker.failures", "must be at least 1");
@@ -526,6 +546,7 @@ impl Errors<'_> {
             failures: failures.max(1),
             open_for,
             max_open_for,
+            max_hold,
             jitter: raw.jitter.unwrap_or(defaults.jitter),
         }
     }

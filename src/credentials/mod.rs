@@ -192,6 +192,10 @@ impl Credential {
                 if unchanged {
                     (self.current.clone(), None, ReadOutcome::Unchanged)
                 } else {
+                    // A `Retry-After` was the old key's quota; the new one starts unheld.
+                    if self.current.is_some() {
+                        self.limits.clear_hold();
+                    }
                     let version = Arc::new(Version::new(fetched));
                     tracing::info!(
                         credential = %self.name,
@@ -204,13 +208,7 @@ impl Credential {
                 }
             }
             Err(error) => {
-                tracing::warn!(
-                    credential = %self.name,
-                    source = self.source_kind(),
-                    reason = %error,
-                    keeping = self.current.as_ref().map(|v| v.fingerprint.as_str()),
-                    "credential read failed; keeping the last good version"
-                );
+                self.report_failed_read(&error);
                 (self.current.clone(), Some(error), ReadOutcome::Failed)
             }
         };
@@ -225,6 +223,37 @@ impl Credential {
             task_tokens: self.task_tokens.clone(),
         };
         (credential, outcome)
+    }
+}
+
+impl Credential {
+    /// Warns once per distinct reason (a resync every 30 s repeats the same failure): the same
+    /// reason again is logged at debug. Says plainly when there is no value to keep.
+    fn report_failed_read(&self, error: &SourceError) {
+        let repeated = self
+            .last_error
+            .as_ref()
+            .is_some_and(|last| last.to_string() == error.to_string());
+        let keeping = self.current.as_ref().map(|v| v.fingerprint.as_str());
+        let (name, source) = (&self.name, self.source_kind());
+        match (repeated, keeping) {
+            (true, _) => {
+                tracing::debug!(credential = %name, source, reason = %error, "credential read still failing")
+            }
+            (false, Some(keeping)) => tracing::warn!(
+                credential = %name,
+                source,
+                reason = %error,
+                keeping,
+                "credential read failed; keeping the last good version"
+            ),
+            (false, None) => tracing::warn!(
+                credential = %name,
+                source,
+                reason = %error,
+                "credential read failed; no value yet, requests get 503 credential_unavailable"
+            ),
+        }
     }
 }
 

@@ -26,11 +26,16 @@ pub enum FleetMessage {
         seconds: u64,
         from: String,
     },
-    /// An operator's switch on pod `from`.
+    /// An operator's switch on pod `from`. `proof` (an HMAC under the admin token of the
+    /// fleet, credential, action, `at_ms` and `from`) says an `admin_token` authorised it.
     Manual {
         credential: String,
         action: ManualAction,
         from: String,
+        #[serde(default)]
+        at_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<String>,
     },
 }
 

@@ -7,6 +7,7 @@
 //! counts and times go into the store, never a value.
 
 mod message;
+mod seal;
 mod store;
 
 use std::collections::HashMap;
@@ -14,17 +15,20 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{BreakerEvent, BreakerEvents};
+use crate::breaker::{Authority, BreakerEvent, BreakerEvents};
 use crate::config::FleetConfig;
 use crate::credentials::read_local;
 use crate::state::SharedState;
 use crate::telemetry::Metrics;
+use crate::time;
 use crate::tls::combined_bundle;
 pub use message::{FleetMessage, ManualAction};
+use seal::{Rejected, Seal};
 use store::Store;
 
 /// Events waiting for the store before new ones are dropped (the local breaker still acts).
@@ -48,6 +52,7 @@ pub enum Outgoing {
     Manual {
         credential: Arc<str>,
         action: ManualAction,
+        authority: Authority,
     },
 }
 
@@ -117,8 +122,9 @@ pub fn start(
         outbox,
         breaker_outbox,
         shutdown,
+        seal: Seal::new(&config.name, None),
     };
-    tokio::spawn(task.run());
+    tokio::spawn(task.supervise());
     (FleetLink { outgoing, view }, breaker_events)
 }
 
@@ -162,11 +168,37 @@ struct FleetTask {
     outbox: mpsc::Receiver<Outgoing>,
     breaker_outbox: mpsc::Receiver<BreakerEvent>,
     shutdown: CancellationToken,
+    /// Seals what this pod writes and opens what it reads; re-keyed at every connect.
+    seal: Seal,
 }
 
 impl FleetTask {
+    /// Runs the task; a panic in it (a bug, or input nobody foresaw) is caught, counted in
+    /// `keystamp_fleet_task_restarts_total`, reported as the store being down, and the task
+    /// starts over, so fleet events never silently stop while `store_up` still says 1.
+    async fn supervise(mut self) {
+        loop {
+            match std::panic::AssertUnwindSafe(self.run())
+                .catch_unwind()
+                .await
+            {
+                Ok(()) => return,
+                Err(_) => {
+                    self.set_up(false);
+                    self.metrics.fleet_task_restarts.inc();
+                    tracing::error!(
+                        "the fleet task crashed; restarting it (local breakers meanwhile)"
+                    );
+                    if self.pause(FIRST_BACKOFF).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// Connects, serves until the store fails, backs off, reconnects: forever, until shutdown.
-    async fn run(mut self) {
+    async fn run(&mut self) {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let url = match read_local(&self.config.store_url) {
@@ -180,6 +212,18 @@ impl FleetTask {
                     continue;
                 }
             };
+            let Some(key) = self.fleet_key() else {
+                tracing::warn!("fleet key unreadable; not joining the fleet until it can be read");
+                self.limits_alone();
+                if self.pause(MAX_BACKOFF).await {
+                    return;
+                }
+                continue;
+            };
+            self.seal = Seal::new(
+                &self.config.name,
+                key.as_ref().map(|k| k.expose().as_bytes()),
+            );
             match Store::connect(url.expose(), &self.config.name, &self.roots).await {
                 Ok((store, subscription)) => {
                     backoff = FIRST_BACKOFF;
@@ -217,6 +261,25 @@ impl FleetTask {
         }
     }
 
+    /// `Some(None)`: no `fleet.key` configured; `None`: configured but unreadable.
+    fn fleet_key(&self) -> Option<Option<crate::secret::Secret>> {
+        let Some(source) = &self.config.key else {
+            return Some(None);
+        };
+        match read_local(source) {
+            Some(Ok(fetched)) => Some(Some(fetched.secret)),
+            _ => None,
+        }
+    }
+
+    fn rejected(&self, reason: &'static str) {
+        tracing::debug!(reason, "fleet message dropped");
+        self.metrics
+            .fleet_rejected
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     fn set_up(&self, up: bool) {
         self.view.store_up.store(up, Ordering::Relaxed);
         self.metrics.fleet_store_up.set(i64::from(up));
@@ -229,8 +292,11 @@ impl FleetTask {
         // Join: apply what the fleet already holds open.
         match store.open_versions().await {
             Ok(open) => {
-                for message in open {
-                    self.apply(&message);
+                for text in open {
+                    match self.seal.open_entry(&text, std::time::SystemTime::now()) {
+                        Ok(message) => self.apply(&message),
+                        Err(rejected) => self.rejected(rejected.label()),
+                    }
                 }
             }
             Err(error) => return Served::StoreFailed(error),
@@ -242,8 +308,14 @@ impl FleetTask {
             let result = tokio::select! {
                 () = self.shutdown.cancelled() => return Served::Shutdown,
                 message = subscription.next() => match message {
-                    Some(message) => {
-                        self.apply(&message);
+                    Some(text) => {
+                        let opened = text
+                            .ok_or(Rejected::Unparseable)
+                            .and_then(|text| self.seal.open_message(&text, std::time::SystemTime::now()));
+                        match opened {
+                            Ok(message) => self.apply(&message),
+                            Err(rejected) => self.rejected(rejected.label()),
+                        }
                         Ok(())
                     }
                     None => Err(store::StoreError::Closed),
@@ -294,7 +366,10 @@ impl FleetTask {
                         open_for_ms: duration_ms(settings.open_for),
                         from: self.view.pod.clone(),
                     };
-                    store.announce_open(&message, settings.open_for).await?;
+                    let sealed = self.seal.seal(&message, std::time::SystemTime::now());
+                    store
+                        .announce_open(&message, &sealed, settings.open_for)
+                        .await?;
                     self.apply(&message);
                 }
                 Ok(())
@@ -317,7 +392,8 @@ impl FleetTask {
                     open_for_ms: duration_ms(open_for),
                     from: self.view.pod.clone(),
                 };
-                store.announce_open(&message, open_for).await
+                let sealed = self.seal.seal(&message, std::time::SystemTime::now());
+                store.announce_open(&message, &sealed, open_for).await
             }
             BreakerEvent::Closed {
                 credential,
@@ -330,7 +406,8 @@ impl FleetTask {
                     fingerprint,
                     from: self.view.pod.clone(),
                 };
-                store.announce_close(&message).await
+                let sealed = self.seal.seal(&message, std::time::SystemTime::now());
+                store.announce_close(&message, &sealed).await
             }
         }
     }
@@ -349,13 +426,37 @@ impl FleetTask {
                 seconds,
                 from: self.view.pod.clone(),
             },
-            Outgoing::Manual { credential, action } => FleetMessage::Manual {
-                credential: credential.to_string(),
+            Outgoing::Manual {
+                credential,
                 action,
-                from: self.view.pod.clone(),
-            },
+                authority,
+            } => {
+                let at_ms = seal::unix_ms(std::time::SystemTime::now());
+                let (credential, from) = (credential.to_string(), self.view.pod.clone());
+                let proof = match (authority, self.admin_token()) {
+                    (Authority::AdminToken, Some(token)) => Some(seal::manual_proof(
+                        token.expose().as_bytes(),
+                        &seal::ManualFacts {
+                            fleet: &self.config.name,
+                            credential: &credential,
+                            action,
+                            at_ms,
+                            from: &from,
+                        },
+                    )),
+                    _ => None,
+                };
+                FleetMessage::Manual {
+                    credential,
+                    action,
+                    from,
+                    at_ms,
+                    proof,
+                }
+            }
         };
-        store.publish(&message).await
+        let sealed = self.seal.seal(&message, std::time::SystemTime::now());
+        store.publish(&sealed).await
     }
 
     /// For each breaker the fleet holds open past its period: try for the one probe lease.
@@ -448,7 +549,9 @@ impl FleetTask {
                 open_for_ms,
                 ..
             } if current == Some(fingerprint.as_str()) => {
-                let open_for = Duration::from_millis(*open_for_ms);
+                // Never longer than this pod's own config allows, whatever the message says.
+                let max = credential.spec.breaker.max_open_for;
+                let open_for = time::capped(*open_for_ms, time::Unit::Millis, max);
                 credential
                     .breaker
                     .fleet_open(fingerprint, reason, open_for, Instant::now());
@@ -461,16 +564,36 @@ impl FleetTask {
                 true
             }
             FleetMessage::Hold { seconds, from, .. } if *from != self.view.pod => {
-                credential
-                    .limits
-                    .hold(Instant::now() + Duration::from_secs(*seconds));
+                let max = credential.spec.breaker.max_hold;
+                let hold = time::capped(*seconds, time::Unit::Seconds, max);
+                credential.limits.hold(time::deadline(Instant::now(), hold));
                 true
             }
-            FleetMessage::Manual { action, from, .. } if *from != self.view.pod => {
-                tracing::warn!(credential = %credential.name, action = action.label(), from = %from, "breaker set by an operator on another pod");
+            FleetMessage::Manual {
+                action,
+                from,
+                at_ms,
+                proof,
+                ..
+            } if *from != self.view.pod => {
+                let authority = self.manual_authority(
+                    credential.name.as_ref(),
+                    *action,
+                    from,
+                    *at_ms,
+                    proof.as_deref(),
+                );
+                tracing::warn!(credential = %credential.name, action = action.label(), from = %from, ?authority, "breaker set by an operator on another pod");
                 match action {
-                    ManualAction::Open => credential.breaker.force_open(Instant::now()),
-                    ManualAction::Close => credential.breaker.force_close(),
+                    ManualAction::Open => credential.breaker.force_open(Instant::now(), authority),
+                    ManualAction::Close => {
+                        if !credential.breaker.force_close(authority) {
+                            tracing::warn!(credential = %credential.name, from = %from, "a close without the admin token's proof cannot undo an open made with it");
+                            self.rejected("lacks_authority");
+                            return;
+                        }
+                        credential.limits.clear_hold();
+                    }
                 }
                 self.metrics
                     .breaker_manual
@@ -482,6 +605,42 @@ impl FleetTask {
         };
         if applied {
             self.metrics.fleet_events.with_label_values(&[kind]).inc();
+        }
+    }
+
+    fn admin_token(&self) -> Option<crate::secret::Secret> {
+        match read_local(self.config.admin_token.as_ref()?) {
+            Some(Ok(fetched)) => Some(fetched.secret),
+            _ => None,
+        }
+    }
+
+    /// An operator's switch from another pod proves the admin token when its proof checks out
+    /// under this pod's token and it is fresh.
+    fn manual_authority(
+        &self,
+        credential: &str,
+        action: ManualAction,
+        from: &str,
+        at_ms: u64,
+        proof: Option<&str>,
+    ) -> Authority {
+        let (Some(proof), Some(token)) = (proof, self.admin_token()) else {
+            return Authority::Unproven;
+        };
+        let facts = seal::ManualFacts {
+            fleet: &self.config.name,
+            credential,
+            action,
+            at_ms,
+            from,
+        };
+        let fresh = seal::unix_ms(std::time::SystemTime::now()).abs_diff(at_ms)
+            <= u64::try_from(seal::MAX_SKEW.as_millis()).unwrap_or(u64::MAX);
+        if fresh && seal::manual_proof_holds(token.expose().as_bytes(), &facts, proof) {
+            Authority::AdminToken
+        } else {
+            Authority::Unproven
         }
     }
 

@@ -10,8 +10,11 @@ use redis::aio::MultiplexedConnection;
 
 use crate::fleet::message::FleetMessage;
 
-/// No store command may hold the fleet task longer than this.
+/// No store command may hold the fleet task longer than this: past it the store counts as down.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(2);
+/// Connecting is several round trips (TCP, TLS, HELLO/AUTH, CLIENT SETINFO, SUBSCRIBE): it gets
+/// a deadline of its own, or a store answering each command in 1.5 s could never connect.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A token bucket taken from atomically in the store, on the store's own clock: refill by the
 /// time since the last take, hand out up to `want` whole tokens, keep the rest.
@@ -47,23 +50,16 @@ pub struct Store {
     channel: String,
 }
 
-/// The fleet channel's messages, parsed; unparseable ones are skipped.
+/// The fleet channel's messages as text; the fleet task opens (verifies and parses) them.
 pub struct Subscription {
     messages: Pin<Box<dyn Stream<Item = redis::Msg> + Send>>,
 }
 
 impl Subscription {
-    pub async fn next(&mut self) -> Option<FleetMessage> {
-        loop {
-            let message = self.messages.next().await?;
-            let Ok(payload) = message.get_payload::<String>() else {
-                continue;
-            };
-            match serde_json::from_str(&payload) {
-                Ok(parsed) => return Some(parsed),
-                Err(_) => tracing::debug!("unparseable fleet message dropped"),
-            }
-        }
+    /// The next message's text; `Some(None)` for a payload that is not text.
+    pub async fn next(&mut self) -> Option<Option<String>> {
+        let message = self.messages.next().await?;
+        Some(message.get_payload::<String>().ok())
     }
 }
 
@@ -86,9 +82,22 @@ impl Store {
         };
         let prefix = format!("keystamp:{fleet}:");
         let channel = format!("{prefix}events");
-        let connection = deadline(client.get_multiplexed_async_connection()).await?;
-        let mut pubsub = deadline(client.get_async_pubsub()).await?;
-        deadline(pubsub.subscribe(&channel)).await?;
+        // redis-rs' own defaults (1 s to connect, 500 ms per answer) would undercut both.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_DEADLINE))
+            .set_response_timeout(Some(COMMAND_DEADLINE));
+        let connecting = async {
+            let connection = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>((connection, pubsub))
+        };
+        let (connection, pubsub) = match tokio::time::timeout(CONNECT_DEADLINE, connecting).await {
+            Ok(connected) => connected?,
+            Err(_) => return Err(StoreError::Timeout),
+        };
         let subscription = Subscription {
             messages: Box::pin(pubsub.into_on_message()),
         };
@@ -142,6 +151,7 @@ impl Store {
     pub async fn announce_open(
         &mut self,
         message: &FleetMessage,
+        sealed: &str,
         open_for: Duration,
     ) -> Result<(), StoreError> {
         let FleetMessage::Open {
@@ -154,13 +164,12 @@ impl Store {
         };
         let key = self.key(&["open", credential, fingerprint]);
         let index = self.key(&["opens"]);
-        let json = serde_json::to_string(message).unwrap_or_default();
         let _: ((), i64, i64) = deadline(
             redis::pipe()
                 .atomic()
                 .cmd("SET")
                 .arg(&key)
-                .arg(&json)
+                .arg(sealed)
                 .arg("PX")
                 .arg(millis(open_for))
                 .cmd("SADD")
@@ -168,7 +177,7 @@ impl Store {
                 .arg(&key)
                 .cmd("PUBLISH")
                 .arg(&self.channel)
-                .arg(&json)
+                .arg(sealed)
                 .query_async(&mut self.connection),
         )
         .await?;
@@ -176,7 +185,11 @@ impl Store {
     }
 
     /// Forgets the open version and tells every pod its probe succeeded.
-    pub async fn announce_close(&mut self, message: &FleetMessage) -> Result<(), StoreError> {
+    pub async fn announce_close(
+        &mut self,
+        message: &FleetMessage,
+        sealed: &str,
+    ) -> Result<(), StoreError> {
         let FleetMessage::Close {
             credential,
             fingerprint,
@@ -187,7 +200,6 @@ impl Store {
         };
         let key = self.key(&["open", credential, fingerprint]);
         let index = self.key(&["opens"]);
-        let json = serde_json::to_string(message).unwrap_or_default();
         let _: (i64, i64, i64) = deadline(
             redis::pipe()
                 .atomic()
@@ -198,27 +210,26 @@ impl Store {
                 .arg(&key)
                 .cmd("PUBLISH")
                 .arg(&self.channel)
-                .arg(&json)
+                .arg(sealed)
                 .query_async(&mut self.connection),
         )
         .await?;
         Ok(())
     }
 
-    pub async fn publish(&mut self, message: &FleetMessage) -> Result<(), StoreError> {
-        let json = serde_json::to_string(message).unwrap_or_default();
+    pub async fn publish(&mut self, sealed: &str) -> Result<(), StoreError> {
         let _: i64 = deadline(
             redis::cmd("PUBLISH")
                 .arg(&self.channel)
-                .arg(json)
+                .arg(sealed)
                 .query_async(&mut self.connection),
         )
         .await?;
         Ok(())
     }
 
-    /// Every version the fleet holds open now (what a joining pod applies first).
-    pub async fn open_versions(&mut self) -> Result<Vec<FleetMessage>, StoreError> {
+    /// Every version the fleet holds open now, as written (what a joining pod applies first).
+    pub async fn open_versions(&mut self) -> Result<Vec<String>, StoreError> {
         let index = self.key(&["opens"]);
         let keys: Vec<String> = deadline(
             redis::cmd("SMEMBERS")
@@ -234,8 +245,8 @@ impl Store {
                     .query_async(&mut self.connection),
             )
             .await?;
-            match value.and_then(|json| serde_json::from_str(&json).ok()) {
-                Some(message) => open.push(message),
+            match value {
+                Some(text) => open.push(text),
                 None => {
                     let _: i64 = deadline(
                         redis::cmd("SREM")

@@ -7,7 +7,6 @@
 //! requests inside intercepted tunnels and for absolute-form requests to the proxy.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::Authority;
@@ -34,6 +33,7 @@ use crate::routes::{OutsideScope, Route, RouteMatch};
 use crate::s3;
 use crate::sigv4::{accepts_unsigned_payload, Payload, SignError};
 use crate::telemetry::RequestRecord;
+use crate::time;
 use crate::upstream::{PooledBody, UpstreamProtocol};
 
 /// How the request reached keystamp.
@@ -650,15 +650,18 @@ async fn judge(
     let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS && route.respect_retry_after {
         if let Some(seconds) = retry_after_seconds(response.headers()) {
+            // One answer must not lock a credential until restart: held at most `max_hold`.
+            let max_hold = stamping.credential.spec.breaker.max_hold;
+            let hold = time::capped(seconds, time::Unit::Seconds, max_hold);
             stamping
                 .credential
                 .limits
-                .hold(Instant::now() + Duration::from_secs(seconds));
+                .hold(time::deadline(Instant::now(), hold));
             // The quota is the key's, not this pod's: the whole fleet holds.
             if let Some(fleet) = &state.fleet {
                 fleet.send(Outgoing::Hold {
                     credential: stamping.credential.name.clone(),
-                    seconds,
+                    seconds: hold.as_secs(),
                 });
             }
         }

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub connections_refused: prometheus::IntCounter,
     pub fleet_store_up: IntGauge,
     pub fleet_events: IntCounterVec,
+    pub fleet_rejected: IntCounterVec,
+    pub fleet_task_restarts: prometheus::IntCounter,
     pub fleet_pods: IntGauge,
     pub build_info: IntGaugeVec,
     pub breaker_manual: IntCounterVec,
@@ -149,6 +151,16 @@ impl Metrics {
             "Fleet messages applied on this pod by kind: open, close, hold, manual.",
             &["kind"],
         )?;
+        let fleet_rejected = counter(
+            "keystamp_fleet_messages_rejected_total",
+            "Fleet messages and index entries dropped by reason: unparseable, unauthenticated, other_fleet, stale, replayed, lacks_authority.",
+            &["reason"],
+        )?;
+        let fleet_task_restarts = prometheus::IntCounter::new(
+            "keystamp_fleet_task_restarts_total",
+            "Times the fleet task crashed and was restarted.",
+        )?;
+        registry.register(Box::new(fleet_task_restarts.clone()))?;
         let breaker_manual = counter(
             "keystamp_breaker_manual_actions_total",
             "Breakers forced open or closed by an operator through the admin listener.",
@@ -200,6 +212,8 @@ impl Metrics {
             connections_refused,
             fleet_store_up,
             fleet_events,
+            fleet_rejected,
+            fleet_task_restarts,
             fleet_pods,
             build_info,
             breaker_manual,
