@@ -575,3 +575,380 @@ async fn without_the_store_a_fleet_limit_falls_back_to_this_pods_share_never_to_
     );
     assert_eq!(served + limited, 20);
 }
+
+/// Publishes `text` on fleet `drill`'s channel as any store writer can.
+async fn publish_forged(store: &RedisServer, text: &str) {
+    let client = redis::Client::open(store.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("keystamp:drill:events")
+        .arg(text)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+/// One request through `pod`: the status, keystamp's error code and its `Retry-After`.
+async fn attempt(pod: &KeystampProcess, path: &str) -> (u16, Option<String>, Option<u64>) {
+    let response = pod
+        .client()
+        .get(format!("https://api.example.test{path}"))
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let retry_after = header("retry-after").and_then(|v| v.parse().ok());
+    (
+        response.status().as_u16(),
+        header("x-keystamp-error"),
+        retry_after,
+    )
+}
+
+fn fingerprint_of(status: &serde_json::Value) -> String {
+    status["credentials"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_durations_are_capped_and_never_stop_a_pod_or_its_fleet_task() {
+    let _drill = DRILL.read().await;
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let pods = fleet_with(2, &upstream, &ca, Some(&store), dir.path(), |config| {
+        config.set(
+            "breaker",
+            serde_json::json!({ "failures": 5, "open_for": "1s", "max_open_for": "3s", "max_hold": "60s", "jitter": false }),
+        );
+    });
+    wait_for_store(&pods).await;
+    let (a, b) = (&pods[0], &pods[1]);
+    let admin = reqwest::Client::builder().no_proxy().build().unwrap();
+    let close = |pod: &KeystampProcess| {
+        admin
+            .post(format!("http://{}/breakers/key/close", pod.admin))
+            .send()
+    };
+
+    // An upstream's Retry-After of u64::MAX seconds: no panic, a hold of at most max_hold.
+    let (status, _, _) = attempt(a, "/retry-after/18446744073709551615").await;
+    assert_eq!(status, 429);
+    let (status, code, retry_after) = attempt(a, "/x").await;
+    assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
+    assert!(retry_after.unwrap() <= 60, "held {retry_after:?} s");
+    // The hold reached pod B capped too; an operator's close ends it at once.
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            attempt(b, "/x").await.1.as_deref() == Some("rate_limited")
+        })
+        .await
+    );
+    assert!(attempt(b, "/x").await.2.unwrap() <= 60);
+    for pod in [a, b] {
+        assert_eq!(close(pod).await.unwrap().status(), 200);
+        assert_eq!(attempt(pod, "/x").await.0, 200, "a close clears the hold");
+    }
+
+    // Forged store messages with absurd durations.
+    publish_forged(
+        &store,
+        r#"{"kind":"hold","credential":"key","seconds":18446744073709551615,"from":"attacker"}"#,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            attempt(a, "/x").await.1.as_deref() == Some("rate_limited")
+        })
+        .await
+    );
+    assert!(attempt(a, "/x").await.2.unwrap() <= 60);
+    assert_eq!(close(a).await.unwrap().status(), 200);
+    assert_eq!(close(b).await.unwrap().status(), 200);
+    let fingerprint = fingerprint_of(&a.status().await);
+    let open = serde_json::json!({
+        "kind": "open", "credential": "key", "fingerprint": fingerprint,
+        "reason": "forged", "open_for_ms": 1_000_000_000_000u64, "from": "attacker",
+    });
+    publish_forged(&store, &open.to_string()).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            attempt(b, "/x").await.1.as_deref() == Some("credential_circuit_open")
+        })
+        .await
+    );
+    assert!(
+        attempt(b, "/x").await.2.unwrap() <= 3,
+        "capped at max_open_for"
+    );
+    // Past max_open_for the fleet's one probe goes out and the key works again.
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            attempt(b, "/x").await.0 == 200
+        })
+        .await,
+        "a forged open outlasted max_open_for"
+    );
+    for pod in [a, b] {
+        let metrics = pod.admin_get("/metrics").await;
+        assert_eq!(metric(&metrics, "keystamp_fleet_store_up"), Some(1.0));
+        assert_eq!(
+            metric(&metrics, "keystamp_fleet_task_restarts_total"),
+            Some(0.0)
+        );
+    }
+}
+
+/// Pods that share an admin token (and, with `sealed`, a fleet key).
+fn guarded_fleet(
+    upstream: &TestUpstream,
+    ca: &Path,
+    store: &RedisServer,
+    dir: &Path,
+    sealed: bool,
+) -> Vec<KeystampProcess> {
+    std::fs::write(dir.join("admin-token"), "operator-token-1").unwrap();
+    std::fs::write(dir.join("fleet-key"), "fleet-hmac-key-2").unwrap();
+    let url_file = dir.join("redis-url");
+    std::fs::write(&url_file, store.url()).unwrap();
+    fleet_with(2, upstream, ca, Some(store), dir, |config| {
+        let mut fleet =
+            serde_json::json!({ "name": "drill", "store": { "url": { "file": url_file } } });
+        if sealed {
+            fleet["key"] = serde_json::json!({ "file": dir.join("fleet-key") });
+        }
+        config.set("fleet", fleet).set(
+            "admin_token",
+            serde_json::json!({ "file": dir.join("admin-token") }),
+        );
+    })
+}
+
+async fn operator(pod: &KeystampProcess, action: &str) -> u16 {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{}/breakers/key/{action}", pod.admin))
+        .bearer_auth("operator-token-1")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn is_open(pod: &KeystampProcess) -> bool {
+    attempt(pod, "/x").await.1.as_deref() == Some("credential_circuit_open")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_close_cannot_undo_an_operators_open_made_with_the_admin_token() {
+    let _drill = DRILL.read().await;
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let pods = guarded_fleet(&upstream, &ca, &store, dir.path(), false);
+    wait_for_store(&pods).await;
+    let (a, b) = (&pods[0], &pods[1]);
+    assert_eq!(operator(a, "open").await, 200);
+    assert!(eventually(Duration::from_secs(2), || is_open(b)).await);
+    // Without the fleet key anyone can publish, but a close without the token's proof is refused.
+    let forged = r#"{"kind":"manual","credential":"key","action":"close","from":"attacker"}"#;
+    publish_forged(&store, forged).await;
+    let proof = format!(
+        r#"{{"kind":"manual","credential":"key","action":"close","from":"attacker","at_ms":1,"proof":"{}"}}"#,
+        "ab".repeat(32)
+    );
+    publish_forged(&store, &proof).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for pod in [a, b] {
+        assert!(
+            is_open(pod).await,
+            "a forged close undid the operator's open"
+        );
+        let metrics = pod.admin_get("/metrics").await;
+        let refused = metric(
+            &metrics,
+            "keystamp_fleet_messages_rejected_total{reason=\"lacks_authority\"}",
+        );
+        assert_eq!(refused, Some(2.0), "{metrics}");
+    }
+    // The operator's own close, proven with the token, reaches every pod.
+    assert_eq!(operator(a, "close").await, 200);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            attempt(b, "/x").await.0 == 200
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_fleet_key_forged_and_replayed_messages_are_dropped_and_counted() {
+    let _drill = DRILL.read().await;
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let pods = guarded_fleet(&upstream, &ca, &store, dir.path(), true);
+    wait_for_store(&pods).await;
+    let (a, b) = (&pods[0], &pods[1]);
+    let client = redis::Client::open(store.url()).unwrap();
+    let mut listener = client.get_async_pubsub().await.unwrap();
+    listener.subscribe("keystamp:drill:events").await.unwrap();
+
+    // Sealed messages work: the operator's open reaches pod B.
+    assert_eq!(operator(a, "open").await, 200);
+    assert!(eventually(Duration::from_secs(2), || is_open(b)).await);
+    let captured: String = {
+        use futures_util::StreamExt;
+        let mut messages = listener.on_message();
+        let message = tokio::time::timeout(Duration::from_secs(2), messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        message.get_payload().unwrap()
+    };
+    assert!(captured.contains("\"mac\""), "{captured}");
+    assert_eq!(operator(a, "close").await, 200);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            attempt(b, "/x").await.0 == 200
+        })
+        .await
+    );
+
+    // Unsealed forgeries: an open, a hold, a close; none is applied.
+    let fingerprint = fingerprint_of(&b.status().await);
+    let forged = [
+        serde_json::json!({ "kind": "open", "credential": "key", "fingerprint": fingerprint,
+            "reason": "forged", "open_for_ms": 60000, "from": "attacker" }),
+        serde_json::json!({ "kind": "hold", "credential": "key", "seconds": 60, "from": "attacker" }),
+        serde_json::json!({ "kind": "close", "credential": "key", "fingerprint": fingerprint, "from": "attacker" }),
+    ];
+    for message in &forged {
+        publish_forged(&store, &message.to_string()).await;
+    }
+    // A real sealed message replayed: refused as seen before.
+    publish_forged(&store, &captured).await;
+    // A sealed one with a guessed key.
+    let guessed = captured.replace("\"mac\":\"", "\"mac\":\"00");
+    publish_forged(&store, &guessed).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        attempt(b, "/x").await.0,
+        200,
+        "a forged message was applied"
+    );
+    let metrics = b.admin_get("/metrics").await;
+    let rejected = |reason: &str| {
+        metric(
+            &metrics,
+            &format!("keystamp_fleet_messages_rejected_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(rejected("unauthenticated"), Some(4.0), "{metrics}");
+    assert_eq!(rejected("replayed"), Some(1.0), "{metrics}");
+    // Forged index entries are ignored by a pod that joins later.
+    let entry = forged[0].to_string();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("keystamp:drill:open:key:{fingerprint}");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&entry)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("SADD")
+        .arg("keystamp:drill:opens")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let late = guarded_fleet(&upstream, &ca, &store, dir.path(), true);
+    wait_for_store(&late).await;
+    assert_eq!(
+        attempt(&late[0], "/x").await.0,
+        200,
+        "a forged index entry was applied"
+    );
+}
+
+/// A TCP relay in front of `target` that holds every answer for `delay`: a store that answers
+/// each command slowly but answers.
+async fn slow_relay(target: String, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut buffer = vec![0u8; 64 * 1024];
+                while let Ok(n) = server_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if client_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    format!("redis://{addr}/")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_store_that_answers_within_the_command_deadline_counts_as_up() {
+    let _drill = DRILL.read().await;
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let target = store
+        .url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let slow = slow_relay(target, Duration::from_millis(1500)).await;
+    let url_file = dir.path().join("slow-url");
+    std::fs::write(&url_file, slow).unwrap();
+    let pods = fleet_with(1, &upstream, &ca, Some(&store), dir.path(), |config| {
+        config.set(
+            "fleet",
+            serde_json::json!({ "name": "drill", "store": { "url": { "file": url_file } } }),
+        );
+    });
+    let pod = &pods[0];
+    assert!(
+        eventually(Duration::from_secs(25), || async {
+            metric(&pod.admin_get("/metrics").await, "keystamp_fleet_store_up") == Some(1.0)
+        })
+        .await,
+        "a store answering in 1.5 s never counted as up: {}",
+        pod.log()
+    );
+    // It stays up across heartbeats (one command every 5 s, each answered in 1.5 s).
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let up = metric(&pod.admin_get("/metrics").await, "keystamp_fleet_store_up");
+        assert_eq!(up, Some(1.0), "{}", pod.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

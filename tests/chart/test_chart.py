@@ -159,15 +159,16 @@ for label, values in VALUES.items():
                 assert credential in run.stdout
 
 
-@check("fleet: store URL from a Secret, pod name from the downward API, fleet section rendered")
+@check("fleet: store URL and seal key from Secrets, pod name from the downward API, fleet section rendered")
 def _():
     for name, spec in pod_specs(render(VALUES["fleet"])):
         env = {e["name"]: e for e in keystamp_container(spec)["env"]}
         assert env["KEYSTAMP_FLEET_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "keystamp-fleet-redis", "key": "url"}, name
+        assert env["KEYSTAMP_FLEET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keystamp-fleet-key", "key": "fleet-key"}, name
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", name
     configs = [d for _, d in render(VALUES["fleet"]) if d["kind"] == "ConfigMap"]
     config = yaml.safe_load(configs[0]["data"]["keystamp.yaml"])
-    assert config["fleet"] == {"name": "research-agents", "store": {"url": {"env": "KEYSTAMP_FLEET_REDIS_URL"}}, "replicas_hint": 50}, config
+    assert config["fleet"] == {"name": "research-agents", "store": {"url": {"env": "KEYSTAMP_FLEET_REDIS_URL"}}, "key": {"env": "KEYSTAMP_FLEET_KEY"}, "replicas_hint": 50}, config
     defaults = [d for _, d in render(VALUES["defaults"]) if d["kind"] == "ConfigMap"]
     assert all("fleet" not in yaml.safe_load(d["data"]["keystamp.yaml"]) for d in defaults)
 

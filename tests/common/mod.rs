@@ -219,6 +219,14 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
             return text(StatusCode::UNAUTHORIZED, "{\"error\":\"invalid_token\"}");
         }
     }
+    // A 429 with any `Retry-After` the test names, as a hostile or broken upstream sends it.
+    if let Some(value) = path.strip_prefix("/retry-after/") {
+        let mut response = text(StatusCode::TOO_MANY_REQUESTS, "slow down");
+        response
+            .headers_mut()
+            .insert("retry-after", value.parse().unwrap());
+        return response;
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut response = text(
             StatusCode::from_u16(code.parse().unwrap()).unwrap(),

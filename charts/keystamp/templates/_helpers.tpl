@@ -88,6 +88,9 @@ routes:
 fleet:
   name: {{ .Values.fleet.name | default .Release.Name | quote }}
   store: { url: { env: KEYSTAMP_FLEET_REDIS_URL } }
+  {{- if .Values.fleet.sealKey.secretName }}
+  key: { env: KEYSTAMP_FLEET_KEY }
+  {{- end }}
   {{- with .Values.fleet.replicasHint }}
   replicas_hint: {{ . }}
   {{- end }}
@@ -119,6 +122,13 @@ fleet:
         secretKeyRef:
           name: {{ required "fleet.store.secretName is required when fleet.enabled" .Values.fleet.store.secretName }}
           key: {{ .Values.fleet.store.key }}
+    {{- if .Values.fleet.sealKey.secretName }}
+    - name: KEYSTAMP_FLEET_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.fleet.sealKey.secretName }}
+          key: {{ .Values.fleet.sealKey.key }}
+    {{- end }}
     {{- end }}
   ports:
     - name: ks-admin
