@@ -400,3 +400,59 @@ async fn operators_force_a_breaker_open_and_closed_on_the_admin_listener() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cannot_open_a_shared_breaker_by_naming_a_marker_in_its_path() {
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let mut config = TestConfig::new();
+    config
+        .trust(&ca)
+        .pin("api.example.test:443", upstream.addr)
+        .set(
+            "breaker",
+            serde_json::json!({ "failures": 3, "jitter": false }),
+        )
+        .credential_file("key", serde_json::json!({}))
+        .bearer_route(
+            "api.example.test",
+            "key",
+            serde_json::json!({ "auth_failure_markers": ["InvalidSignatureException"] }),
+        );
+    let keystamp = KeystampProcess::start(&config.yaml(), &[("key", "key-1")]);
+    let client = keystamp.client();
+    let status = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(format!("https://api.example.test{path}"))
+                .send()
+                .await
+                .unwrap();
+            let code = response
+                .headers()
+                .get("x-keystamp-error")
+                .map(|v| v.to_str().unwrap().to_string());
+            (response.status().as_u16(), code)
+        }
+    };
+    // The marker appears in the echoed message and an echoed header, never as the error code.
+    for _ in 0..10 {
+        assert_eq!(
+            status("/forbidden/echo/InvalidSignatureException").await.0,
+            403
+        );
+    }
+    assert_eq!(
+        status("/ok").await,
+        (200, None),
+        "an agent's path opened the breaker"
+    );
+    // The same marker as the upstream's error code (x-amzn-ErrorType) counts.
+    for _ in 0..3 {
+        assert_eq!(status("/forbidden/aws-header").await.0, 403);
+    }
+    assert_eq!(
+        status("/ok").await.1.as_deref(),
+        Some("credential_circuit_open")
+    );
+}

@@ -5,6 +5,7 @@
 
 mod conn;
 pub mod connect;
+mod error_code;
 pub mod pipeline;
 mod sniff;
 

@@ -28,6 +28,7 @@ use crate::host::{default_port, Host};
 use crate::inject;
 use crate::limits::Limits;
 use crate::proxy::conn::InFlight;
+use crate::proxy::error_code;
 use crate::proxy::ProxyState;
 use crate::routes::{OutsideScope, Route, RouteMatch};
 use crate::s3;
@@ -700,13 +701,14 @@ async fn judge(
     response
 }
 
-/// Bytes of a 403 body searched for `auth_failure_markers`.
-const MARKER_PEEK: usize = 1024;
+/// Bytes of a 403 body read for its error code (AWS and OAuth errors are a few hundred).
+const MARKER_PEEK: usize = 4096;
 
 /// A 403 means "this credential is bad" only when it says so: `WWW-Authenticate` with
-/// `error="invalid_token"`, or a configured marker in a header value or the body's first KiB.
-/// Other 403s are permission answers and leave the breaker alone (`None`). The verdict names the
-/// marker that said so (none for `invalid_token`).
+/// `error="invalid_token"`, or an error code equal to a configured marker in the response's
+/// structured fields (`error_code.rs`: the AWS error headers, a JSON `__type`/`code`, an XML
+/// `<Code>`), never in free text an agent could fill by naming a path. Other 403s are permission
+/// answers and leave the breaker alone (`None`). The verdict names the marker that said so.
 async fn forbidden_says_credential_is_bad(
     response: Response<PooledBody>,
     markers: &[String],
@@ -726,24 +728,15 @@ async fn forbidden_says_credential_is_bad(
     if invalid_token {
         return (bad(None), response.map(body::stream));
     }
-    let in_headers = markers.iter().find(|m| {
-        headers
-            .values()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.contains(m.as_str()))
-    });
-    if in_headers.is_some() {
-        return (bad(in_headers), response.map(body::stream));
-    }
     if markers.is_empty() {
         return (None, response.map(body::stream));
     }
     let (parts, incoming) = response.into_parts();
     let (prefix, rest) = body::peek(incoming, MARKER_PEEK).await;
-    let text = String::from_utf8_lossy(&prefix);
+    let codes = error_code::error_codes(&parts.headers, &prefix);
     let marked = markers
         .iter()
-        .find(|m| text.contains(m.as_str()))
+        .find(|m| codes.iter().any(|code| code == *m))
         .and_then(|m| bad(Some(m)));
     (marked, Response::from_parts(parts, rest))
 }

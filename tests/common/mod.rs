@@ -239,7 +239,30 @@ async fn respond(mut request: Request<Incoming>, seen: Arc<Seen>) -> Response<Te
         }
         return response;
     }
+    // A permission 403 that echoes the resource the agent named into its message, as many
+    // APIs do: whatever the path says, its error code is AccessDenied.
+    if path.starts_with("/forbidden/echo/") {
+        let body = serde_json::json!({
+            "message": format!("User is not authorized to access {path}"),
+            "code": "AccessDenied",
+        });
+        let mut response = text(StatusCode::FORBIDDEN, body.to_string());
+        response
+            .headers_mut()
+            .insert("x-echo-path", path.parse().unwrap());
+        return response;
+    }
     match path.as_str() {
+        "/forbidden/aws-header" => {
+            let mut response = text(StatusCode::FORBIDDEN, "{\"message\":\"signature\"}");
+            response.headers_mut().insert(
+                "x-amzn-errortype",
+                "InvalidSignatureException:http://internal.amazon.com/coral/com.amazon.coral.service/"
+                    .parse()
+                    .unwrap(),
+            );
+            return response;
+        }
         "/forbidden/invalid-token" => {
             let mut response = text(StatusCode::FORBIDDEN, "");
             response.headers_mut().insert(
