@@ -76,7 +76,8 @@ mod tests {
     fn codes(headers: &[(&str, &str)], body: &str) -> Vec<String> {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
-            map.append(*name, value.parse().unwrap());
+            let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            map.append(name, value.parse().unwrap());
         }
         error_codes(&map, body.as_bytes())
     }
