@@ -254,6 +254,9 @@ fn minted_json(credential: &Credential) -> serde_json::Value {
             "permissions": app.permissions,
             "per_task": app.mint != MintMode::Shared,
             "live_task_tokens": credential.task_tokens.as_ref().map_or(0, |tokens| tokens.live()),
+            // GitHub's clock minus keystamp's at the last mint (its `Date`); expiry is judged on
+            // GitHub's clock.
+            "clock_skew_s": credential.task_tokens.as_ref().and_then(|tokens| tokens.skew_seconds()),
         }),
         SourceSpec::Aws(aws) => serde_json::json!({
             "provider": "aws",

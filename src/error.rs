@@ -45,6 +45,13 @@ pub enum ProxyError {
         retry_after: Duration,
         fingerprint: Option<String>,
     },
+    #[error("credential `{credential}` mints no more task tokens now: {why}")]
+    MintLimited {
+        credential: String,
+        /// What was reached: the credential's mint rate or the agent's live task tokens.
+        why: &'static str,
+        retry_after: Duration,
+    },
     #[error("{subject} `{name}` is over its rate limit")]
     RateLimited {
         /// `credential` or `agent`: whose limit it is.
@@ -100,6 +107,7 @@ impl ProxyError {
             ProxyError::CredentialExpired { .. } => "credential_expired",
             ProxyError::CircuitOpen { .. } => "credential_circuit_open",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::MintLimited { .. } => "mint_limited",
             ProxyError::UpstreamTls => "upstream_tls",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
             ProxyError::UpstreamTimeout => "upstream_timeout",
@@ -134,7 +142,9 @@ impl ProxyError {
             ProxyError::CredentialUnavailable { .. }
             | ProxyError::CredentialExpired { .. }
             | ProxyError::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::RateLimited { .. } | ProxyError::MintLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::UpstreamTls
             | ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -165,6 +175,7 @@ impl ProxyError {
             | ProxyError::CredentialExpired { .. }
             | ProxyError::CircuitOpen { .. }
             | ProxyError::RateLimited { .. }
+            | ProxyError::MintLimited { .. }
             | ProxyError::TooManyConnections
             | ProxyError::Internal(_) => Side::Keystamp,
         }
@@ -200,6 +211,16 @@ impl ProxyError {
             } => {
                 let seconds = whole_seconds(*wait);
                 body.insert((*subject).into(), name.as_str().into());
+                body.insert("retry_after_s".into(), seconds.into());
+                retry_after = Some(seconds);
+            }
+            ProxyError::MintLimited {
+                credential,
+                retry_after: wait,
+                ..
+            } => {
+                let seconds = whole_seconds(*wait);
+                body.insert("credential".into(), credential.as_str().into());
                 body.insert("retry_after_s".into(), seconds.into());
                 retry_after = Some(seconds);
             }

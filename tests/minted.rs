@@ -156,6 +156,11 @@ struct FakeGithub {
     jwt_rejections: Mutex<Vec<String>>,
     /// Tokens the API saw, in order, and whether each was accepted.
     api_calls: Mutex<Vec<(String, bool)>>,
+    /// How long minting (POST) and revoking (DELETE) take: a slow GitHub.
+    mint_delay: Mutex<Duration>,
+    revoke_delay: Mutex<Duration>,
+    /// Mint POSTs received, counted as they arrive (before any delay).
+    mint_requests: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeGithub {
@@ -168,7 +173,18 @@ impl FakeGithub {
         *fake.lifetime.lock().unwrap() = lifetime;
         let handler_fake = fake.clone();
         let handler: Handler = Arc::new(move |received| handler_fake.answer(&key, received));
-        let addr = serve_tls(ca, &["github.example.test"], handler).await;
+        let delay_fake = fake.clone();
+        let delay: Delay = Arc::new(move |received: &Received| match received.method {
+            http::Method::POST => {
+                delay_fake
+                    .mint_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                *delay_fake.mint_delay.lock().unwrap()
+            }
+            http::Method::DELETE => *delay_fake.revoke_delay.lock().unwrap(),
+            _ => Duration::ZERO,
+        });
+        let addr = serve_tls_with(ca, &["github.example.test"], handler, delay).await;
         (fake, addr)
     }
 
@@ -274,6 +290,46 @@ struct GithubRig {
     _dir: tempfile::TempDir,
 }
 
+/// A per-task GitHub credential `gh` with `extra` keys, on a bearer route, for agents `agents`.
+async fn per_task_rig(
+    lifetime: i64,
+    extra: serde_json::Value,
+    agents: &[(&str, &str)],
+) -> GithubRig {
+    let mut app = serde_json::json!({ "permissions": { "contents": "read" }, "mint": "per_task" });
+    app.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    GithubRig::start(
+        lifetime,
+        &[("gh", app)],
+        serde_json::json!({ "host": "github.example.test", "credential": "gh", "inject": { "type": "bearer" } }),
+        agents,
+    )
+    .await
+}
+
+/// Status and keystamp's error code of one request for `task`.
+async fn for_task(client: &reqwest::Client, task: &str) -> (u16, Option<String>, Option<String>) {
+    let response = client
+        .get("https://github.example.test/user/repos")
+        .header("Keystamp-Task", task)
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    (
+        response.status().as_u16(),
+        header("x-keystamp-error"),
+        header("retry-after"),
+    )
+}
+
 impl GithubRig {
     async fn start(
         lifetime: i64,
@@ -306,14 +362,15 @@ impl GithubRig {
                 "api_url": "https://github.example.test",
                 "private_key": { "file": "./secrets/app.pem" },
             });
-            source
-                .as_object_mut()
-                .unwrap()
-                .extend(app.as_object().unwrap().clone());
-            config.credential(
-                name,
-                serde_json::json!({ "source": { "github_app": source } }),
-            );
+            let mut app = app.as_object().unwrap().clone();
+            // `timeout` belongs beside `github_app`, not inside it.
+            let timeout = app.remove("timeout");
+            source.as_object_mut().unwrap().extend(app);
+            let mut wrapped = serde_json::json!({ "github_app": source });
+            if let Some(timeout) = timeout {
+                wrapped["timeout"] = timeout;
+            }
+            config.credential(name, serde_json::json!({ "source": wrapped }));
         }
         config.routes.push(route);
         let id_files: Vec<(String, &str)> = agents
@@ -838,4 +895,208 @@ async fn google_service_account_tokens_are_exchanged_for_the_configured_scopes()
             "the assertion leaked"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_agent_cycling_task_ids_cannot_exhaust_the_apps_minting() {
+    let rig = per_task_rig(
+        3600,
+        serde_json::json!({ "mint_rate": { "per_second": 2, "burst": 5 }, "max_tasks_per_agent": 50 }),
+        &[("cycler", "c-token"), ("other", "o-token")],
+    )
+    .await;
+    let cycler = rig.keystamp.agent_client(Some(("cycler", "c-token")));
+    // The credential's shared token was minted at start; only task mints count below.
+    let at_start = rig.fake.minted().len();
+    let started = std::time::Instant::now();
+    let mut limited = 0;
+    for i in 0..40 {
+        let (status, code, retry_after) = for_task(&cycler, &format!("cycle-{i}")).await;
+        if status == 429 {
+            assert_eq!(code.as_deref(), Some("mint_limited"));
+            assert!(retry_after.is_some_and(|s| s.parse::<u64>().unwrap() >= 1));
+            limited += 1;
+        } else {
+            assert_eq!(status, 200);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mints = rig.fake.minted().len() - at_start;
+    // Burst 5, then 2/s: never more than that reached GitHub.
+    assert!(
+        mints as f64 <= 5.0 + 2.0 * elapsed + 1.0,
+        "{mints} mints in {elapsed:.1} s"
+    );
+    assert!(limited >= 40 - mints, "{limited} refused of 40");
+    assert_eq!(
+        rig.fake
+            .mint_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        mints + at_start,
+        "a refused mint never reached GitHub"
+    );
+
+    // A per-agent cap of live task tokens.
+    let rig = per_task_rig(
+        3600,
+        serde_json::json!({ "max_tasks_per_agent": 3 }),
+        &[("cycler", "c-token"), ("other", "o-token")],
+    )
+    .await;
+    let cycler = rig.keystamp.agent_client(Some(("cycler", "c-token")));
+    for i in 0..3 {
+        assert_eq!(for_task(&cycler, &format!("t-{i}")).await.0, 200);
+    }
+    let (status, code, _) = for_task(&cycler, "t-3").await;
+    assert_eq!((status, code.as_deref()), (429, Some("mint_limited")));
+    assert_eq!(
+        for_task(&cycler, "t-0").await.0,
+        200,
+        "a live task keeps working"
+    );
+    let other = rig.keystamp.agent_client(Some(("other", "o-token")));
+    assert_eq!(
+        for_task(&other, "o-1").await.0,
+        200,
+        "other agents still mint"
+    );
+    assert_eq!(
+        rig.fake.minted().len(),
+        5,
+        "the shared token and four task tokens"
+    );
+    rig.assert_no_secret_leaked().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_first_requests_of_a_task_share_one_slow_mint_and_its_outcome() {
+    let rig = per_task_rig(3600, serde_json::json!({ "timeout": "2s" }), &[]).await;
+    let at_start = rig
+        .fake
+        .mint_requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    *rig.fake.mint_delay.lock().unwrap() = Duration::from_secs(3);
+    let client = rig.keystamp.client();
+    let started = std::time::Instant::now();
+    let waiters = (0..5).map(|_| {
+        let client = client.clone();
+        async move {
+            let answer = for_task(&client, "slow-1").await;
+            (answer, started.elapsed())
+        }
+    });
+    let answers = futures_util::future::join_all(waiters).await;
+    for ((status, code, _), at) in &answers {
+        assert_eq!(
+            (*status, code.as_deref()),
+            (503, Some("credential_unavailable"))
+        );
+        assert!(
+            *at < Duration::from_millis(3500),
+            "a waiter answered at {at:?}"
+        );
+    }
+    assert_eq!(
+        rig.fake
+            .mint_requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            - at_start,
+        1,
+        "five waiters, one mint"
+    );
+    // The endpoint recovers: the next request mints afresh.
+    *rig.fake.mint_delay.lock().unwrap() = Duration::ZERO;
+    assert_eq!(for_task(&client, "slow-1").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_minted_token_is_never_stamped_and_a_short_one_is_not_reminted_per_request() {
+    // GitHub hands out task tokens that expired ten seconds ago.
+    let rig = per_task_rig(3600, serde_json::json!({}), &[]).await;
+    *rig.fake.lifetime.lock().unwrap() = -10;
+    let client = rig.keystamp.client();
+    for _ in 0..3 {
+        let (status, code, _) = for_task(&client, "late-1").await;
+        assert_eq!((status, code.as_deref()), (503, Some("credential_expired")));
+    }
+    assert!(
+        rig.fake.api_calls.lock().unwrap().is_empty(),
+        "an expired token reached the API"
+    );
+    let status = rig.keystamp.status().await;
+    let skew = status["credentials"][0]["minted"]["clock_skew_s"].as_i64();
+    assert!(
+        skew.is_some_and(|s| s.abs() <= 2),
+        "clock skew in /status: {status}"
+    );
+
+    // Two-minute tokens (under the 5-minute renewal margin): reused, not minted per request.
+    let rig = per_task_rig(3600, serde_json::json!({}), &[]).await;
+    *rig.fake.lifetime.lock().unwrap() = 120;
+    let at_start = rig.fake.minted().len();
+    let client = rig.keystamp.client();
+    for _ in 0..10 {
+        assert_eq!(for_task(&client, "short-1").await.0, 200);
+    }
+    assert_eq!(
+        rig.fake.minted().len() - at_start,
+        1,
+        "a short token was re-minted per request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_retired_mid_mint_and_at_exit_are_all_revoked() {
+    let mut rig = per_task_rig(
+        3600,
+        serde_json::json!({ "max_tasks": 2, "mint_rate": { "per_second": 100, "burst": 100 } }),
+        &[],
+    )
+    .await;
+    // Slow mints: four tasks start at once, two are evicted by max_tasks while minting.
+    *rig.fake.mint_delay.lock().unwrap() = Duration::from_millis(300);
+    let client = rig.keystamp.client();
+    let starts = (0..4).map(|i| {
+        let client = client.clone();
+        async move { for_task(&client, &format!("race-{i}")).await }
+    });
+    futures_util::future::join_all(starts).await;
+    *rig.fake.mint_delay.lock().unwrap() = Duration::ZERO;
+    let revoked_count = |fake: &FakeGithub| fake.minted().iter().filter(|m| m.revoked).count();
+    let minted = rig.fake.minted().len() - 1;
+    assert_eq!(minted, 4, "four task tokens beside the shared one");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            revoked_count(&rig.fake) >= minted - 2
+        })
+        .await,
+        "tokens evicted while minting were never revoked: {:?}",
+        rig.fake.minted()
+    );
+
+    // Thirty live tokens and a 200 ms DELETE: revoked together on the way out.
+    let rig2 = per_task_rig(
+        3600,
+        serde_json::json!({ "mint_rate": { "per_second": 100, "burst": 100 } }),
+        &[],
+    )
+    .await;
+    drop(std::mem::replace(&mut rig, rig2));
+    let client = rig.keystamp.client();
+    let starts = (0..30).map(|i| {
+        let client = client.clone();
+        async move { for_task(&client, &format!("live-{i}")).await.0 }
+    });
+    assert!(futures_util::future::join_all(starts)
+        .await
+        .iter()
+        .all(|s| *s == 200));
+    *rig.fake.revoke_delay.lock().unwrap() = Duration::from_millis(200);
+    assert!(rig.keystamp.terminate(), "keystamp did not exit");
+    assert_eq!(
+        revoked_count(&rig.fake),
+        30,
+        "live tokens left unrevoked at exit: {}",
+        rig.keystamp.log()
+    );
 }

@@ -234,12 +234,28 @@ const AWS_MAX_SESSIONS: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MintMode {
     Shared,
-    PerTask {
-        /// Revoke a task's token after this long without requests.
-        idle: Duration,
-        /// Task tokens alive at once; the least recently used is revoked first.
-        max_tasks: usize,
-    },
+    PerTask(TaskTokenSettings),
+}
+
+/// How many tokens minted per caller may live, and how fast new ones may be minted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskTokenSettings {
+    /// Revoke a task's token after this long without requests.
+    pub idle: Duration,
+    /// Task tokens alive at once; the least recently used is revoked first.
+    pub max_tasks: usize,
+    /// Task tokens one agent may hold at once; past it its new tasks get 429 `mint_limited`.
+    pub max_per_agent: usize,
+    /// Mints per second (steady) and at once (burst) for the whole credential: a provider
+    /// rate-limits minting per app, so one agent cycling task ids must not lock out the rest.
+    pub mint_per_second: u32,
+    pub mint_burst: u32,
+}
+
+impl TaskTokenSettings {
+    pub const DEFAULT_MAX_PER_AGENT: usize = 32;
+    pub const DEFAULT_MINT_PER_SECOND: u32 = 2;
+    pub const DEFAULT_MINT_BURST: u32 = 10;
 }
 
 /// AWS keys: static, or from STS (web identity, an assumed role, or both).
@@ -329,17 +345,23 @@ impl SourceSpec {
 
     /// The per-caller settings of a credential minted per (agent, task): a `mint: per_task`
     /// GitHub App, or an AWS role whose session name templates `{agent}` or `{task}`.
-    pub fn per_task(&self) -> Option<(Duration, usize)> {
+    pub fn per_task(&self) -> Option<TaskTokenSettings> {
         match self {
             SourceSpec::GithubApp(app) => match app.mint {
-                MintMode::PerTask { idle, max_tasks } => Some((idle, max_tasks)),
+                MintMode::PerTask(settings) => Some(settings),
                 MintMode::Shared => None,
             },
             SourceSpec::Aws(aws) => aws
                 .assume_role
                 .as_ref()
                 .filter(|role| role.per_caller())
-                .map(|_| (AWS_SESSION_IDLE, AWS_MAX_SESSIONS)),
+                .map(|_| TaskTokenSettings {
+                    idle: AWS_SESSION_IDLE,
+                    max_tasks: AWS_MAX_SESSIONS,
+                    max_per_agent: TaskTokenSettings::DEFAULT_MAX_PER_AGENT,
+                    mint_per_second: TaskTokenSettings::DEFAULT_MINT_PER_SECOND,
+                    mint_burst: TaskTokenSettings::DEFAULT_MINT_BURST,
+                }),
             _ => None,
         }
     }

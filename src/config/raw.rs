@@ -275,6 +275,19 @@ pub struct RawGithubApp {
     pub task_idle: Option<String>,
     #[serde(default)]
     pub max_tasks: Option<usize>,
+    #[serde(default)]
+    pub max_tasks_per_agent: Option<usize>,
+    #[serde(default)]
+    pub mint_rate: Option<RawMintRate>,
+}
+
+/// `mint_rate: { per_second, burst }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMintRate {
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,7 +20,7 @@ use super::{
     AgentScope, AssumeRoleSpec, AwsBase, AwsSpec, BreakerSettings, CaConfig, CaOrigin, CommandSpec,
     Config, ConfigError, CredentialSpec, FleetConfig, GithubAppSpec, GoogleSpec, HostPattern,
     IdentitySpec, Injection, LimitScope, MintMode, OAuth2Spec, RateLimitSpec, ReloadConfig,
-    RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
+    RouteSpec, SourceSpec, TaskTokenSettings, Timeouts, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -858,17 +858,48 @@ impl Errors<'_> {
         if max_tasks == 0 {
             self.push(&format!("{at}.max_tasks"), "must be at least 1");
         }
+        let max_per_agent = raw
+            .max_tasks_per_agent
+            .unwrap_or(TaskTokenSettings::DEFAULT_MAX_PER_AGENT);
+        if max_per_agent == 0 {
+            self.push(&format!("{at}.max_tasks_per_agent"), "must be at least 1");
+        }
+        let (mint_per_second, mint_burst) = match &raw.mint_rate {
+            None => (
+                TaskTokenSettings::DEFAULT_MINT_PER_SECOND,
+                TaskTokenSettings::DEFAULT_MINT_BURST,
+            ),
+            Some(rate) => (rate.per_second, rate.burst.unwrap_or(rate.per_second)),
+        };
+        if mint_per_second == 0 || mint_burst == 0 {
+            self.push(
+                &format!("{at}.mint_rate"),
+                "per_second and burst must be at least 1",
+            );
+        }
         let mint = match raw.mint.as_deref() {
             None | Some("shared") => {
-                if raw.task_idle.is_some() || raw.max_tasks.is_some() {
+                let per_task_only = raw.task_idle.is_some()
+                    || raw.max_tasks.is_some()
+                    || raw.max_tasks_per_agent.is_some()
+                    || raw.mint_rate.is_some();
+                if per_task_only {
                     self.push(
                         &format!("{at}.mint"),
-                        "`task_idle` and `max_tasks` apply to `mint: per_task`",
+                        "`task_idle`, `max_tasks`, `max_tasks_per_agent` and `mint_rate` apply to `mint: per_task`",
                     );
                 }
                 Some(MintMode::Shared)
             }
-            Some("per_task") => idle.map(|idle| MintMode::PerTask { idle, max_tasks }),
+            Some("per_task") => idle.map(|idle| {
+                MintMode::PerTask(TaskTokenSettings {
+                    idle,
+                    max_tasks,
+                    max_per_agent: max_per_agent.max(1),
+                    mint_per_second: mint_per_second.max(1),
+                    mint_burst: mint_burst.max(1),
+                })
+            }),
             Some(_) => {
                 self.push(&format!("{at}.mint"), "must be `shared` or `per_task`");
                 None

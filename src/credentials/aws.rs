@@ -150,7 +150,8 @@ async fn sts_credentials(
     spec: &AwsSpec,
     upstream: &Upstream,
 ) -> Result<Fetched, SourceError> {
-    let (status, bytes) = exchange::send(call, upstream, spec.timeout).await?;
+    let exchange::Answer { status, bytes, .. } =
+        exchange::send(call, upstream, spec.timeout).await?;
     let text = String::from_utf8_lossy(&bytes);
     if !status.is_success() {
         let code = xml_text(&text, "Code")

@@ -21,13 +21,34 @@ pub struct Call {
     pub body: Option<(&'static str, String)>,
 }
 
+/// A token service's answer.
+pub struct Answer {
+    pub status: StatusCode,
+    pub bytes: Bytes,
+    /// The service's `Date` header: its clock, to tell keystamp's skew from it.
+    pub date: Option<std::time::SystemTime>,
+}
+
+impl Answer {
+    /// The service's clock minus keystamp's, in whole seconds (positive: the service is ahead).
+    pub fn skew_seconds(&self, received: std::time::SystemTime) -> Option<i64> {
+        let date = self.date?;
+        let seconds = |at: std::time::SystemTime| {
+            at.duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .and_then(|d| i64::try_from(d.as_secs()).ok())
+        };
+        Some(seconds(date)? - seconds(received)?)
+    }
+}
+
 /// Sends `call` and reads the answer, within `timeout`. Any status comes back: the caller decides
 /// what a non-success means.
 pub async fn send(
     call: Call,
     upstream: &Upstream,
     timeout: std::time::Duration,
-) -> Result<(StatusCode, Bytes), SourceError> {
+) -> Result<Answer, SourceError> {
     let (content_type, text) = call.body.unwrap_or(("", String::new()));
     let mut request = Request::new(body::full(text));
     *request.method_mut() = call.method;
@@ -50,12 +71,21 @@ pub async fn send(
             .await
             .map_err(|e| SourceError::TokenEndpoint(e.code().to_string()))?;
         let status = response.status();
+        let date = response
+            .headers()
+            .get(header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
         let bytes: Bytes = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
             .collect()
             .await
             .map_err(|_| SourceError::TokenResponse)?
             .to_bytes();
-        Ok((status, bytes))
+        Ok(Answer {
+            status,
+            bytes,
+            date,
+        })
     };
     tokio::time::timeout(timeout, exchange)
         .await
@@ -67,10 +97,10 @@ pub async fn send_expecting_success(
     call: Call,
     upstream: &Upstream,
     timeout: std::time::Duration,
-) -> Result<Bytes, SourceError> {
-    let (status, bytes) = send(call, upstream, timeout).await?;
-    if !status.is_success() {
-        return Err(SourceError::TokenStatus(status.as_u16()));
+) -> Result<Answer, SourceError> {
+    let answer = send(call, upstream, timeout).await?;
+    if !answer.status.is_success() {
+        return Err(SourceError::TokenStatus(answer.status.as_u16()));
     }
-    Ok(bytes)
+    Ok(answer)
 }

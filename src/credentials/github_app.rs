@@ -18,12 +18,21 @@ const JWT_LIFETIME_SECS: u64 = 9 * 60;
 /// Backdate `iat` against clock drift, as GitHub recommends.
 const JWT_BACKDATE_SECS: u64 = 60;
 
+/// A minted token, and GitHub's clock against keystamp's when it was minted.
+pub struct Minted {
+    pub fetched: Fetched,
+    /// GitHub's `Date` minus keystamp's clock, in seconds.
+    pub skew_seconds: Option<i64>,
+}
+
 /// Mints an installation token narrowed as `spec` says, signing with `private_key` (PEM).
+/// `expires_at` is read on GitHub's clock and moved onto keystamp's by the skew its `Date`
+/// header shows, so "expired" means expired at GitHub.
 pub async fn mint(
     spec: &GithubAppSpec,
     private_key: &Secret,
     upstream: &Upstream,
-) -> Result<Fetched, SourceError> {
+) -> Result<Minted, SourceError> {
     let key = SigningKey::from_pem(private_key.expose())?;
     let now = unix_now();
     let claims = serde_json::json!({
@@ -51,17 +60,23 @@ pub async fn mint(
             serde_json::Value::Object(narrowing).to_string(),
         )),
     };
-    let bytes = exchange::send_expecting_success(call, upstream, spec.timeout).await?;
+    let answer = exchange::send_expecting_success(call, upstream, spec.timeout).await?;
+    let skew_seconds = answer.skew_seconds(std::time::SystemTime::now());
     #[derive(serde::Deserialize)]
-    struct Minted {
+    struct Token {
         token: String,
         expires_at: String,
     }
-    let minted: Minted = serde_json::from_slice(&bytes).map_err(|_| SourceError::TokenResponse)?;
-    Ok(Fetched {
-        secret: Secret::new(normalize(&minted.token)?),
-        expires_at: Some(parse_rfc3339(&minted.expires_at).ok_or(SourceError::TokenResponse)?),
-        inputs: None,
+    let token: Token =
+        serde_json::from_slice(&answer.bytes).map_err(|_| SourceError::TokenResponse)?;
+    let expires_at = parse_rfc3339(&token.expires_at).ok_or(SourceError::TokenResponse)?;
+    Ok(Minted {
+        fetched: Fetched {
+            secret: Secret::new(normalize(&token.token)?),
+            expires_at: Some(on_our_clock(expires_at, skew_seconds)),
+            inputs: None,
+        },
+        skew_seconds,
     })
 }
 
@@ -80,6 +95,21 @@ pub async fn revoke(
     exchange::send_expecting_success(call, upstream, spec.timeout)
         .await
         .map(drop)
+}
+
+/// GitHub's `at` as keystamp's clock reads it. `Date` has whole seconds: a skew under 2 s is
+/// the header's resolution and the trip's length, not a clock difference.
+fn on_our_clock(at: std::time::SystemTime, skew_seconds: Option<i64>) -> std::time::SystemTime {
+    let Some(skew) = skew_seconds.filter(|s| s.abs() >= 2) else {
+        return at;
+    };
+    let shift = std::time::Duration::from_secs(skew.unsigned_abs());
+    let moved = if skew > 0 {
+        at.checked_sub(shift)
+    } else {
+        at.checked_add(shift)
+    };
+    moved.unwrap_or(at)
 }
 
 fn endpoint(spec: &GithubAppSpec, path: &str) -> Result<http::Uri, SourceError> {

@@ -64,6 +64,8 @@ pub async fn fetch_token(
         headers: Vec::new(),
         body: Some(("application/x-www-form-urlencoded", form)),
     };
-    let bytes = exchange::send_expecting_success(call, upstream, spec.timeout).await?;
+    let bytes = exchange::send_expecting_success(call, upstream, spec.timeout)
+        .await?
+        .bytes;
     parse_token_response(&bytes, SystemTime::now())
 }

@@ -31,7 +31,7 @@ use crate::upstream::Upstream;
 
 pub use aws::access_key_id;
 pub use source::{fetch, inputs_fingerprint, read_local};
-pub use task_tokens::{is_task_id, TaskKey, TaskTokens};
+pub use task_tokens::{is_task_id, MintError, TaskKey, TaskTokens};
 pub use value::{Fetched, SourceError};
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.

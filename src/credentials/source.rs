@@ -34,7 +34,7 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
         }
         SourceSpec::GithubApp(spec) => {
             let key = read_key_material(&spec.private_key)?;
-            let mut fetched = github_app::mint(spec, &key, upstream).await?;
+            let mut fetched = github_app::mint(spec, &key, upstream).await?.fetched;
             fetched.inputs = Some(key.fingerprint());
             fetched
         }

@@ -21,7 +21,9 @@ use crate::body::{self, Counted, ProxyBody};
 use crate::breaker::{Admission, Breaker, Verdict};
 use crate::config::Injection;
 use crate::config::Unmatched;
-use crate::credentials::{is_task_id, Credential, TaskKey, Version as CredentialVersion};
+use crate::credentials::{
+    is_task_id, Credential, MintError, TaskKey, Version as CredentialVersion,
+};
 use crate::error::ProxyError;
 use crate::fleet::Outgoing;
 use crate::host::{default_port, Host};
@@ -479,9 +481,19 @@ async fn credential_version(
             (Some(tokens), Some(key)) => tokens
                 .token_for(key, None, &state.upstream)
                 .await
-                .map_err(|error| ProxyError::CredentialUnavailable {
-                    credential: credential_name.to_string(),
-                    reason: format!("task token: {error}"),
+                .map_err(|error| match error {
+                    MintError::Limited { why, retry_after } => ProxyError::MintLimited {
+                        credential: credential_name.to_string(),
+                        why,
+                        retry_after,
+                    },
+                    MintError::Expired => ProxyError::CredentialExpired {
+                        credential: credential_name.to_string(),
+                    },
+                    MintError::Failed(error) => ProxyError::CredentialUnavailable {
+                        credential: credential_name.to_string(),
+                        reason: format!("task token: {error}"),
+                    },
                 })?,
             _ => version,
         };

@@ -36,8 +36,8 @@ use watch::DirWatcher;
 const FORCED_FETCH_COOLDOWN: Duration = Duration::from_secs(1);
 /// How often idle task tokens are looked for and retired ones revoked.
 const TASK_SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// How long revoking task tokens may hold up an exit.
-const EXIT_REVOCATION_LIMIT: Duration = Duration::from_secs(3);
+/// Revoking task tokens at exit gets `shutdown_grace` less this, for what runs after it.
+const EXIT_MARGIN: Duration = Duration::from_millis(500);
 
 /// What the writer works with: the cell it publishes to, the client token endpoints are reached
 /// through, the metrics it counts in, and the token that stops it.
@@ -170,11 +170,13 @@ impl Reloader {
             let upstream = self.context.upstream.clone();
             async move { tokens.revoke(retired, &upstream).await }
         });
-        let _ = tokio::time::timeout(
-            EXIT_REVOCATION_LIMIT,
-            futures_util::future::join_all(revocations),
-        )
-        .await;
+        // Within the drain's grace, less a margin for the audit flush that follows.
+        let limit = self
+            .config
+            .shutdown_grace
+            .saturating_sub(EXIT_MARGIN)
+            .max(EXIT_MARGIN);
+        let _ = tokio::time::timeout(limit, futures_util::future::join_all(revocations)).await;
     }
 
     async fn answer(&mut self, ask: Ask) {

@@ -815,6 +815,22 @@ impl KeystampProcess {
         }
     }
 
+    /// Sends SIGTERM and waits (up to 30 s) for the process to exit; returns whether it did.
+    pub fn terminate(&mut self) -> bool {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        let started = std::time::Instant::now();
+        while sent && started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -924,9 +940,22 @@ pub struct Received {
 /// A fake service's answer to one request.
 pub type Handler = Arc<dyn Fn(Received) -> (StatusCode, String) + Send + Sync>;
 
+/// How long a fake service takes before answering a request (a slow provider).
+pub type Delay = Arc<dyn Fn(&Received) -> Duration + Send + Sync>;
+
 /// A real TLS server (h2 + http/1.1) on loopback with a certificate from `ca` for `names`,
 /// answering every request with `handler`: the base of the provider fakes.
 pub async fn serve_tls(ca: &TestCa, names: &[&str], handler: Handler) -> SocketAddr {
+    serve_tls_with(ca, names, handler, Arc::new(|_| Duration::ZERO)).await
+}
+
+/// As [`serve_tls`], each answer held back for what `delay` says.
+pub async fn serve_tls_with(
+    ca: &TestCa,
+    names: &[&str],
+    handler: Handler,
+    delay: Delay,
+) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tls_acceptor(ca, names, &[b"h2", b"http/1.1"]);
@@ -935,13 +964,13 @@ pub async fn serve_tls(ca: &TestCa, names: &[&str], handler: Handler) -> SocketA
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
-            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            let (acceptor, handler, delay) = (acceptor.clone(), handler.clone(), delay.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let handler = handler.clone();
+                    let (handler, delay) = (handler.clone(), delay.clone());
                     async move {
                         let (parts, body) = request.into_parts();
                         let body = body
@@ -955,6 +984,7 @@ pub async fn serve_tls(ca: &TestCa, names: &[&str], handler: Handler) -> SocketA
                             headers: parts.headers,
                             body,
                         };
+                        tokio::time::sleep(delay(&received)).await;
                         let (status, text) = handler(received);
                         let mut response = Response::new(Full::new(Bytes::from(text)));
                         *response.status_mut() = status;
