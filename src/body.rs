@@ -48,6 +48,42 @@ pub fn from_agent(body: hyper::body::Incoming, failed: AgentBodyFailed) -> Proxy
     .boxed_unsync()
 }
 
+/// How much of a refused request's body is read and discarded before the refusal is sent.
+pub const DISCARD_LIMIT: usize = 4 * 1024 * 1024;
+/// How long the agent gets to finish sending a refused request's body.
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and throws away what is left of an agent's body, up to [`DISCARD_LIMIT`] bytes and
+/// [`DISCARD_TIME`], so that the answer keystamp gives instead of forwarding reaches an agent
+/// still sending (the way servers linger before closing): answering mid-upload made clients
+/// report a broken pipe or an h2 stream reset instead of the refusal. Returns whether the body
+/// ended; past either bound the connection closes after the answer.
+pub async fn discard<B>(mut body: B) -> bool
+where
+    B: http_body::Body + Unpin,
+{
+    let reading = async {
+        let mut read = 0usize;
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Err(_)) => return false,
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        read = read.saturating_add(bytes::Buf::remaining(data));
+                        if read > DISCARD_LIMIT {
+                            return false;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DISCARD_TIME, reading)
+        .await
+        .unwrap_or(false)
+}
+
 /// Streams an upstream's body through as it arrives.
 pub fn stream<B>(body: B) -> ProxyBody
 where

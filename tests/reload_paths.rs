@@ -2,6 +2,7 @@
 //! directory with a relative `--config` (`conf/`, `./conf/`, `../conf/`, a symlinked config
 //! directory) follows every way a file gets replaced within a second, as it does with an
 //! absolute path. Every earlier lifecycle test passed absolute paths, which hid that it did not.
+//! Also how a read that keeps failing is reported: once per reason, not on every resync.
 
 // Test code: a panic is a failed assertion, which is what we want here.
 #![allow(
@@ -178,4 +179,52 @@ async fn a_config_in_a_symlinked_directory_is_hot_reloaded() {
         symlink: Some(("conf", "real")),
     })
     .await;
+}
+
+/// Warning lines about `credential` failing to read, from keystamp's JSON log.
+fn read_failures(keystamp: &KeystampProcess) -> Vec<serde_json::Value> {
+    keystamp
+        .log()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["level"] == "WARN")
+        .filter(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("credential read failed"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_that_keeps_failing_warns_once_per_reason() {
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let mut yaml = config(&upstream, &ca, &["api.example.test"]);
+    yaml.push_str("reload: { resync_every: 100ms }\n");
+    let keystamp = KeystampProcess::start(&yaml, &[]);
+    // Missing for a second: ten resyncs, one warning, which says there is no value.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let warned = read_failures(&keystamp);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0]["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no value yet"));
+    // Another reason (an empty file) warns again, once.
+    std::fs::write(keystamp.home.join("secrets/token"), "").unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(read_failures(&keystamp).len(), 2);
+    // A good value, then broken again: the warning names the version it keeps.
+    std::fs::write(keystamp.home.join("secrets/token"), "good-value-1").unwrap();
+    assert!(stamps_within(&keystamp, "api.example.test", "good-value-1").await);
+    std::fs::write(keystamp.home.join("secrets/token"), "").unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let warned = read_failures(&keystamp);
+    assert_eq!(warned.len(), 3, "{warned:?}");
+    assert!(
+        warned[2]["fields"]["keeping"].is_string(),
+        "{:?}",
+        warned[2]
+    );
+    assert!(!keystamp.log().contains("good-value-1"));
 }

@@ -109,6 +109,7 @@ async fn route_request(
         Ok(agent) => agent,
         Err(error) => {
             tracing::debug!(?error, "agent identity refused");
+            crate::body::discard(request.into_body()).await;
             return ProxyError::IdentityRequired.into_response();
         }
     };
@@ -119,5 +120,6 @@ async fn route_request(
         let origin = pipeline::Origin::AbsoluteForm { agent };
         return pipeline::forward(state, origin, request, in_flight).await;
     }
+    crate::body::discard(request.into_body()).await;
     ProxyError::BadRequest("keystamp is a proxy: send CONNECT or an absolute URL").into_response()
 }

@@ -149,15 +149,27 @@ async fn forward_stages(
     mut request: Request<Incoming>,
     record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    screen(&request)?;
-    record.task = task_of(&request)?;
-    let target = target_of(origin, &request)?;
-    let route = choose_route(state, &target, &request, origin.agent(), record)?;
-    let stamping = match route {
-        Some(chosen) => Some(credential_version(state, chosen, record).await?),
-        None => None,
+    // Every refusal before the body is read: the agent may still be sending it.
+    let decided = async {
+        screen(&request)?;
+        record.task = task_of(&request)?;
+        let target = target_of(origin, &request)?;
+        let route = choose_route(state, &target, &request, origin.agent(), record)?;
+        let stamping = match route {
+            Some(chosen) => Some(credential_version(state, chosen, record).await?),
+            None => None,
+        };
+        let admitted = stamping.as_ref().map(|s| admit(state, s)).transpose()?;
+        Ok::<_, ProxyError>((target, stamping, admitted))
+    }
+    .await;
+    let (target, stamping, admitted) = match decided {
+        Ok(decided) => decided,
+        Err(refusal) => {
+            body::discard(request.into_body()).await;
+            return Err(refusal);
+        }
     };
-    let admitted = stamping.as_ref().map(|s| admit(state, s)).transpose()?;
     let upgrade = request.version() == Version::HTTP_11 && inject::wants_upgrade(request.headers());
     let protocol = match request.version() {
         Version::HTTP_2 => UpstreamProtocol::PreferH2,
@@ -858,18 +870,24 @@ impl RequestBody {
             .and_then(|v| v.parse::<u64>().ok());
         if let Some(limit) = replay_limit.filter(|_| must_hash) {
             if declared.is_some_and(|l| l > limit as u64) {
+                body::discard(body).await;
                 return Err(ProxyError::BodyTooLargeToSign { limit });
             }
-            let bytes = Limited::new(body, limit)
-                .collect()
-                .await
-                .map_err(
-                    |error| match error.downcast_ref::<http_body_util::LengthLimitError>() {
-                        Some(_) => ProxyError::BodyTooLargeToSign { limit },
-                        None => ProxyError::BadRequest("the request body could not be read"),
-                    },
-                )?
-                .to_bytes();
+            let mut body = body;
+            let mut kept = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return Err(ProxyError::BadRequest("the request body could not be read"));
+                };
+                if let Ok(data) = frame.into_data() {
+                    if kept.len() + data.len() > limit {
+                        body::discard(body).await;
+                        return Err(ProxyError::BodyTooLargeToSign { limit });
+                    }
+                    kept.extend_from_slice(&data);
+                }
+            }
+            let bytes = kept.freeze();
             record
                 .request_bytes
                 .store(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
