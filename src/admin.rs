@@ -297,6 +297,10 @@ fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Va
                 "last_error": credential.last_error.as_ref().map(ToString::to_string),
                 "breaker": credential.breaker.state().label(),
                 "minted": minted_json(credential),
+                // The store's version of the secret last read (never a value).
+                "store": credential.store_watch.as_ref().map(|watch| serde_json::json!({
+                    "version": watch.version(),
+                })),
             })
         })
         .collect();

@@ -15,12 +15,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use http::StatusCode;
 
 use common::*;
@@ -28,88 +25,6 @@ use common::*;
 const APP_ID: &str = "4242";
 const INSTALLATION: u64 = 77;
 const CLIENT_EMAIL: &str = "agent-runner@proj.iam.gserviceaccount.com";
-
-/// An RSA key pair made by `openssl`: the private key in both PEM forms, the public key as
-/// PKCS#1 DER for verifying.
-struct RsaKey {
-    pkcs1_pem: String,
-    pkcs8_pem: String,
-    public_der: Vec<u8>,
-}
-
-impl RsaKey {
-    fn generate(dir: &Path) -> Self {
-        let openssl = |args: &[&str]| {
-            let status = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(status.success(), "openssl {args:?}");
-        };
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "pkcs8.pem",
-        ]);
-        openssl(&[
-            "rsa",
-            "-in",
-            "pkcs8.pem",
-            "-traditional",
-            "-out",
-            "pkcs1.pem",
-        ]);
-        openssl(&[
-            "rsa",
-            "-in",
-            "pkcs8.pem",
-            "-RSAPublicKey_out",
-            "-outform",
-            "DER",
-            "-out",
-            "public.der",
-        ]);
-        Self {
-            pkcs1_pem: std::fs::read_to_string(dir.join("pkcs1.pem")).unwrap(),
-            pkcs8_pem: std::fs::read_to_string(dir.join("pkcs8.pem")).unwrap(),
-            public_der: std::fs::read(dir.join("public.der")).unwrap(),
-        }
-    }
-
-    /// The JWT's header and claims if its RS256 signature is this key's; why not otherwise.
-    fn verify(&self, jwt: &str) -> Result<(serde_json::Value, serde_json::Value), String> {
-        let parts: Vec<&str> = jwt.split('.').collect();
-        let [header, claims, signature] = parts[..] else {
-            return Err("not three parts".into());
-        };
-        let decode = |part: &str| URL_SAFE_NO_PAD.decode(part).map_err(|e| e.to_string());
-        let signature = decode(signature)?;
-        ring::signature::UnparsedPublicKey::new(
-            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-            &self.public_der,
-        )
-        .verify(format!("{header}.{claims}").as_bytes(), &signature)
-        .map_err(|_| "bad signature".to_string())?;
-        let header: serde_json::Value =
-            serde_json::from_slice(&decode(header)?).map_err(|e| e.to_string())?;
-        if header["alg"] != "RS256" {
-            return Err("alg is not RS256".into());
-        }
-        let claims = serde_json::from_slice(&decode(claims)?).map_err(|e| e.to_string())?;
-        Ok((header, claims))
-    }
-
-    /// A line from the middle of the private key, to grep output for.
-    fn telltale(&self) -> String {
-        self.pkcs1_pem.lines().nth(5).unwrap().to_string()
-    }
-}
 
 fn unix_now() -> i64 {
     SystemTime::now()

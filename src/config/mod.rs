@@ -179,6 +179,49 @@ pub enum SourceSpec {
     GithubApp(Box<GithubAppSpec>),
     GoogleServiceAccount(Box<GoogleSpec>),
     Aws(Box<AwsSpec>),
+    Vault(Box<VaultSpec>),
+}
+
+/// A secret read from Vault or OpenBao (same HTTP API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultSpec {
+    /// `https://vault.internal:8200` (http only for a dev server).
+    pub address: http::Uri,
+    pub namespace: Option<String>,
+    pub auth: VaultAuth,
+    pub kv: VaultKv,
+    /// How often the secret's metadata is checked for a new version.
+    pub poll: Duration,
+    pub timeout: Duration,
+}
+
+/// How keystamp gets a Vault token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    /// A Vault token from any source, used as it is (renewed while it can be).
+    Token(SourceSpec),
+    /// `POST auth/<mount>/login {role, jwt}`: the JWT auth method (`jwt`) or Kubernetes
+    /// TokenReview (`kubernetes`), both with a projected service-account token.
+    Login {
+        method: VaultLoginMethod,
+        mount: String,
+        role: String,
+        jwt: SourceSpec,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaultLoginMethod {
+    Jwt,
+    Kubernetes,
+}
+
+/// A field of a KV version 2 secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultKv {
+    pub mount: String,
+    pub path: String,
+    pub field: String,
 }
 
 /// How a source's bytes hold the secret.
@@ -326,6 +369,7 @@ impl SourceSpec {
             SourceSpec::GithubApp(_) => "github_app",
             SourceSpec::GoogleServiceAccount(_) => "google_service_account",
             SourceSpec::Aws(_) => "aws",
+            SourceSpec::Vault(_) => "vault",
         }
     }
 
@@ -335,7 +379,8 @@ impl SourceSpec {
         match self {
             SourceSpec::OAuth2(_)
             | SourceSpec::GithubApp(_)
-            | SourceSpec::GoogleServiceAccount(_) => true,
+            | SourceSpec::GoogleServiceAccount(_)
+            | SourceSpec::Vault(_) => true,
             SourceSpec::Aws(aws) => {
                 aws.assume_role.is_some() || matches!(aws.base, AwsBase::WebIdentity { .. })
             }
@@ -389,6 +434,10 @@ impl SourceSpec {
                     files
                 }
                 AwsBase::WebIdentity { token, .. } => token.files(),
+            },
+            SourceSpec::Vault(vault) => match &vault.auth {
+                VaultAuth::Token(token) => token.files(),
+                VaultAuth::Login { jwt, .. } => jwt.files(),
             },
             SourceSpec::Env { .. } | SourceSpec::Command(_) => Vec::new(),
         }

@@ -237,6 +237,8 @@ pub struct RawSource {
     pub google_service_account: Option<Box<RawGoogle>>,
     #[serde(default)]
     pub aws: Option<Box<RawAws>>,
+    #[serde(default)]
+    pub vault: Option<Box<RawVault>>,
     /// `plain` (default) or `json` (`{"token": "...", "expires_at": "<RFC 3339>"}`).
     #[serde(default)]
     pub format: Option<String>,
@@ -419,4 +421,50 @@ pub struct RawInject {
     pub service: Option<String>,
     #[serde(default)]
     pub region: Option<String>,
+}
+
+/// `vault: { address, auth: { token | jwt | kubernetes }, kv: { mount, path, field }, poll }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVault {
+    pub address: String,
+    pub auth: RawVaultAuth,
+    pub kv: RawVaultKv,
+    #[serde(default)]
+    pub poll: Option<String>,
+    /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// Exactly one way to log in.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultAuth {
+    #[serde(default)]
+    pub token: Option<RawSource>,
+    #[serde(default)]
+    pub jwt: Option<RawVaultLogin>,
+    #[serde(default)]
+    pub kubernetes: Option<RawVaultLogin>,
+}
+
+/// A role login with a JWT (a projected service-account token).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultLogin {
+    pub role: String,
+    pub token: RawSource,
+    #[serde(default)]
+    pub mount: Option<String>,
+}
+
+/// A KV version 2 secret and the field of it that is the credential.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultKv {
+    #[serde(default)]
+    pub mount: Option<String>,
+    pub path: String,
+    pub field: String,
 }

@@ -15,6 +15,7 @@ mod oauth;
 mod source;
 mod task_tokens;
 mod value;
+mod vault;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub use aws::access_key_id;
 pub use source::{fetch, inputs_fingerprint, read_local};
 pub use task_tokens::{is_task_id, MintError, TaskKey, TaskTokens};
 pub use value::{Fetched, SourceError};
+pub use vault::VaultWatch;
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
 #[derive(Debug)]
@@ -101,6 +103,8 @@ pub struct Credential {
     pub reload_counters: Arc<ReloadCounters>,
     /// Live per-task tokens, for a credential minted per task.
     pub task_tokens: Option<Arc<TaskTokens>>,
+    /// A secret store's session and the version last read, for a `vault` credential.
+    pub store_watch: Option<Arc<VaultWatch>>,
 }
 
 /// Where a credential's runtime state reports: metrics, and the fleet when there is one.
@@ -114,18 +118,21 @@ pub struct Reporting {
 /// 10,000 times on a runtime worker.
 #[derive(Debug)]
 pub struct ReloadCounters {
+    reads: OutcomeCounters,
+    /// `keystamp_credential_store_polls_total` too, for a secret-store source.
+    polls: Option<OutcomeCounters>,
+}
+
+#[derive(Debug)]
+struct OutcomeCounters {
     changed: prometheus::IntCounter,
     unchanged: prometheus::IntCounter,
     failed: prometheus::IntCounter,
 }
 
-impl ReloadCounters {
-    fn new(name: &str, metrics: &Metrics) -> Self {
-        let series = |result: &str| {
-            metrics
-                .credential_reloads
-                .with_label_values(&[name, result])
-        };
+impl OutcomeCounters {
+    fn new(vec: &prometheus::IntCounterVec, name: &str) -> Self {
+        let series = |result: &str| vec.with_label_values(&[name, result]);
         Self {
             changed: series("changed"),
             unchanged: series("unchanged"),
@@ -133,11 +140,27 @@ impl ReloadCounters {
         }
     }
 
-    pub fn count(&self, outcome: ReadOutcome) {
+    fn count(&self, outcome: ReadOutcome) {
         match outcome {
             ReadOutcome::Changed => self.changed.inc(),
             ReadOutcome::Unchanged => self.unchanged.inc(),
             ReadOutcome::Failed => self.failed.inc(),
+        }
+    }
+}
+
+impl ReloadCounters {
+    fn new(name: &str, metrics: &Metrics, store: bool) -> Self {
+        Self {
+            reads: OutcomeCounters::new(&metrics.credential_reloads, name),
+            polls: store.then(|| OutcomeCounters::new(&metrics.credential_store_polls, name)),
+        }
+    }
+
+    pub fn count(&self, outcome: ReadOutcome) {
+        self.reads.count(outcome);
+        if let Some(polls) = &self.polls {
+            polls.count(outcome);
         }
     }
 }
@@ -166,9 +189,11 @@ impl Credential {
             reporting.breaker_events.clone(),
         ));
         let limits = Arc::new(Limits::new(spec.rate_limit));
-        let reload_counters = Arc::new(ReloadCounters::new(&name, metrics));
+        let store = matches!(spec.source, SourceSpec::Vault(_));
+        let reload_counters = Arc::new(ReloadCounters::new(&name, metrics, store));
         metrics.define_credential(&name);
         let task_tokens = TaskTokens::for_source(&spec.source).map(Arc::new);
+        let store_watch = matches!(spec.source, SourceSpec::Vault(_)).then(Arc::default);
         Credential {
             name,
             spec,
@@ -178,6 +203,7 @@ impl Credential {
             limits,
             reload_counters,
             task_tokens,
+            store_watch,
         }
     }
 
@@ -221,6 +247,7 @@ impl Credential {
             limits: self.limits.clone(),
             reload_counters: self.reload_counters.clone(),
             task_tokens: self.task_tokens.clone(),
+            store_watch: self.store_watch.clone(),
         };
         (credential, outcome)
     }
@@ -300,11 +327,22 @@ pub async fn read_all(
     };
     let remote_reads = remote
         .iter()
-        .map(|c| async move { c.next(fetch(&c.spec.source, upstream).await) });
+        .map(|c| async move { c.next(fetch_for(c, upstream).await) });
     let (local_results, mut results) =
         futures_util::future::join(local_reads, futures_util::future::join_all(remote_reads)).await;
     results.extend(local_results);
     results
+}
+
+/// Fetches `credential`'s value, with the runtime state its source keeps between reads.
+pub async fn fetch_for(
+    credential: &Credential,
+    upstream: &Upstream,
+) -> Result<Fetched, SourceError> {
+    match (&credential.spec.source, &credential.store_watch) {
+        (SourceSpec::Vault(spec), Some(watch)) => vault::fetch(spec, watch, upstream).await,
+        (source, _) => fetch(source, upstream).await,
+    }
 }
 
 /// What a read did, for metrics and scheduling.

@@ -47,6 +47,12 @@ pub enum SourceError {
     KeyUnusable,
     #[error("service-account key is not a Google JSON key file with `client_email`, `private_key` and an https `token_uri`")]
     ServiceAccountKey,
+    #[error("secret store answered {status}: {reason}")]
+    StoreRejected { status: u16, reason: String },
+    #[error("secret store answer is not what its API returns")]
+    StoreResponse,
+    #[error("the secret has no string field `{0}`")]
+    StoreField(String),
 }
 
 /// A value as fetched, before it becomes a version.

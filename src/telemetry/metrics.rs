@@ -27,6 +27,7 @@ pub struct Metrics {
     pub credential_expiry: GaugeVec,
     pub credential_version: IntGaugeVec,
     pub credential_reloads: IntCounterVec,
+    pub credential_store_polls: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub connect: IntCounterVec,
     pub tls_handshake_errors: IntCounterVec,
@@ -111,6 +112,11 @@ impl Metrics {
         let credential_reloads = counter(
             "keystamp_credential_reloads_total",
             "Credential reads by result: changed, unchanged, error.",
+            &["credential", "result"],
+        )?;
+        let credential_store_polls = counter(
+            "keystamp_credential_store_polls_total",
+            "Polls of a secret store (vault) by result: changed, unchanged, error.",
             &["credential", "result"],
         )?;
         let config_reloads = counter(
@@ -205,6 +211,7 @@ impl Metrics {
             credential_expiry,
             credential_version,
             credential_reloads,
+            credential_store_polls,
             config_reloads,
             connect,
             tls_handshake_errors,

@@ -1159,3 +1159,116 @@ pub async fn agent_tls(
     let name = rustls_pki_types::ServerName::try_from(sni.to_string()).unwrap();
     connector.connect(name, stream).await
 }
+
+/// An RSA key pair made by `openssl`: the private key in both PEM forms, the public key as
+/// PKCS#1 DER for verifying.
+pub struct RsaKey {
+    pub pkcs1_pem: String,
+    pub pkcs8_pem: String,
+    pub public_der: Vec<u8>,
+    /// The public key as SubjectPublicKeyInfo PEM (what Vault's JWT auth takes).
+    pub public_pem: String,
+}
+
+impl RsaKey {
+    pub fn generate(dir: &Path) -> Self {
+        let openssl = |args: &[&str]| {
+            let status = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "openssl {args:?}");
+        };
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "pkcs8.pem",
+        ]);
+        openssl(&[
+            "rsa",
+            "-in",
+            "pkcs8.pem",
+            "-traditional",
+            "-out",
+            "pkcs1.pem",
+        ]);
+        openssl(&[
+            "rsa",
+            "-in",
+            "pkcs8.pem",
+            "-RSAPublicKey_out",
+            "-outform",
+            "DER",
+            "-out",
+            "public.der",
+        ]);
+        openssl(&["rsa", "-in", "pkcs8.pem", "-pubout", "-out", "public.pem"]);
+        Self {
+            public_pem: std::fs::read_to_string(dir.join("public.pem")).unwrap(),
+            pkcs1_pem: std::fs::read_to_string(dir.join("pkcs1.pem")).unwrap(),
+            pkcs8_pem: std::fs::read_to_string(dir.join("pkcs8.pem")).unwrap(),
+            public_der: std::fs::read(dir.join("public.der")).unwrap(),
+        }
+    }
+
+    /// The JWT's header and claims if its RS256 signature is this key's; why not otherwise.
+    pub fn verify(&self, jwt: &str) -> Result<(serde_json::Value, serde_json::Value), String> {
+        let parts: Vec<&str> = jwt.split('.').collect();
+        let [header, claims, signature] = parts[..] else {
+            return Err("not three parts".into());
+        };
+        use base64::Engine;
+        let decode = |part: &str| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .map_err(|e| e.to_string())
+        };
+        let signature = decode(signature)?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            &self.public_der,
+        )
+        .verify(format!("{header}.{claims}").as_bytes(), &signature)
+        .map_err(|_| "bad signature".to_string())?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&decode(header)?).map_err(|e| e.to_string())?;
+        if header["alg"] != "RS256" {
+            return Err("alg is not RS256".into());
+        }
+        let claims = serde_json::from_slice(&decode(claims)?).map_err(|e| e.to_string())?;
+        Ok((header, claims))
+    }
+
+    /// An RS256 JWT of `claims` signed with this key, as an identity provider issues one.
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        use base64::Engine;
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let header = encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let body = encode(claims.to_string().as_bytes());
+        let input = format!("{header}.{body}");
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(self.pkcs8_pem.as_bytes())
+            .unwrap();
+        let pair = ring::signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
+        let mut signature = vec![0u8; pair.public().modulus_len()];
+        pair.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut signature,
+        )
+        .unwrap();
+        format!("{input}.{}", encode(&signature))
+    }
+
+    /// A line from the middle of the private key, to grep output for.
+    pub fn telltale(&self) -> String {
+        self.pkcs1_pem.lines().nth(5).unwrap().to_string()
+    }
+}

@@ -10,6 +10,8 @@ use http::{HeaderName, Method};
 
 use crate::host::Host;
 
+mod vault;
+
 use super::locate::{locate, parse_path};
 use super::paths;
 use super::raw::{
@@ -605,12 +607,13 @@ impl Errors<'_> {
             raw.github_app.is_some(),
             raw.google_service_account.is_some(),
             raw.aws.is_some(),
+            raw.vault.is_some(),
         ];
         if set.iter().filter(|s| **s).count() != 1 {
             self.push(
                 at,
                 "set exactly one of `file`, `env`, `command`, `oauth2_client_credentials`, \
-                 `github_app`, `google_service_account` or `aws`",
+                 `github_app`, `google_service_account`, `aws` or `vault`",
             );
             return None;
         }
@@ -637,7 +640,8 @@ impl Errors<'_> {
         let is_remote = raw.oauth2_client_credentials.is_some()
             || raw.github_app.is_some()
             || raw.google_service_account.is_some()
-            || raw.aws.is_some();
+            || raw.aws.is_some()
+            || raw.vault.is_some();
         if let Some(misplaced) = [
             only_for(
                 "refresh_every",
@@ -715,6 +719,9 @@ impl Errors<'_> {
         }
         if let Some(aws) = raw.aws.as_deref() {
             return self.aws(&format!("{at}.aws"), aws, base, timeout);
+        }
+        if let Some(vault) = raw.vault.as_deref() {
+            return self.vault(&format!("{at}.vault"), vault, base, timeout);
         }
         if let Some(google) = raw.google_service_account.as_deref() {
             return self.google(

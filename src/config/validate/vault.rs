@@ -1,0 +1,131 @@
+//! The `vault` source kind's section: address, one way to log in, the KV v2 field, the poll.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::super::raw::{RawVault, RawVaultLogin};
+use super::super::{SourceSpec, VaultAuth, VaultKv, VaultLoginMethod, VaultSpec};
+use super::Errors;
+
+/// Metadata is checked this often unless `poll:` says otherwise.
+const DEFAULT_POLL: Duration = Duration::from_secs(30);
+/// Polling faster than this would be a load test of the store.
+const MIN_POLL: Duration = Duration::from_millis(500);
+
+impl Errors<'_> {
+    pub(super) fn vault(
+        &mut self,
+        at: &str,
+        raw: &RawVault,
+        base: &Path,
+        timeout: Duration,
+    ) -> Option<SourceSpec> {
+        let address = match raw.address.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("https" | "http"))
+                    && uri.host().is_some()
+                    && uri.path_and_query().is_none_or(|p| p.as_str() == "/") =>
+            {
+                Some(uri)
+            }
+            _ => {
+                self.push(
+                    &format!("{at}.address"),
+                    "must be the server's base URL, like https://vault.internal:8200",
+                );
+                None
+            }
+        };
+        let poll = match raw.poll.as_deref() {
+            None => Some(DEFAULT_POLL),
+            Some(text) => self
+                .duration(&format!("{at}.poll"), text)
+                .filter(|poll| *poll >= MIN_POLL)
+                .or_else(|| {
+                    self.push(&format!("{at}.poll"), "must be at least 500ms");
+                    None
+                }),
+        };
+        let auth = self.vault_auth(&format!("{at}.auth"), raw, base);
+        let kv = &raw.kv;
+        let mount = kv.mount.clone().unwrap_or_else(|| "secret".into());
+        let segment_ok = |text: &str| {
+            !text.is_empty()
+                && text
+                    .split('/')
+                    .all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains(['?', '#', '%']))
+        };
+        if !segment_ok(&mount) {
+            self.push(
+                &format!("{at}.kv.mount"),
+                "must be a mount path like `secret`",
+            );
+        }
+        if !segment_ok(&kv.path) {
+            self.push(
+                &format!("{at}.kv.path"),
+                "must be a secret path like `agents/openai` (no `..`, `?`, `#` or `%`)",
+            );
+        }
+        if kv.field.is_empty() {
+            self.push(&format!("{at}.kv.field"), "must name the secret's field");
+        }
+        Some(SourceSpec::Vault(Box::new(VaultSpec {
+            address: address?,
+            namespace: raw.namespace.clone(),
+            auth: auth?,
+            kv: VaultKv {
+                mount,
+                path: kv.path.clone(),
+                field: kv.field.clone(),
+            },
+            poll: poll?,
+            timeout,
+        })))
+    }
+
+    fn vault_auth(&mut self, at: &str, raw: &RawVault, base: &Path) -> Option<VaultAuth> {
+        let auth = &raw.auth;
+        let set = [
+            auth.token.is_some(),
+            auth.jwt.is_some(),
+            auth.kubernetes.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            self.push(at, "set exactly one of `token`, `jwt` or `kubernetes`");
+            return None;
+        }
+        if let Some(token) = &auth.token {
+            return self
+                .key_source(&format!("{at}.token"), token, base)
+                .map(VaultAuth::Token);
+        }
+        let (method, login, name) = match (&auth.jwt, &auth.kubernetes) {
+            (Some(jwt), _) => (VaultLoginMethod::Jwt, jwt, "jwt"),
+            (None, Some(kubernetes)) => (VaultLoginMethod::Kubernetes, kubernetes, "kubernetes"),
+            (None, None) => return None,
+        };
+        self.vault_login(&format!("{at}.{name}"), method, name, login, base)
+    }
+
+    fn vault_login(
+        &mut self,
+        at: &str,
+        method: VaultLoginMethod,
+        default_mount: &str,
+        login: &RawVaultLogin,
+        base: &Path,
+    ) -> Option<VaultAuth> {
+        if login.role.is_empty() {
+            self.push(&format!("{at}.role"), "must name the Vault role");
+        }
+        let mount = login.mount.clone().unwrap_or_else(|| default_mount.into());
+        let jwt = self.key_source(&format!("{at}.token"), &login.token, base)?;
+        (!login.role.is_empty()).then(|| VaultAuth::Login {
+            method,
+            mount,
+            role: login.role.clone(),
+            jwt,
+        })
+    }
+}

