@@ -20,6 +20,7 @@ use crate::config::{MintMode, SourceSpec};
 use crate::credentials::{access_key_id, is_task_id, read_local, Credential};
 use crate::fleet::{held_by_fleet, FleetLink, ManualAction, Outgoing};
 use crate::proxy::accept_next;
+use crate::reload::ReloadHandle;
 use crate::state::SharedState;
 use crate::telemetry::Metrics;
 use crate::time::format_rfc3339;
@@ -48,6 +49,8 @@ pub struct Admin {
     pub token: Option<SourceSpec>,
     /// The fleet an operator's switch is passed on to, when there is one.
     pub fleet: Option<FleetLink>,
+    /// The reloader, for `POST /credentials/NAME/refresh`.
+    pub reloads: ReloadHandle,
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
@@ -56,7 +59,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&admin, &request)) }
+                async move { Ok::<_, std::convert::Infallible>(answer(&admin, &request).await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -65,7 +68,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     }
 }
 
-fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
+async fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/livez") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/readyz") if admin.readiness.is_ready() => {
@@ -89,6 +92,12 @@ fn answer(admin: &Admin, request: &Request<Incoming>) -> Response<ProxyBody> {
         (&Method::POST, path) if path.starts_with("/breakers/") => {
             match authorized(admin, request) {
                 Ok(authority) => breaker_action(admin, path, authority),
+                Err(refusal) => refusal,
+            }
+        }
+        (&Method::POST, path) if path.starts_with("/credentials/") => {
+            match authorized(admin, request) {
+                Ok(_) => refresh(admin, path).await,
                 Err(refusal) => refusal,
             }
         }
@@ -243,6 +252,43 @@ fn breaker_action(
     (StatusCode::OK, "application/json", body.to_string())
 }
 
+/// `POST /credentials/NAME/refresh`: re-read the credential now, on every pod of the fleet too
+/// (the webhook a rotation job calls right after it rotates). Answers the fingerprint before and
+/// after, and the read's error if it failed.
+async fn refresh(admin: &Admin, path: &str) -> (StatusCode, &'static str, String) {
+    let name = path
+        .trim_start_matches("/credentials/")
+        .strip_suffix("/refresh")
+        .filter(|name| !name.is_empty() && !name.contains('/'));
+    let Some(name) = name else {
+        return (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "use /credentials/NAME/refresh\n".into(),
+        );
+    };
+    let Some(refreshed) = admin.reloads.refresh(name).await else {
+        return (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no such credential\n".into(),
+        );
+    };
+    if let Some(fleet) = &admin.fleet {
+        fleet.send(Outgoing::Refresh {
+            credential: Arc::from(name),
+        });
+    }
+    let body = serde_json::json!({
+        "credential": name,
+        "fingerprint": refreshed.after,
+        "changed": refreshed.before != refreshed.after,
+        "last_error": refreshed.last_error,
+        "fleet": admin.fleet.is_some(),
+    });
+    (StatusCode::OK, "application/json", body.to_string())
+}
+
 /// What a minted credential is narrowed to, and how many task tokens it holds; `null` for others.
 fn minted_json(credential: &Credential) -> serde_json::Value {
     match &credential.spec.source {
@@ -300,6 +346,9 @@ fn status_json(state: &SharedState, fleet: Option<&FleetLink>) -> serde_json::Va
                 // The store's version of the secret last read (never a value).
                 "store": credential.store_watch.as_ref().map(|watch| serde_json::json!({
                     "version": watch.version(),
+                    "last_rotation_seen_at": version.map(|v| format_rfc3339(v.loaded_at)),
+                    // Whether this pod polls the store for the fleet (holds the watch lease).
+                    "watched_here": fleet.is_none_or(|fleet| fleet.view().watching(&credential.name)),
                 })),
             })
         })

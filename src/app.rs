@@ -70,18 +70,18 @@ impl App {
         )
         .context("building the upstream TLS client")?;
         let shutdown = CancellationToken::new();
-        let (fleet, breaker_events) = match &config.fleet {
+        let (fleet, breaker_events, fleet_refreshes) = match &config.fleet {
             Some(fleet) => {
-                let (link, events) = fleet::start(
+                let (link, events, refreshes) = fleet::start(
                     fleet,
                     &config.extra_roots,
                     shared.clone(),
                     metrics.clone(),
                     shutdown.clone(),
                 );
-                (Some(link), Some(events))
+                (Some(link), Some(events), Some(refreshes))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let (reloads, reload_requests) = ReloadHandle::channel();
         let reloader = Reloader::start(
@@ -93,10 +93,12 @@ impl App {
                     metrics: metrics.clone(),
                     breaker_events,
                 },
+                fleet: fleet.clone(),
                 shutdown: shutdown.clone(),
             },
             config.clone(),
             reload_requests,
+            fleet_refreshes,
         )
         .await;
         let state = Arc::new(ProxyState {
@@ -137,6 +139,7 @@ impl App {
                     metrics: metrics.clone(),
                     token: config.admin_token.clone(),
                     fleet: fleet.clone(),
+                    reloads: state.reloads.clone(),
                 };
                 tokio::spawn(admin::serve(
                     admin_listener,

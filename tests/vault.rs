@@ -395,3 +395,186 @@ fn vault_tokens_in(text: &str) -> Vec<String> {
     }
     found
 }
+
+/// `pods` keystamp processes sharing fleet `drill` on `store`, each reading `agents/openai`.
+async fn vault_fleet(
+    bao: &Bao,
+    jwt: &str,
+    store: &RedisServer,
+    pods: usize,
+) -> (Vec<KeystampProcess>, TestUpstream, tempfile::TempDir) {
+    let (upstream, ca, dir) = tls_upstream().await;
+    let url_file = dir.path().join("redis-url");
+    std::fs::write(&url_file, store.url()).unwrap();
+    let pods = (0..pods)
+        .map(|_| {
+            let mut config = TestConfig::new();
+            config
+                .trust(&ca)
+                .pin("api.example.test:443", upstream.addr)
+                .set("egress", serde_json::json!({ "allow_cidrs": ["127.0.0.1/32"] }))
+                .set(
+                    "fleet",
+                    serde_json::json!({ "name": "drill", "store": { "url": { "file": url_file } } }),
+                )
+                .credential("openai", vault_credential(bao, "api_key"))
+                .bearer_route("api.example.test", "openai", serde_json::json!({}));
+            KeystampProcess::start(&config.yaml(), &[("sa-token", jwt)])
+        })
+        .collect();
+    (pods, upstream, dir)
+}
+
+/// How long until every pod stamps `value` (checked every 20 ms, up to `within`).
+async fn until_every_pod_stamps(
+    pods: &[KeystampProcess],
+    value: &str,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut pending: Vec<&KeystampProcess> = pods.iter().collect();
+    while started.elapsed() < within {
+        let mut still = Vec::new();
+        for pod in pending {
+            if stamped(pod, "api.example.test").await.as_deref() != Ok(value) {
+                still.push(pod);
+            }
+        }
+        if still.is_empty() {
+            return Some(started.elapsed());
+        }
+        pending = still;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn store_polls(pods: &[KeystampProcess]) -> f64 {
+    let mut total = 0.0;
+    for pod in pods {
+        let metrics = pod.admin_get("/metrics").await;
+        for result in ["changed", "unchanged", "error"] {
+            let series = format!(
+                "keystamp_credential_store_polls_total{{credential=\"openai\",result=\"{result}\"}}"
+            );
+            total += metric(&metrics, &series).unwrap_or(0.0);
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_pod_watches_the_store_for_the_fleet_and_every_pod_follows_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = RsaKey::generate(dir.path());
+    let bao = Bao::start().await;
+    bao.jwt_auth(&key, "1h", "2h").await;
+    bao.write("agents/openai", serde_json::json!({ "api_key": "fleet-1" }))
+        .await;
+    let store = RedisServer::start();
+    let jwt = service_account_jwt(&key);
+    let (mut pods, _upstream, _dir) = vault_fleet(&bao, &jwt, &store, 10).await;
+    assert!(
+        until_every_pod_stamps(&pods, "fleet-1", Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+    // Every pod joins the store and one takes the watch lease.
+    let watchers = || async {
+        let mut watching = Vec::new();
+        for (index, pod) in pods.iter().enumerate() {
+            let status = pod.status().await;
+            if status["credentials"][0]["store"]["watched_here"] == true {
+                watching.push(index);
+            }
+        }
+        watching
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            watchers().await.len() == 1
+        })
+        .await,
+        "not exactly one watcher: {:?}",
+        watchers().await
+    );
+
+    // Idle: one pod polls for the fleet, the other nine do not touch the store.
+    let polls_before = store_polls(&pods).await;
+    let idle = Duration::from_secs(5);
+    tokio::time::sleep(idle).await;
+    let idle_polls = store_polls(&pods).await - polls_before;
+    let per_minute = idle_polls * 60.0 / idle.as_secs_f64();
+    eprintln!("10 pods, poll 1s, idle: {per_minute:.0} store polls a minute (one pod alone: 60)");
+    assert!(per_minute <= 90.0, "{per_minute:.0} store polls a minute");
+
+    // Five rotations at the store: the last pod stamps each within 2 s; each pod reads the
+    // store once per rotation (values never go through the fleet's store).
+    let mut worst = Duration::ZERO;
+    for round in 2..=6 {
+        let value = format!("fleet-{round}");
+        bao.write("agents/openai", serde_json::json!({ "api_key": value }))
+            .await;
+        let took = until_every_pod_stamps(&pods, &value, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("rotation {round} never reached every pod"));
+        worst = worst.max(took);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("10 pods, poll 1s: worst KV write to last pod stamping {worst:?} over 5 rotations");
+    assert!(worst <= Duration::from_secs(2), "took {worst:?}");
+
+    // The rotation job's webhook on one pod: every pod within 1 s.
+    bao.write(
+        "agents/openai",
+        serde_json::json!({ "api_key": "fleet-pushed" }),
+    )
+    .await;
+    let answer: serde_json::Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!(
+            "http://{}/credentials/openai/refresh",
+            pods[3].admin
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["changed"], true, "{answer}");
+    let took = until_every_pod_stamps(&pods, "fleet-pushed", Duration::from_secs(3))
+        .await
+        .expect("the pushed refresh never reached every pod");
+    eprintln!("POST /credentials/openai/refresh to the last pod: {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+
+    // The watcher dies: another pod takes the lease within its 5 s, and rotations still land.
+    let watcher = watchers().await[0];
+    drop(pods.remove(watcher));
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            let mut count = 0;
+            for pod in &pods {
+                count += usize::from(
+                    pod.status().await["credentials"][0]["store"]["watched_here"] == true,
+                );
+            }
+            count == 1
+        })
+        .await,
+        "no pod took over the dead watcher's lease"
+    );
+    bao.write(
+        "agents/openai",
+        serde_json::json!({ "api_key": "fleet-after" }),
+    )
+    .await;
+    assert!(
+        until_every_pod_stamps(&pods, "fleet-after", Duration::from_secs(3))
+            .await
+            .is_some()
+    );
+}

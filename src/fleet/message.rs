@@ -26,6 +26,9 @@ pub enum FleetMessage {
         seconds: u64,
         from: String,
     },
+    /// `credential` changed at its store (the watching pod saw a new version), or an operator
+    /// asked for it to be read now: every pod re-reads it from the store. Never a value.
+    Refresh { credential: String, from: String },
     /// An operator's switch on pod `from`. `proof` (an HMAC under the admin token of the
     /// fleet, credential, action, `at_ms` and `from`) says an `admin_token` authorised it.
     Manual {
@@ -61,6 +64,7 @@ impl FleetMessage {
             FleetMessage::Open { credential, .. }
             | FleetMessage::Close { credential, .. }
             | FleetMessage::Hold { credential, .. }
+            | FleetMessage::Refresh { credential, .. }
             | FleetMessage::Manual { credential, .. } => credential,
         }
     }
@@ -71,6 +75,7 @@ impl FleetMessage {
             FleetMessage::Open { .. } => "open",
             FleetMessage::Close { .. } => "close",
             FleetMessage::Hold { .. } => "hold",
+            FleetMessage::Refresh { .. } => "refresh",
             FleetMessage::Manual { .. } => "manual",
         }
     }

@@ -40,6 +40,10 @@ const TICK: Duration = Duration::from_millis(100);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A pod that has not heartbeat for this long is no longer counted.
 const POD_TTL: Duration = Duration::from_secs(15);
+/// How long a secret store's watch lease lasts without renewal, and how often it is renewed: a
+/// pod that dies holding it is replaced within the lease.
+const WATCH_LEASE: Duration = Duration::from_secs(5);
+const WATCH_RENEW_EVERY: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -54,7 +58,13 @@ pub enum Outgoing {
         action: ManualAction,
         authority: Authority,
     },
+    /// Every other pod should re-read this credential now (its store changed, or an operator
+    /// asked).
+    Refresh { credential: Arc<str> },
 }
+
+/// Credentials other pods asked this pod to re-read; the reloader drains it.
+pub type FleetRefreshes = mpsc::UnboundedReceiver<Arc<str>>;
 
 /// The fleet as the request path and the admin listener see it: a queue, and what is known.
 #[derive(Clone)]
@@ -70,9 +80,28 @@ pub struct FleetView {
     pub pod: String,
     store_up: AtomicBool,
     pods: AtomicI64,
+    /// Credentials whose secret store this pod watches for the fleet (it holds the lease).
+    watching: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl FleetView {
+    /// Whether this pod should poll `credential`'s secret store itself: it holds the fleet's
+    /// watch lease, or the store is out of reach (then every pod polls, as without a fleet).
+    pub fn polls(&self, credential: &str) -> bool {
+        !self.store_up() || self.lock_watching().contains(credential)
+    }
+
+    /// The credentials this pod watches for the fleet, for `/status`.
+    pub fn watching(&self, credential: &str) -> bool {
+        self.lock_watching().contains(credential)
+    }
+
+    fn lock_watching(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Arc<str>>> {
+        self.watching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn store_up(&self) -> bool {
         self.store_up.load(Ordering::Relaxed)
     }
@@ -100,7 +129,7 @@ pub fn start(
     state: Arc<SharedState>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> (FleetLink, BreakerEvents) {
+) -> (FleetLink, BreakerEvents, FleetRefreshes) {
     // `rediss://` goes through rustls: the same provider as everywhere else in keystamp.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (outgoing, outbox) = mpsc::channel(OUTBOX);
@@ -111,7 +140,9 @@ pub fn start(
         pod: pod.clone(),
         store_up: AtomicBool::new(false),
         pods: AtomicI64::new(0),
+        watching: std::sync::Mutex::default(),
     });
+    let (refreshes, refresh_requests) = mpsc::unbounded_channel();
     metrics.fleet_store_up.set(0);
     let task = FleetTask {
         config: config.clone(),
@@ -123,9 +154,14 @@ pub fn start(
         breaker_outbox,
         shutdown,
         seal: Seal::new(&config.name, None),
+        refreshes,
     };
     tokio::spawn(task.supervise());
-    (FleetLink { outgoing, view }, breaker_events)
+    (
+        FleetLink { outgoing, view },
+        breaker_events,
+        refresh_requests,
+    )
 }
 
 /// The system roots plus `upstream_tls.extra_roots`, as one PEM: what a `rediss://` store's
@@ -170,6 +206,8 @@ struct FleetTask {
     shutdown: CancellationToken,
     /// Seals what this pod writes and opens what it reads; re-keyed at every connect.
     seal: Seal,
+    /// Where other pods' refresh requests go (the reloader).
+    refreshes: mpsc::UnboundedSender<Arc<str>>,
 }
 
 impl FleetTask {
@@ -281,6 +319,9 @@ impl FleetTask {
     }
 
     fn set_up(&self, up: bool) {
+        if !up {
+            self.view.lock_watching().clear();
+        }
         self.view.store_up.store(up, Ordering::Relaxed);
         self.metrics.fleet_store_up.set(i64::from(up));
         if !up {
@@ -304,6 +345,7 @@ impl FleetTask {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_heartbeat = Instant::now();
+        let mut next_watch = Instant::now();
         loop {
             let result = tokio::select! {
                 () = self.shutdown.cancelled() => return Served::Shutdown,
@@ -330,6 +372,10 @@ impl FleetTask {
                     if result.is_ok() && Instant::now() >= next_heartbeat {
                         next_heartbeat = Instant::now() + HEARTBEAT_EVERY;
                         result = self.heartbeat(&mut store).await;
+                    }
+                    if result.is_ok() && Instant::now() >= next_watch {
+                        next_watch = Instant::now() + WATCH_RENEW_EVERY;
+                        result = self.hold_watches(&mut store).await;
                     }
                     result
                 }
@@ -426,6 +472,10 @@ impl FleetTask {
                 seconds,
                 from: self.view.pod.clone(),
             },
+            Outgoing::Refresh { credential } => FleetMessage::Refresh {
+                credential: credential.to_string(),
+                from: self.view.pod.clone(),
+            },
             Outgoing::Manual {
                 credential,
                 action,
@@ -478,6 +528,34 @@ impl FleetTask {
                 credential.breaker.fleet_release_for_probe();
             }
         }
+        Ok(())
+    }
+
+    /// One pod per fleet watches each secret-store credential: take or keep the lease for every
+    /// one, so the store's polls do not grow with the number of pods.
+    async fn hold_watches(&self, store: &mut Store) -> Result<(), store::StoreError> {
+        let watched: Vec<Arc<str>> = self
+            .state
+            .load()
+            .credentials
+            .iter()
+            .filter(|c| c.store_watch.is_some())
+            .map(|c| c.name.clone())
+            .collect();
+        let mut holding = std::collections::HashSet::new();
+        for credential in watched {
+            if store
+                .hold_watch(&credential, &self.view.pod, WATCH_LEASE)
+                .await?
+            {
+                holding.insert(credential);
+            }
+        }
+        let mut watching = self.view.lock_watching();
+        for gained in holding.difference(&watching) {
+            tracing::info!(credential = %gained, "this pod watches the secret store for the fleet");
+        }
+        *watching = holding;
         Ok(())
     }
 
@@ -567,6 +645,10 @@ impl FleetTask {
                 let max = credential.spec.breaker.max_hold;
                 let hold = time::capped(*seconds, time::Unit::Seconds, max);
                 credential.limits.hold(time::deadline(Instant::now(), hold));
+                true
+            }
+            FleetMessage::Refresh { from, .. } if *from != self.view.pod => {
+                let _ = self.refreshes.send(credential.name.clone());
                 true
             }
             FleetMessage::Manual {

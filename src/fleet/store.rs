@@ -16,6 +16,21 @@ const COMMAND_DEADLINE: Duration = Duration::from_secs(2);
 /// a deadline of its own, or a store answering each command in 1.5 s could never connect.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Takes the watch lease for a credential, or keeps it if this pod already holds it: one pod per
+/// fleet and credential polls the secret store.
+const HOLD_LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
 /// A token bucket taken from atomically in the store, on the store's own clock: refill by the
 /// time since the last take, hand out up to `want` whole tokens, keep the rest.
 const TAKE_TOKENS: &str = r"
@@ -296,6 +311,21 @@ impl Store {
         )
         .await?;
         Ok(taken.is_some())
+    }
+
+    /// Takes or keeps the lease to watch `credential`'s store; whether this pod holds it.
+    pub async fn hold_watch(
+        &mut self,
+        credential: &str,
+        pod: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = self.key(&["watch", credential]);
+        let script = redis::Script::new(HOLD_LEASE);
+        let mut invocation = script.key(key);
+        invocation.arg(pod).arg(millis(lease));
+        let held: i64 = deadline(invocation.invoke_async(&mut self.connection)).await?;
+        Ok(held == 1)
     }
 
     pub async fn release_probe(

@@ -10,6 +10,11 @@ use crate::credentials::Version;
 /// What the rest of keystamp can ask of the reloader.
 pub(super) enum Ask {
     ReloadAll,
+    /// Re-read one credential now (an operator's or a rotation job's push).
+    Refresh {
+        credential: Arc<str>,
+        reply: oneshot::Sender<Option<Refreshed>>,
+    },
     NewerThan {
         credential: Arc<str>,
         stale: String,
@@ -21,9 +26,18 @@ impl std::fmt::Debug for Ask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Ask::ReloadAll => f.write_str("ReloadAll"),
+            Ask::Refresh { credential, .. } => write!(f, "Refresh({credential})"),
             Ask::NewerThan { credential, .. } => write!(f, "NewerThan({credential})"),
         }
     }
+}
+
+/// What a refresh found: the credential's fingerprint before and after, and why a read failed.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub before: Option<String>,
+    pub after: Option<String>,
+    pub last_error: Option<String>,
 }
 
 /// A cheap, cloneable way to reach the reloader.
@@ -44,6 +58,17 @@ impl ReloadHandle {
     /// Re-reads the config and every source now (SIGHUP).
     pub fn reload_all(&self) {
         let _ = self.asks.send(Ask::ReloadAll);
+    }
+
+    /// Re-reads `credential` now; `None` when there is no such credential.
+    pub async fn refresh(&self, credential: &str) -> Option<Refreshed> {
+        let (reply, answer) = oneshot::channel();
+        let ask = Ask::Refresh {
+            credential: Arc::from(credential),
+            reply,
+        };
+        self.asks.send(ask).ok()?;
+        answer.await.ok().flatten()
     }
 
     /// A version of `credential` newer than the one with fingerprint `stale`, fetching one now if

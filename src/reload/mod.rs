@@ -22,11 +22,13 @@ use crate::config::{Config, SourceSpec};
 use crate::credentials::{
     inputs_fingerprint, read_all, Credential, ReadOutcome, Reporting, TaskTokens, Version,
 };
+use crate::fleet::{FleetLink, FleetRefreshes, Outgoing};
 use crate::identity::IdentityTable;
 use crate::state::{plan_next, SharedState};
 use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 use handle::Ask;
+use handle::Refreshed;
 pub use handle::{ReloadHandle, ReloadRequests};
 use schedule::Schedule;
 use watch::DirWatcher;
@@ -47,6 +49,9 @@ pub struct ReloadContext {
     pub metrics: Arc<Metrics>,
     /// Where new credentials' breakers report (the fleet, when there is one).
     pub reporting: Reporting,
+    /// The fleet, when there is one: who watches each secret store, and where a rotation the
+    /// watcher saw is announced.
+    pub fleet: Option<FleetLink>,
     pub shutdown: CancellationToken,
 }
 
@@ -62,11 +67,18 @@ pub struct Reloader {
     forced_fetches: HashMap<Arc<str>, (Instant, String)>,
     /// Per-task token sets seen at the last sweep, so one a reload dropped is revoked too.
     task_tokens: Vec<Arc<TaskTokens>>,
+    /// Credentials other pods asked this one to re-read (their store changed).
+    fleet_refreshes: Option<FleetRefreshes>,
 }
 
 impl Reloader {
     /// Loads `config` (every credential read once) and publishes the first snapshot to serve.
-    pub async fn start(context: ReloadContext, config: Config, asks: ReloadRequests) -> Self {
+    pub async fn start(
+        context: ReloadContext,
+        config: Config,
+        asks: ReloadRequests,
+        fleet_refreshes: Option<FleetRefreshes>,
+    ) -> Self {
         let (events, fs_events) = mpsc::unbounded_channel();
         let watcher = match DirWatcher::new(events) {
             Ok(watcher) => Some(watcher),
@@ -86,6 +98,7 @@ impl Reloader {
             forced_fetches: HashMap::new(),
             task_tokens: Vec::new(),
             config: config.clone(),
+            fleet_refreshes,
         };
         reloader.apply_config(config).await;
         reloader
@@ -116,6 +129,10 @@ impl Reloader {
                     self.reread_files().await;
                 }
                 () = sleep_until(next_refresh) => self.refresh_due().await,
+                Some(name) = next_fleet_refresh(&mut self.fleet_refreshes) => {
+                    tracing::debug!(credential = %name, "re-reading: another pod saw it change");
+                    self.reread(vec![name]).await;
+                }
                 _ = resync.tick() => self.resync().await,
                 _ = task_sweep.tick() => self.sweep_task_tokens(),
             }
@@ -189,6 +206,28 @@ impl Reloader {
                 self.reread_identities();
                 let names = self.credentials_where(|_| true);
                 self.reread(names).await;
+            }
+            Ask::Refresh { credential, reply } => {
+                let fingerprint = |reloader: &Self| {
+                    let snapshot = reloader.context.state.load();
+                    let current = snapshot.credentials.get(&credential)?;
+                    Some((
+                        current.current.as_ref().map(|v| v.fingerprint.clone()),
+                        current.last_error.as_ref().map(ToString::to_string),
+                    ))
+                };
+                let Some((before, _)) = fingerprint(self) else {
+                    let _ = reply.send(None);
+                    return;
+                };
+                tracing::info!(credential = %credential, "re-reading on request");
+                self.reread(vec![credential.clone()]).await;
+                let answer = fingerprint(self).map(|(after, last_error)| Refreshed {
+                    before,
+                    after,
+                    last_error,
+                });
+                let _ = reply.send(answer);
             }
             Ask::NewerThan {
                 credential,
@@ -289,8 +328,26 @@ impl Reloader {
             .publish(snapshot.with_identities(identities));
     }
 
+    /// Reads what is due. A secret store another pod watches for the fleet is not polled here:
+    /// its watcher announces a change and this pod re-reads it then.
     async fn refresh_due(&mut self) {
-        let due = self.schedule.due(Instant::now());
+        let now = Instant::now();
+        let snapshot = self.context.state.load_full();
+        let (due, watched_elsewhere): (Vec<_>, Vec<_>) =
+            self.schedule.due(now).into_iter().partition(|name| {
+                let store = snapshot
+                    .credentials
+                    .get(name)
+                    .is_some_and(|c| c.store_watch.is_some());
+                let fleet = self.context.fleet.as_ref();
+                !store || fleet.is_none_or(|fleet| fleet.view().polls(name))
+            });
+        for name in watched_elsewhere {
+            if let Some(credential) = snapshot.credentials.get(&name) {
+                self.schedule
+                    .after_read(credential, ReadOutcome::Unchanged, now);
+            }
+        }
         self.reread(due).await;
     }
 
@@ -328,6 +385,14 @@ impl Reloader {
             self.schedule
                 .after_read(&credential, outcome, Instant::now());
             if outcome == ReadOutcome::Changed {
+                // The fleet's watcher of this store tells every other pod to read it now.
+                if let Some(fleet) = self.context.fleet.as_ref() {
+                    if credential.store_watch.is_some() && fleet.view().watching(&credential.name) {
+                        fleet.send(Outgoing::Refresh {
+                            credential: credential.name.clone(),
+                        });
+                    }
+                }
                 // Rotation is the cure: a new version starts with a closed breaker.
                 credential.breaker.reset();
                 let previous_fingerprint = previous
@@ -483,6 +548,14 @@ impl Reloader {
         if let Some(watcher) = self.watcher.as_mut() {
             watcher.set_files(files);
         }
+    }
+}
+
+/// The next credential another pod asked to be re-read; never, without a fleet.
+async fn next_fleet_refresh(refreshes: &mut Option<FleetRefreshes>) -> Option<Arc<str>> {
+    match refreshes {
+        Some(refreshes) => refreshes.recv().await,
+        None => std::future::pending().await,
     }
 }
 
