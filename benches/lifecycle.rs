@@ -77,7 +77,7 @@ async fn load_table(
     };
     let mut next = plan_next(&Snapshot::before_first_load(config), config, &reporting);
     let fresh = std::mem::take(&mut next.fresh);
-    let loaded = read_all(fresh, upstream)
+    let loaded = read_all(fresh, &CredentialTable::default(), upstream)
         .await
         .into_iter()
         .map(|(credential, _)| credential)
@@ -123,7 +123,7 @@ fn main() {
         // A reload (SIGHUP, resync, a file event) re-reads existing credentials.
         let existing: Vec<_> = credentials.iter().cloned().collect();
         let started = Instant::now();
-        let reread = runtime.block_on(read_all(existing, &upstream));
+        let reread = runtime.block_on(read_all(existing, &credentials, &upstream));
         let reload = started.elapsed();
         assert_eq!(reread.len(), count);
         let ns = lookup_ns(&routes, &credentials, count);

@@ -33,6 +33,7 @@ use common::*;
 
 const S3_HOST: &str = "s3.us-east-1.amazonaws.com";
 const STS_HOST: &str = "sts.amazonaws.com";
+const SM_HOST: &str = "secretsmanager.us-east-1.amazonaws.com";
 
 fn deps_dir() -> PathBuf {
     std::env::var_os("KEYSTAMP_CLIENT_DEPS")
@@ -165,7 +166,7 @@ impl Front {
     async fn start(ca: &TestCa, moto_port: u16) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = tls_acceptor(ca, &[S3_HOST, STS_HOST], &[b"http/1.1"]);
+        let acceptor = tls_acceptor(ca, &[S3_HOST, STS_HOST, SM_HOST], &[b"http/1.1"]);
         let seen: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .build_http::<Full<Bytes>>();
@@ -899,4 +900,165 @@ async fn a_copy_source_outside_the_agents_scope_is_refused_and_nothing_is_copied
             "S3 received a copy from outside the scope: {source:?}"
         );
     }
+}
+
+/// Creates or updates secret `name` in moto's Secrets Manager, signed with the rig's IAM keys.
+fn put_secret(moto: &Moto, name: &str, value: &str) {
+    let script = format!(
+        r#"
+import sys, boto3
+sm = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url="http://127.0.0.1:{port}",
+                  aws_access_key_id=sys.argv[1], aws_secret_access_key=sys.argv[2])
+try:
+    sm.put_secret_value(SecretId=sys.argv[3], SecretString=sys.argv[4])
+except sm.exceptions.ResourceNotFoundException:
+    sm.create_secret(Name=sys.argv[3], SecretString=sys.argv[4])
+"#,
+        port = moto.port
+    );
+    let output = Command::new(python())
+        .args(["-c", &script])
+        .arg(moto.key("access_key_id"))
+        .arg(moto.key("secret_access_key"))
+        .args([name, value])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secrets_manager_rotation_is_stamped_within_the_poll_and_read_only_when_it_moved() {
+    let mut rig = rig().await;
+    let (upstream, upstream_ca, _upstream_dir) = tls_upstream().await;
+    let aws_ca = rig.dir.path().join("aws-ca.pem");
+    put_secret(
+        &rig.moto,
+        "agents/openai",
+        r#"{"api_key": "sm-value-1", "note": "x"}"#,
+    );
+    put_secret(&rig.moto, "agents/other", r#"{"api_key": "sm-other"}"#);
+    let source = |id: &str, field: &str| {
+        serde_json::json!({ "source": { "aws_secrets_manager": {
+            "secret_id": id, "field": field, "region": "us-east-1",
+            "credential": "aws-keys", "poll": "1s",
+        } } })
+    };
+    rig.config
+        .set(
+            "upstream_tls",
+            serde_json::json!({ "extra_roots": [aws_ca, upstream_ca] }),
+        )
+        .pin(&format!("{SM_HOST}:443"), rig.front.addr)
+        .pin("api.example.test:443", upstream.addr)
+        .pin("basic.example.test:443", upstream.addr)
+        .credential(
+            "aws-keys",
+            serde_json::json!({ "source": { "aws": static_keys() } }),
+        )
+        .credential("openai", source("agents/openai", "api_key"))
+        .credential("misnamed", source("agents/other", "no_such_field"))
+        .bearer_route("api.example.test", "openai", serde_json::json!({}))
+        .bearer_route("basic.example.test", "misnamed", serde_json::json!({}));
+    let (akid, secret) = (
+        rig.moto.key("access_key_id"),
+        rig.moto.key("secret_access_key"),
+    );
+    let keystamp = KeystampProcess::start(&rig.config.yaml(), &[("akid", &akid), ("sak", &secret)]);
+    let stamped = || async {
+        let response = keystamp
+            .client()
+            .get("https://api.example.test/who")
+            .send()
+            .await
+            .unwrap();
+        let echo: serde_json::Value = response.json().await.unwrap_or_default();
+        echo["headers"]["authorization"][0]
+            .as_str()
+            .unwrap_or("")
+            .trim_start_matches("Bearer ")
+            .to_string()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            stamped().await == "sm-value-1"
+        })
+        .await,
+        "{}",
+        keystamp.log()
+    );
+    let before = rig.front.seen().len();
+    put_secret(&rig.moto, "agents/openai", r#"{"api_key": "sm-value-2"}"#);
+    let written = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            stamped().await == "sm-value-2"
+        })
+        .await,
+        "{}",
+        keystamp.log()
+    );
+    let took = written.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let targets: Vec<String> = rig.front.seen()[before..]
+        .iter()
+        .filter(|r| r.host == SM_HOST && String::from_utf8_lossy(&r.body).contains("agents/openai"))
+        .filter_map(|r| r.headers.get("x-amz-target").cloned())
+        .collect();
+    let count = |action: &str| targets.iter().filter(|t| t.ends_with(action)).count();
+    eprintln!(
+        "PutSecretValue to stamped: {took:?}; {} DescribeSecret, {} GetSecretValue in the last {:?}",
+        count("DescribeSecret"),
+        count("GetSecretValue"),
+        written.elapsed()
+    );
+    assert!(took <= Duration::from_secs(2), "took {took:?}");
+    // The credential polls about once a second; its value is read only when the version moved.
+    assert!(count("DescribeSecret") >= 3, "{targets:?}");
+    assert_eq!(
+        count("GetSecretValue"),
+        1,
+        "one read for the new version: {targets:?}"
+    );
+    for request in rig.front.seen().iter().filter(|r| r.host == SM_HOST) {
+        assert!(
+            request.status < 300,
+            "moto answered {} (signature?)",
+            request.status
+        );
+    }
+    // The missing field: that credential alone is unavailable and says why.
+    let response = keystamp
+        .client()
+        .get("https://basic.example.test/who")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["x-keystamp-error"],
+        "credential_unavailable"
+    );
+    let status = keystamp.status().await;
+    let misnamed = status["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "misnamed")
+        .unwrap()
+        .clone();
+    assert!(
+        misnamed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_field"),
+        "{misnamed}"
+    );
+    let mut output = keystamp.log();
+    output.push_str(&keystamp.admin_get("/metrics").await);
+    output.push_str(&status.to_string());
+    assert!(!output.contains("sm-value-"), "a secret value leaked");
+    assert!(!output.contains(&secret), "the AWS secret key leaked");
 }

@@ -323,7 +323,7 @@ async fn a_kv_rotation_is_stamped_within_the_poll_and_vault_sessions_renew_and_r
     );
     let openai = credential_status(&status, "openai");
     assert_eq!(openai["source"], "vault");
-    assert_eq!(openai["store"]["version"], 4);
+    assert_eq!(openai["store"]["version"], "4");
 
     // The role is deleted and every token revoked: the last good value stays, and
     // `last_error` carries Vault's own words.

@@ -180,6 +180,22 @@ pub enum SourceSpec {
     GoogleServiceAccount(Box<GoogleSpec>),
     Aws(Box<AwsSpec>),
     Vault(Box<VaultSpec>),
+    SecretsManager(Box<SecretsManagerSpec>),
+}
+
+/// A secret read from AWS Secrets Manager, signed with another credential's AWS keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretsManagerSpec {
+    pub secret_id: String,
+    /// For a JSON secret: the field that is the credential; `None`: the whole `SecretString`.
+    pub field: Option<String>,
+    pub region: String,
+    /// `https://secretsmanager.<region>.amazonaws.com/` unless set.
+    pub endpoint: http::Uri,
+    /// The `aws` credential whose keys sign the calls (IRSA, assume_role... as on routes).
+    pub credential: String,
+    pub poll: Duration,
+    pub timeout: Duration,
 }
 
 /// A secret read from Vault or OpenBao (same HTTP API).
@@ -370,6 +386,21 @@ impl SourceSpec {
             SourceSpec::GoogleServiceAccount(_) => "google_service_account",
             SourceSpec::Aws(_) => "aws",
             SourceSpec::Vault(_) => "vault",
+            SourceSpec::SecretsManager(_) => "aws_secrets_manager",
+        }
+    }
+
+    /// Whether the value is read from a secret store that is polled by version.
+    pub fn is_secret_store(&self) -> bool {
+        matches!(self, SourceSpec::Vault(_) | SourceSpec::SecretsManager(_))
+    }
+
+    /// How often a secret store is polled for a new version.
+    pub fn store_poll(&self) -> Option<Duration> {
+        match self {
+            SourceSpec::Vault(vault) => Some(vault.poll),
+            SourceSpec::SecretsManager(secret) => Some(secret.poll),
+            _ => None,
         }
     }
 
@@ -380,7 +411,8 @@ impl SourceSpec {
             SourceSpec::OAuth2(_)
             | SourceSpec::GithubApp(_)
             | SourceSpec::GoogleServiceAccount(_)
-            | SourceSpec::Vault(_) => true,
+            | SourceSpec::Vault(_)
+            | SourceSpec::SecretsManager(_) => true,
             SourceSpec::Aws(aws) => {
                 aws.assume_role.is_some() || matches!(aws.base, AwsBase::WebIdentity { .. })
             }
@@ -439,7 +471,9 @@ impl SourceSpec {
                 VaultAuth::Token(token) => token.files(),
                 VaultAuth::Login { jwt, .. } => jwt.files(),
             },
-            SourceSpec::Env { .. } | SourceSpec::Command(_) => Vec::new(),
+            SourceSpec::Env { .. } | SourceSpec::Command(_) | SourceSpec::SecretsManager(_) => {
+                Vec::new()
+            }
         }
     }
 }

@@ -239,6 +239,8 @@ pub struct RawSource {
     pub aws: Option<Box<RawAws>>,
     #[serde(default)]
     pub vault: Option<Box<RawVault>>,
+    #[serde(default)]
+    pub aws_secrets_manager: Option<Box<RawSecretsManager>>,
     /// `plain` (default) or `json` (`{"token": "...", "expires_at": "<RFC 3339>"}`).
     #[serde(default)]
     pub format: Option<String>,
@@ -467,4 +469,20 @@ pub struct RawVaultKv {
     pub mount: Option<String>,
     pub path: String,
     pub field: String,
+}
+
+/// `aws_secrets_manager: { secret_id, field, region, credential, endpoint, poll }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretsManager {
+    pub secret_id: String,
+    #[serde(default)]
+    pub field: Option<String>,
+    pub region: String,
+    /// The name of an `aws` credential of this config, whose keys sign the calls.
+    pub credential: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub poll: Option<String>,
 }

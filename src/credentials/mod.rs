@@ -12,7 +12,9 @@ mod google;
 mod jwt;
 mod local;
 mod oauth;
+mod secrets_manager;
 mod source;
+mod store_watch;
 mod task_tokens;
 mod value;
 mod vault;
@@ -32,9 +34,9 @@ use crate::upstream::Upstream;
 
 pub use aws::access_key_id;
 pub use source::{fetch, inputs_fingerprint, read_local};
+pub use store_watch::StoreWatch;
 pub use task_tokens::{is_task_id, MintError, TaskKey, TaskTokens};
 pub use value::{Fetched, SourceError};
-pub use vault::VaultWatch;
 
 /// One value of a credential, as loaded. Identified in logs and `/status` by its fingerprint.
 #[derive(Debug)]
@@ -104,7 +106,7 @@ pub struct Credential {
     /// Live per-task tokens, for a credential minted per task.
     pub task_tokens: Option<Arc<TaskTokens>>,
     /// A secret store's session and the version last read, for a `vault` credential.
-    pub store_watch: Option<Arc<VaultWatch>>,
+    pub store_watch: Option<Arc<StoreWatch>>,
 }
 
 /// Where a credential's runtime state reports: metrics, and the fleet when there is one.
@@ -189,11 +191,11 @@ impl Credential {
             reporting.breaker_events.clone(),
         ));
         let limits = Arc::new(Limits::new(spec.rate_limit));
-        let store = matches!(spec.source, SourceSpec::Vault(_));
+        let store = spec.source.is_secret_store();
         let reload_counters = Arc::new(ReloadCounters::new(&name, metrics, store));
         metrics.define_credential(&name);
         let task_tokens = TaskTokens::for_source(&spec.source).map(Arc::new);
-        let store_watch = matches!(spec.source, SourceSpec::Vault(_)).then(Arc::default);
+        let store_watch = spec.source.is_secret_store().then(Arc::default);
         Credential {
             name,
             spec,
@@ -289,7 +291,47 @@ const LOCAL_READ_CHUNK: usize = 1024;
 
 /// Reads every credential's source: files and environment variables in chunks on a blocking
 /// thread, commands and token endpoints concurrently.
+/// A source that signs with another credential's keys (AWS Secrets Manager) is read after the
+/// others, with those keys as they are now (`peers`, updated by this read).
 pub async fn read_all(
+    credentials: Vec<Arc<Credential>>,
+    peers: &CredentialTable,
+    upstream: &Upstream,
+) -> Vec<(Credential, ReadOutcome)> {
+    let (signed_with_peers, credentials): (Vec<_>, Vec<_>) = credentials
+        .into_iter()
+        .partition(|c| matches!(c.spec.source, SourceSpec::SecretsManager(_)));
+    let mut results = read_independent(credentials, upstream).await;
+    if signed_with_peers.is_empty() {
+        return results;
+    }
+    let mut keys: HashMap<Arc<str>, Arc<Version>> = peers
+        .iter()
+        .filter_map(|c| Some((c.name.clone(), c.current.clone()?)))
+        .collect();
+    keys.extend(
+        results
+            .iter()
+            .filter_map(|(c, _)| Some((c.name.clone(), c.current.clone()?))),
+    );
+    let reads = signed_with_peers.iter().map(|c| {
+        let keys = &keys;
+        async move {
+            let read = match (&c.spec.source, &c.store_watch) {
+                (SourceSpec::SecretsManager(spec), Some(watch)) => {
+                    let signing = keys.get(spec.credential.as_str()).map(|v| &v.secret);
+                    secrets_manager::fetch(spec, signing, watch, upstream).await
+                }
+                _ => Err(SourceError::StoreResponse),
+            };
+            c.next(read)
+        }
+    });
+    results.extend(futures_util::future::join_all(reads).await);
+    results
+}
+
+async fn read_independent(
     credentials: Vec<Arc<Credential>>,
     upstream: &Upstream,
 ) -> Vec<(Credential, ReadOutcome)> {

@@ -46,7 +46,9 @@ pub async fn fetch(source: &SourceSpec, upstream: &Upstream) -> Result<Fetched, 
         }
         // Read through the credential's watch (`credentials::fetch_for`), which keeps its
         // session; a bare fetch has none to offer.
-        SourceSpec::Vault(_) => return Err(SourceError::StoreResponse),
+        SourceSpec::Vault(_) | SourceSpec::SecretsManager(_) => {
+            return Err(SourceError::StoreResponse)
+        }
         SourceSpec::Aws(spec) => {
             let caller = aws::Caller {
                 agent: "",

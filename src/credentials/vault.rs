@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use crate::config::{VaultAuth, VaultSpec};
 use crate::credentials::exchange::{self, Call};
 use crate::credentials::local::read_key_material;
+use crate::credentials::store_watch::{Session, StoreWatch};
 use crate::credentials::value::{normalize, Fetched, SourceError};
 use crate::secret::Secret;
 use crate::upstream::Upstream;
@@ -19,48 +20,13 @@ use crate::upstream::Upstream;
 /// Vault's own error text is cut to this many characters in `last_error`.
 const MAX_REASON: usize = 160;
 
-/// What one credential keeps between polls: the Vault token it logged in with, and the version
-/// it last read (with the value read at it, so an unchanged version costs one metadata call).
-#[derive(Debug, Default)]
-pub struct VaultWatch {
-    session: tokio::sync::Mutex<Option<Session>>,
-    seen: std::sync::Mutex<Option<Seen>>,
-}
-
-#[derive(Debug)]
-struct Session {
-    token: Secret,
-    /// Renew (or log in again) from here on: two thirds into the token's TTL.
-    renew_after: Option<Instant>,
-    renewable: bool,
-}
-
-#[derive(Debug, Clone)]
-struct Seen {
-    version: u64,
-    fetched: Fetched,
-}
-
-impl VaultWatch {
-    /// The KV version last read, for `/status`.
-    pub fn version(&self) -> Option<u64> {
-        self.lock_seen().as_ref().map(|seen| seen.version)
-    }
-
-    fn lock_seen(&self) -> std::sync::MutexGuard<'_, Option<Seen>> {
-        self.seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 /// The field's current value: from the last read while the secret's version is unchanged.
 pub async fn fetch(
     spec: &VaultSpec,
-    watch: &VaultWatch,
+    watch: &StoreWatch,
     upstream: &Upstream,
 ) -> Result<Fetched, SourceError> {
-    let mut session = watch.session.lock().await;
+    let mut session = watch.vault.lock().await;
     let token = token(spec, &mut session, upstream).await?;
     let version = match current_version(spec, &token, upstream).await {
         // A token revoked under us: log in once more before giving up.
@@ -73,15 +39,12 @@ pub async fn fetch(
         }
         other => other?,
     };
-    if let Some(seen) = watch.lock_seen().as_ref().filter(|s| s.version == version) {
-        return Ok(seen.fetched.clone());
+    if let Some(fetched) = watch.read_at(&version.to_string()) {
+        return Ok(fetched);
     }
     let token = session.as_ref().map(|s| s.token.clone()).unwrap_or(token);
     let fetched = read_field(spec, &token, version, upstream).await?;
-    *watch.lock_seen() = Some(Seen {
-        version,
-        fetched: fetched.clone(),
-    });
+    watch.remember(version.to_string(), &fetched);
     Ok(fetched)
 }
 

@@ -373,7 +373,7 @@ impl Reloader {
             .filter_map(|name| snapshot.credentials.get(name))
             .cloned()
             .collect();
-        let results = read_all(credentials, &self.context.upstream).await;
+        let results = read_all(credentials, &snapshot.credentials, &self.context.upstream).await;
         let mut changed = Vec::new();
         for (index, (credential, outcome)) in results.into_iter().enumerate() {
             // Thousands of results are bookkeeping on a runtime worker: let requests in between.
@@ -499,11 +499,12 @@ impl Reloader {
             self.context.state.publish(previous.with_dial_rules(rules));
         }
         let fresh = std::mem::take(&mut next.fresh);
-        let loaded: Vec<Credential> = read_all(fresh, &self.context.upstream)
-            .await
-            .into_iter()
-            .map(|(credential, _)| credential)
-            .collect();
+        let loaded: Vec<Credential> =
+            read_all(fresh, &previous.credentials, &self.context.upstream)
+                .await
+                .into_iter()
+                .map(|(credential, _)| credential)
+                .collect();
         for credential in &loaded {
             let previous_fingerprint = previous
                 .credentials

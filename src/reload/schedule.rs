@@ -108,7 +108,7 @@ fn natural_next(credential: &Credential, now: Instant) -> Option<Instant> {
     });
     let periodic = match &credential.spec.source {
         SourceSpec::Command(command) => command.refresh_every.map(|every| now + every),
-        SourceSpec::Vault(vault) => Some(now + vault.poll),
+        source if source.is_secret_store() => source.store_poll().map(|poll| now + poll),
         _ => None,
     };
     match (ahead_of_expiry, periodic) {

@@ -10,6 +10,7 @@ use http::{HeaderName, Method};
 
 use crate::host::Host;
 
+mod secrets_manager;
 mod vault;
 
 use super::locate::{locate, parse_path};
@@ -517,6 +518,19 @@ impl Errors<'_> {
                 },
             );
         }
+        // A Secrets Manager source signs with another credential's keys: an `aws` one.
+        for (name, spec) in &specs {
+            let SourceSpec::SecretsManager(secret) = &spec.source else {
+                continue;
+            };
+            let signer = specs.get(&secret.credential).map(|c| &c.source);
+            if !matches!(signer, Some(SourceSpec::Aws(_))) {
+                self.push(
+                    &format!("credentials.{name}.source.aws_secrets_manager.credential"),
+                    "must name an `aws` credential of this config",
+                );
+            }
+        }
         specs
     }
 
@@ -608,12 +622,13 @@ impl Errors<'_> {
             raw.google_service_account.is_some(),
             raw.aws.is_some(),
             raw.vault.is_some(),
+            raw.aws_secrets_manager.is_some(),
         ];
         if set.iter().filter(|s| **s).count() != 1 {
             self.push(
                 at,
                 "set exactly one of `file`, `env`, `command`, `oauth2_client_credentials`, \
-                 `github_app`, `google_service_account`, `aws` or `vault`",
+                 `github_app`, `google_service_account`, `aws`, `vault` or `aws_secrets_manager`",
             );
             return None;
         }
@@ -641,7 +656,8 @@ impl Errors<'_> {
             || raw.github_app.is_some()
             || raw.google_service_account.is_some()
             || raw.aws.is_some()
-            || raw.vault.is_some();
+            || raw.vault.is_some()
+            || raw.aws_secrets_manager.is_some();
         if let Some(misplaced) = [
             only_for(
                 "refresh_every",
@@ -722,6 +738,9 @@ impl Errors<'_> {
         }
         if let Some(vault) = raw.vault.as_deref() {
             return self.vault(&format!("{at}.vault"), vault, base, timeout);
+        }
+        if let Some(secret) = raw.aws_secrets_manager.as_deref() {
+            return self.secrets_manager(&format!("{at}.aws_secrets_manager"), secret, timeout);
         }
         if let Some(google) = raw.google_service_account.as_deref() {
             return self.google(

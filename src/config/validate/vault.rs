@@ -13,6 +13,20 @@ const DEFAULT_POLL: Duration = Duration::from_secs(30);
 const MIN_POLL: Duration = Duration::from_millis(500);
 
 impl Errors<'_> {
+    /// A secret store's `poll:` (any store kind): default 30 s, at least 500 ms.
+    pub(super) fn store_poll(&mut self, at: &str, text: Option<&str>) -> Option<Duration> {
+        match text {
+            None => Some(DEFAULT_POLL),
+            Some(text) => self
+                .duration(at, text)
+                .filter(|poll| *poll >= MIN_POLL)
+                .or_else(|| {
+                    self.push(at, "must be at least 500ms");
+                    None
+                }),
+        }
+    }
+
     pub(super) fn vault(
         &mut self,
         at: &str,
@@ -36,16 +50,7 @@ impl Errors<'_> {
                 None
             }
         };
-        let poll = match raw.poll.as_deref() {
-            None => Some(DEFAULT_POLL),
-            Some(text) => self
-                .duration(&format!("{at}.poll"), text)
-                .filter(|poll| *poll >= MIN_POLL)
-                .or_else(|| {
-                    self.push(&format!("{at}.poll"), "must be at least 500ms");
-                    None
-                }),
-        };
+        let poll = self.store_poll(&format!("{at}.poll"), raw.poll.as_deref());
         let auth = self.vault_auth(&format!("{at}.auth"), raw, base);
         let kv = &raw.kv;
         let mount = kv.mount.clone().unwrap_or_else(|| "secret".into());
