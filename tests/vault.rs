@@ -578,3 +578,126 @@ async fn one_pod_watches_the_store_for_the_fleet_and_every_pod_follows_a_rotatio
             .is_some()
     );
 }
+
+/// The ACL users a password-protected redis-server has, as its admin sees them.
+async fn redis_users(redis: &RedisServer, password: &str) -> Vec<String> {
+    let client = redis::Client::open(format!(
+        "redis://default:{password}@127.0.0.1:{}/",
+        redis.port()
+    ))
+    .unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ACL")
+        .arg("USERS")
+        .query_async(&mut connection)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leased_secret_is_renewed_at_two_thirds_read_anew_at_its_max_and_revoked_at_exit() {
+    // OpenBao's database engine against a redis-server (its redis plugin makes an ACL user per
+    // lease): nothing beyond what the fleet tests already install.
+    let redis = RedisServer::start_with_password("redis-admin-pw");
+    let dir = tempfile::tempdir().unwrap();
+    let key = RsaKey::generate(dir.path());
+    let bao = Bao::start().await;
+    bao.jwt_auth(&key, "1h", "2h").await;
+    use reqwest::Method;
+    bao.admin(
+        Method::POST,
+        "sys/mounts/database",
+        serde_json::json!({ "type": "database" }),
+    )
+    .await;
+    bao.admin(
+        Method::POST,
+        "database/config/cache",
+        serde_json::json!({
+            "plugin_name": "redis-database-plugin", "host": "127.0.0.1", "port": redis.port(),
+            "username": "default", "password": "redis-admin-pw", "allowed_roles": ["agent"],
+            "verify_connection": true,
+        }),
+    )
+    .await;
+    // Leases of 3 s, renewable up to 7 s: renewed, then read anew, over the run.
+    bao.admin(
+        Method::POST,
+        "database/roles/agent",
+        serde_json::json!({
+            "db_name": "cache", "creation_statements": ["[\"+@read\"]"],
+            "default_ttl": "3s", "max_ttl": "7s",
+        }),
+    )
+    .await;
+    // Revoking its own leases needs `update` on sys/leases/revoke (renewing is in the default
+    // policy).
+    let policy = "path \"database/creds/agent\" { capabilities = [\"read\"] }\n\
+                  path \"sys/leases/revoke\" { capabilities = [\"update\"] }";
+    bao.admin(
+        Method::PUT,
+        "sys/policies/acl/agents",
+        serde_json::json!({ "policy": policy }),
+    )
+    .await;
+
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let mut config = TestConfig::new();
+    config
+        .trust(&ca)
+        .pin("api.example.test:443", upstream.addr)
+        .set(
+            "egress",
+            serde_json::json!({ "allow_cidrs": ["127.0.0.1/32"] }),
+        )
+        .credential(
+            "cache",
+            serde_json::json!({ "source": { "vault": {
+                "address": bao.address(),
+                "auth": { "jwt": { "role": "agents", "token": { "file": "./secrets/sa-token" } } },
+                "dynamic": { "path": "database/creds/agent", "field": "password" },
+                "poll": "1s",
+            } } }),
+        )
+        .bearer_route("api.example.test", "cache", serde_json::json!({}));
+    let mut keystamp =
+        KeystampProcess::start(&config.yaml(), &[("sa-token", &service_account_jwt(&key))]);
+    let first = stamped(&keystamp, "api.example.test").await.unwrap();
+    let leased_users = redis_users(&redis, "redis-admin-pw").await;
+    assert_eq!(
+        leased_users.len(),
+        2,
+        "one user for the lease: {leased_users:?}"
+    );
+
+    // 12 s of traffic: every request stamped with a live lease's password, none failing.
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut passwords = std::collections::BTreeSet::new();
+    while Instant::now() < until {
+        let password = stamped(&keystamp, "api.example.test").await;
+        let password = password.unwrap_or_else(|code| panic!("{code}: {}", keystamp.log()));
+        passwords.insert(password);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = keystamp.log();
+    assert!(log.contains("vault lease renewed"), "never renewed");
+    assert!(
+        passwords.len() >= 2,
+        "never read anew at the max TTL: {passwords:?}"
+    );
+    assert!(passwords.contains(&first));
+    assert!(
+        log.contains("vault lease revoked"),
+        "a replaced lease was not revoked"
+    );
+    let live = redis_users(&redis, "redis-admin-pw").await;
+    assert!(
+        live.len() <= 3,
+        "replaced leases' users left behind: {live:?}"
+    );
+
+    // On the way out the lease is revoked: its redis user is gone.
+    assert!(keystamp.terminate());
+    let left = redis_users(&redis, "redis-admin-pw").await;
+    assert_eq!(left, ["default"], "the lease outlived keystamp: {left:?}");
+}

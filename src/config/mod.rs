@@ -205,7 +205,7 @@ pub struct VaultSpec {
     pub address: http::Uri,
     pub namespace: Option<String>,
     pub auth: VaultAuth,
-    pub kv: VaultKv,
+    pub secret: VaultSecret,
     /// How often the secret's metadata is checked for a new version.
     pub poll: Duration,
     pub timeout: Duration,
@@ -230,6 +230,13 @@ pub enum VaultAuth {
 pub enum VaultLoginMethod {
     Jwt,
     Kubernetes,
+}
+
+/// What is read: a KV v2 field (watched by version), or a field of a leased dynamic secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultSecret {
+    Kv(VaultKv),
+    Dynamic { path: String, field: String },
 }
 
 /// A field of a KV version 2 secret.

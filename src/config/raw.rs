@@ -431,7 +431,10 @@ pub struct RawInject {
 pub struct RawVault {
     pub address: String,
     pub auth: RawVaultAuth,
-    pub kv: RawVaultKv,
+    #[serde(default)]
+    pub kv: Option<RawVaultKv>,
+    #[serde(default)]
+    pub dynamic: Option<RawVaultDynamic>,
     #[serde(default)]
     pub poll: Option<String>,
     /// Vault Enterprise / OpenBao namespace (`X-Vault-Namespace`).
@@ -485,4 +488,12 @@ pub struct RawSecretsManager {
     pub endpoint: Option<String>,
     #[serde(default)]
     pub poll: Option<String>,
+}
+
+/// A secret with a lease (`database/creds/agent`, any engine that returns one).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultDynamic {
+    pub path: String,
+    pub field: String,
 }

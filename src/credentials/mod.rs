@@ -387,6 +387,16 @@ pub async fn fetch_for(
     }
 }
 
+/// Gives back what `credential` holds at its store (a Vault lease), revoking it there: keystamp
+/// exits, or the credential left the config.
+pub async fn release(credential: &Credential, upstream: &Upstream) {
+    if let (SourceSpec::Vault(spec), Some(watch)) =
+        (&credential.spec.source, &credential.store_watch)
+    {
+        vault::release(spec, watch, upstream).await;
+    }
+}
+
 /// What a read did, for metrics and scheduling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadOutcome {

@@ -18,11 +18,54 @@ pub(super) struct Session {
     pub(super) renewable: bool,
 }
 
+/// A leased secret (Vault's dynamic secrets) and when to act on it.
+#[derive(Debug, Clone)]
+pub(super) struct Lease {
+    pub(super) id: String,
+    /// The lease's length when granted, in seconds.
+    pub(super) ttl: u64,
+    pub(super) renewable: bool,
+    /// Renew (renewable) or read anew (not) from here on.
+    pub(super) act_at: Instant,
+    pub(super) ends: Instant,
+    /// The value, with the lease's end as its expiry.
+    pub(super) fetched: Fetched,
+}
+
+impl Lease {
+    /// A lease of `ttl` seconds granted now: acted on two thirds in when renewable, at 85 %
+    /// when not.
+    pub(super) fn new(id: String, ttl: u64, renewable: bool, secret: Secret) -> Self {
+        let now = Instant::now();
+        let length = crate::time::capped(ttl, crate::time::Unit::Seconds, MAX_LEASE);
+        let share = if renewable { 2.0 / 3.0 } else { 0.85 };
+        let expires_at = (ttl > 0)
+            .then(|| std::time::SystemTime::now().checked_add(length))
+            .flatten();
+        Self {
+            id,
+            ttl,
+            renewable: renewable && ttl > 0,
+            act_at: crate::time::deadline(now, length.mul_f64(share)),
+            ends: crate::time::deadline(now, length),
+            fetched: Fetched {
+                secret,
+                expires_at,
+                inputs: None,
+            },
+        }
+    }
+}
+
+/// No lease is planned for beyond this (a year): longer ones are read anew within it.
+const MAX_LEASE: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+
 #[derive(Debug, Default)]
 pub struct StoreWatch {
     /// The Vault token this credential logged in with (Vault sources only).
     pub(super) vault: tokio::sync::Mutex<Option<Session>>,
     seen: Mutex<Option<Seen>>,
+    lease: Mutex<Option<Lease>>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +93,23 @@ impl StoreWatch {
             version,
             fetched: fetched.clone(),
         });
+    }
+
+    /// The lease held now, if any.
+    pub(super) fn lease(&self) -> Option<Lease> {
+        self.lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Holds `lease` from now on; returns the one it replaces.
+    pub(super) fn hold_lease(&self, lease: Option<Lease>) -> Option<Lease> {
+        let mut held = self
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *held, lease)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Seen>> {

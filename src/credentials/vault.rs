@@ -9,10 +9,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use tokio::time::Instant;
 
-use crate::config::{VaultAuth, VaultSpec};
+use crate::config::{VaultAuth, VaultKv, VaultSecret, VaultSpec};
 use crate::credentials::exchange::{self, Call};
 use crate::credentials::local::read_key_material;
-use crate::credentials::store_watch::{Session, StoreWatch};
+use crate::credentials::store_watch::{Lease, Session, StoreWatch};
 use crate::credentials::value::{normalize, Fetched, SourceError};
 use crate::secret::Secret;
 use crate::upstream::Upstream;
@@ -20,7 +20,8 @@ use crate::upstream::Upstream;
 /// Vault's own error text is cut to this many characters in `last_error`.
 const MAX_REASON: usize = 160;
 
-/// The field's current value: from the last read while the secret's version is unchanged.
+/// The configured secret's current value: for KV v2, from the last read while the version is
+/// unchanged; for a leased secret, the lease renewed or the secret read anew as it runs out.
 pub async fn fetch(
     spec: &VaultSpec,
     watch: &StoreWatch,
@@ -28,24 +29,149 @@ pub async fn fetch(
 ) -> Result<Fetched, SourceError> {
     let mut session = watch.vault.lock().await;
     let token = token(spec, &mut session, upstream).await?;
-    let version = match current_version(spec, &token, upstream).await {
+    match read(spec, watch, &token, upstream).await {
         // A token revoked under us: log in once more before giving up.
         Err(SourceError::StoreRejected { status: 403, .. })
             if matches!(spec.auth, VaultAuth::Login { .. }) =>
         {
             *session = None;
             let token = self::token(spec, &mut session, upstream).await?;
-            current_version(spec, &token, upstream).await?
+            read(spec, watch, &token, upstream).await
         }
-        other => other?,
-    };
-    if let Some(fetched) = watch.read_at(&version.to_string()) {
-        return Ok(fetched);
+        other => other,
     }
-    let token = session.as_ref().map(|s| s.token.clone()).unwrap_or(token);
-    let fetched = read_field(spec, &token, version, upstream).await?;
-    watch.remember(version.to_string(), &fetched);
+}
+
+async fn read(
+    spec: &VaultSpec,
+    watch: &StoreWatch,
+    token: &Secret,
+    upstream: &Upstream,
+) -> Result<Fetched, SourceError> {
+    match &spec.secret {
+        VaultSecret::Kv(kv) => {
+            let version = current_version(spec, kv, token, upstream).await?;
+            if let Some(fetched) = watch.read_at(&version.to_string()) {
+                return Ok(fetched);
+            }
+            let fetched = read_field(spec, kv, token, version, upstream).await?;
+            watch.remember(version.to_string(), &fetched);
+            Ok(fetched)
+        }
+        VaultSecret::Dynamic { path, field } => {
+            leased(spec, path, field, watch, token, upstream).await
+        }
+    }
+}
+
+/// A leased secret: kept while fresh, renewed two thirds into its lease, read anew (and the old
+/// lease revoked) at 85 % of a lease that cannot be renewed or whose renewal ran short.
+async fn leased(
+    spec: &VaultSpec,
+    path: &str,
+    field: &str,
+    watch: &StoreWatch,
+    token: &Secret,
+    upstream: &Upstream,
+) -> Result<Fetched, SourceError> {
+    let now = Instant::now();
+    let held = watch.lease();
+    if let Some(lease) = held.as_ref().filter(|l| now < l.act_at) {
+        return Ok(lease.fetched.clone());
+    }
+    if let Some(lease) = held.as_ref().filter(|l| l.renewable && now < l.ends) {
+        let body = serde_json::json!({ "lease_id": lease.id }).to_string();
+        match call(
+            spec,
+            Method::PUT,
+            "sys/leases/renew",
+            Some(token),
+            Some(body),
+            upstream,
+        )
+        .await
+        {
+            Ok(answer) => {
+                let ttl = answer
+                    .get("lease_duration")
+                    .and_then(|d| d.as_u64())
+                    .unwrap_or(0);
+                // A renewal that ran into the max TTL: use it while it lasts, then read anew.
+                let short = ttl.saturating_mul(3) < lease.ttl;
+                let renewed =
+                    Lease::new(lease.id.clone(), ttl, !short, lease.fetched.secret.clone());
+                tracing::debug!(path, ttl, "vault lease renewed");
+                let fetched = renewed.fetched.clone();
+                watch.hold_lease(Some(renewed));
+                return Ok(fetched);
+            }
+            Err(error) => {
+                tracing::info!(path, %error, "vault lease could not be renewed; reading anew")
+            }
+        }
+    }
+    let answer = call(spec, Method::GET, path, Some(token), None, upstream).await?;
+    let value = answer
+        .pointer("/data")
+        .and_then(|data| data.get(field))
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| SourceError::StoreField(field.to_string()))?;
+    let id = answer
+        .get("lease_id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let ttl = answer
+        .get("lease_duration")
+        .and_then(|d| d.as_u64())
+        .unwrap_or(0);
+    let renewable = answer
+        .get("renewable")
+        .and_then(|r| r.as_bool())
+        .unwrap_or(false);
+    let lease = Lease::new(id, ttl, renewable, Secret::new(normalize(value)?));
+    let fetched = lease.fetched.clone();
+    if let Some(old) = watch.hold_lease(Some(lease)) {
+        revoke(spec, &old.id, token, upstream).await;
+    }
     Ok(fetched)
+}
+
+/// Revokes the credential's lease at the server (keystamp exits, or the credential left the
+/// config). Failures are logged: the lease still ends at its TTL.
+pub async fn release(spec: &VaultSpec, watch: &StoreWatch, upstream: &Upstream) {
+    let Some(lease) = watch.hold_lease(None) else {
+        return;
+    };
+    let mut session = watch.vault.lock().await;
+    match token(spec, &mut session, upstream).await {
+        Ok(token) => revoke(spec, &lease.id, &token, upstream).await,
+        Err(error) => {
+            tracing::warn!(%error, "no vault token to revoke a lease with; it ends at its TTL")
+        }
+    }
+}
+
+async fn revoke(spec: &VaultSpec, lease_id: &str, token: &Secret, upstream: &Upstream) {
+    if lease_id.is_empty() {
+        return;
+    }
+    let body = serde_json::json!({ "lease_id": lease_id }).to_string();
+    match call(
+        spec,
+        Method::PUT,
+        "sys/leases/revoke",
+        Some(token),
+        Some(body),
+        upstream,
+    )
+    .await
+    {
+        Ok(_) => tracing::info!(address = %spec.address, "vault lease revoked"),
+        Err(error) => {
+            tracing::warn!(%error, "vault lease could not be revoked; it ends at its TTL")
+        }
+    }
 }
 
 /// A usable Vault token: the configured one, or the session's (renewed or logged in afresh).
@@ -154,10 +280,11 @@ fn session_from(answer: &serde_json::Value) -> Result<Session, SourceError> {
 /// `current_version` from the secret's metadata: no value is transferred.
 async fn current_version(
     spec: &VaultSpec,
+    kv: &VaultKv,
     token: &Secret,
     upstream: &Upstream,
 ) -> Result<u64, SourceError> {
-    let path = format!("{}/metadata/{}", spec.kv.mount, spec.kv.path);
+    let path = format!("{}/metadata/{}", kv.mount, kv.path);
     let answer = call(spec, Method::GET, &path, Some(token), None, upstream).await?;
     answer
         .pointer("/data/current_version")
@@ -167,17 +294,18 @@ async fn current_version(
 
 async fn read_field(
     spec: &VaultSpec,
+    kv: &VaultKv,
     token: &Secret,
     version: u64,
     upstream: &Upstream,
 ) -> Result<Fetched, SourceError> {
-    let path = format!("{}/data/{}?version={version}", spec.kv.mount, spec.kv.path);
+    let path = format!("{}/data/{}?version={version}", kv.mount, kv.path);
     let answer = call(spec, Method::GET, &path, Some(token), None, upstream).await?;
     let value = answer
         .pointer("/data/data")
-        .and_then(|data| data.get(&spec.kv.field))
+        .and_then(|data| data.get(&kv.field))
         .and_then(|v| v.as_str())
-        .ok_or_else(|| SourceError::StoreField(spec.kv.field.clone()))?;
+        .ok_or_else(|| SourceError::StoreField(kv.field.clone()))?;
     Ok(Fetched {
         secret: Secret::new(normalize(value)?),
         expires_at: None,

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SourceSpec};
 use crate::credentials::{
-    inputs_fingerprint, read_all, Credential, ReadOutcome, Reporting, TaskTokens, Version,
+    inputs_fingerprint, read_all, release, Credential, ReadOutcome, Reporting, TaskTokens, Version,
 };
 use crate::fleet::{FleetLink, FleetRefreshes, Outgoing};
 use crate::identity::IdentityTable;
@@ -185,15 +185,29 @@ impl Reloader {
             tokens.retire_all();
             let retired = tokens.sweep(Instant::now());
             let upstream = self.context.upstream.clone();
-            async move { tokens.revoke(retired, &upstream).await }
+            async move {
+                tokens.revoke(retired, &upstream).await;
+            }
         });
+        let leases = snapshot
+            .credentials
+            .iter()
+            .filter(|c| c.store_watch.is_some())
+            .map(|credential| {
+                let upstream = self.context.upstream.clone();
+                async move { release(credential, &upstream).await }
+            });
+        let revocations = futures_util::future::join(
+            futures_util::future::join_all(revocations),
+            futures_util::future::join_all(leases),
+        );
         // Within the drain's grace, less a margin for the audit flush that follows.
         let limit = self
             .config
             .shutdown_grace
             .saturating_sub(EXIT_MARGIN)
             .max(EXIT_MARGIN);
-        let _ = tokio::time::timeout(limit, futures_util::future::join_all(revocations)).await;
+        let _ = tokio::time::timeout(limit, revocations).await;
     }
 
     async fn answer(&mut self, ask: Ask) {
@@ -488,6 +502,10 @@ impl Reloader {
             return;
         };
         for old in &next.dropped {
+            if old.store_watch.is_some() {
+                let (old, upstream) = (old.clone(), self.context.upstream.clone());
+                tokio::spawn(async move { release(&old, &upstream).await });
+            }
             self.schedule.forget(&old.name);
             self.context.metrics.forget_credential(
                 &old.name,

@@ -1048,6 +1048,27 @@ impl RedisServer {
         server
     }
 
+    /// A plain server whose default user needs `password` (what a database engine logs in as).
+    pub fn start_with_password(password: &str) -> Self {
+        let port = free_port();
+        let mut server = Self {
+            port,
+            child: None,
+            extra: vec![
+                "--port".into(),
+                port.to_string(),
+                "--requirepass".into(),
+                password.into(),
+            ],
+        };
+        server.start_again();
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     fn start_with(extra: Vec<String>) -> Self {
         let mut server = Self {
             port: free_port(),

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::super::raw::{RawVault, RawVaultLogin};
-use super::super::{SourceSpec, VaultAuth, VaultKv, VaultLoginMethod, VaultSpec};
+use super::super::{SourceSpec, VaultAuth, VaultKv, VaultLoginMethod, VaultSecret, VaultSpec};
 use super::Errors;
 
 /// Metadata is checked this often unless `poll:` says otherwise.
@@ -52,41 +52,80 @@ impl Errors<'_> {
         };
         let poll = self.store_poll(&format!("{at}.poll"), raw.poll.as_deref());
         let auth = self.vault_auth(&format!("{at}.auth"), raw, base);
-        let kv = &raw.kv;
-        let mount = kv.mount.clone().unwrap_or_else(|| "secret".into());
-        let segment_ok = |text: &str| {
+        let secret = self.vault_secret(at, raw);
+        Some(SourceSpec::Vault(Box::new(VaultSpec {
+            address: address?,
+            namespace: raw.namespace.clone(),
+            auth: auth?,
+            secret: secret?,
+            poll: poll?,
+            timeout,
+        })))
+    }
+
+    fn vault_secret(&mut self, at: &str, raw: &RawVault) -> Option<VaultSecret> {
+        let path_ok = |text: &str| {
             !text.is_empty()
                 && text
                     .split('/')
                     .all(|s| !s.is_empty() && s != "." && s != ".." && !s.contains(['?', '#', '%']))
         };
-        if !segment_ok(&mount) {
-            self.push(
-                &format!("{at}.kv.mount"),
-                "must be a mount path like `secret`",
-            );
+        match (&raw.kv, &raw.dynamic) {
+            (Some(kv), None) => {
+                let mount = kv.mount.clone().unwrap_or_else(|| "secret".into());
+                let mut ok = true;
+                if !path_ok(&mount) {
+                    self.push(
+                        &format!("{at}.kv.mount"),
+                        "must be a mount path like `secret`",
+                    );
+                    ok = false;
+                }
+                if !path_ok(&kv.path) {
+                    self.push(
+                        &format!("{at}.kv.path"),
+                        "must be a secret path like `agents/openai` (no `..`, `?`, `#` or `%`)",
+                    );
+                    ok = false;
+                }
+                if kv.field.is_empty() {
+                    self.push(&format!("{at}.kv.field"), "must name the secret's field");
+                    ok = false;
+                }
+                ok.then(|| {
+                    VaultSecret::Kv(VaultKv {
+                        mount,
+                        path: kv.path.clone(),
+                        field: kv.field.clone(),
+                    })
+                })
+            }
+            (None, Some(dynamic)) => {
+                let mut ok = true;
+                if !path_ok(&dynamic.path) {
+                    self.push(
+                        &format!("{at}.dynamic.path"),
+                        "must be a path like `database/creds/agent` (no `..`, `?`, `#` or `%`)",
+                    );
+                    ok = false;
+                }
+                if dynamic.field.is_empty() {
+                    self.push(
+                        &format!("{at}.dynamic.field"),
+                        "must name the secret's field",
+                    );
+                    ok = false;
+                }
+                ok.then(|| VaultSecret::Dynamic {
+                    path: dynamic.path.clone(),
+                    field: dynamic.field.clone(),
+                })
+            }
+            _ => {
+                self.push(at, "set exactly one of `kv` or `dynamic`");
+                None
+            }
         }
-        if !segment_ok(&kv.path) {
-            self.push(
-                &format!("{at}.kv.path"),
-                "must be a secret path like `agents/openai` (no `..`, `?`, `#` or `%`)",
-            );
-        }
-        if kv.field.is_empty() {
-            self.push(&format!("{at}.kv.field"), "must name the secret's field");
-        }
-        Some(SourceSpec::Vault(Box::new(VaultSpec {
-            address: address?,
-            namespace: raw.namespace.clone(),
-            auth: auth?,
-            kv: VaultKv {
-                mount,
-                path: kv.path.clone(),
-                field: kv.field.clone(),
-            },
-            poll: poll?,
-            timeout,
-        })))
     }
 
     fn vault_auth(&mut self, at: &str, raw: &RawVault, base: &Path) -> Option<VaultAuth> {
