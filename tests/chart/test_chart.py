@@ -26,6 +26,7 @@ VALUES = {
     "classic-sidecar": yaml.safe_load((CHART / "ci" / "classic-sidecar-values.yaml").read_text()),
     "monitoring": yaml.safe_load((CHART / "ci" / "monitoring-values.yaml").read_text()),
     "fleet": yaml.safe_load((CHART / "ci" / "fleet-values.yaml").read_text()),
+    "vault": yaml.safe_load((CHART / "ci" / "vault-values.yaml").read_text()),
 }
 CA_DIR = "/var/run/keystamp"
 NO_PROXY_BASE = ["localhost", "127.0.0.1", "::1", ".svc", ".cluster.local"]
@@ -171,6 +172,25 @@ def _():
     assert config["fleet"] == {"name": "research-agents", "store": {"url": {"env": "KEYSTAMP_FLEET_REDIS_URL"}}, "key": {"env": "KEYSTAMP_FLEET_KEY"}, "replicas_hint": 50}, config
     defaults = [d for _, d in render(VALUES["defaults"]) if d["kind"] == "ConfigMap"]
     assert all("fleet" not in yaml.safe_load(d["data"]["keystamp.yaml"]) for d in defaults)
+
+
+@check("vault: projected token and CA mounted, credentials read from Vault with JWT auth")
+def _():
+    documents = render(VALUES["vault"])
+    for name, spec in pod_specs(documents):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        token = volumes["ks-vault-token"]["projected"]["sources"][0]["serviceAccountToken"]
+        assert token == {"audience": "vault", "expirationSeconds": 3600, "path": "token"}, name
+        assert volumes["ks-vault-ca"]["secret"]["secretName"] == "vault-ca", name
+        mounts = {m["name"]: m["mountPath"] for m in keystamp_container(spec)["volumeMounts"]}
+        assert mounts["ks-vault-token"] == "/var/run/secrets/tokens/vault", name
+    configs = [d for _, d in documents if d["kind"] == "ConfigMap"]
+    config = yaml.safe_load(configs[0]["data"]["keystamp.yaml"])
+    openai = config["credentials"]["openai"]["source"]["vault"]
+    assert openai["auth"] == {"jwt": {"role": "agents", "token": {"file": "/var/run/secrets/tokens/vault/token"}}}, openai
+    assert openai["kv"] == {"mount": "secret", "path": "agents/openai", "field": "api_key"}, openai
+    assert config["credentials"]["cache"]["source"]["vault"]["dynamic"] == {"path": "database/creds/agent", "field": "password"}
+    assert config["upstream_tls"] == {"extra_roots": ["/var/run/secrets/keystamp/vault-ca/ca.crt"]}, config
 
 
 @check("monitoring: PodMonitor, PrometheusRule alerts and Grafana dashboard")

@@ -58,9 +58,9 @@ ca:
   cert_out: {{ include "keystamp.caDir" . }}/ca.crt
   bundle_out: {{ include "keystamp.caDir" . }}/ca-bundle.crt
 unmatched: {{ .Values.config.unmatched }}
-{{- with .Values.config.credentials }}
+{{- if or .Values.config.credentials .Values.vault.credentials }}
 credentials:
-  {{- range $name, $credential := . }}
+  {{- range $name, $credential := .Values.config.credentials }}
   {{ $name }}:
     source:
       file: /var/run/secrets/keystamp/credentials/{{ $name }}/{{ $credential.key | default "token" }}
@@ -68,6 +68,30 @@ credentials:
       format: {{ . }}
       {{- end }}
   {{- end }}
+  {{- $vault := .Values.vault }}
+  {{- range $name, $secret := $vault.credentials }}
+  {{ $name }}:
+    source:
+      vault:
+        address: {{ required "vault.address is required with vault.credentials" $vault.address | quote }}
+        auth:
+          {{ $vault.authMethod }}:
+            role: {{ $vault.role | quote }}
+            token: { file: /var/run/secrets/tokens/vault/token }
+            {{- with $vault.authMount }}
+            mount: {{ . | quote }}
+            {{- end }}
+        {{- if $secret.dynamic }}
+        dynamic: { path: {{ $secret.dynamic | quote }}, field: {{ $secret.field | quote }} }
+        {{- else }}
+        kv: { mount: {{ $secret.mount | default "secret" | quote }}, path: {{ $secret.path | quote }}, field: {{ $secret.field | quote }} }
+        {{- end }}
+        poll: {{ $secret.poll | default "30s" }}
+  {{- end }}
+{{- end }}
+{{- if and .Values.vault.caSecretName (not (hasKey .Values.config.extra "upstream_tls")) }}
+upstream_tls:
+  extra_roots: [/var/run/secrets/keystamp/vault-ca/ca.crt]
 {{- end }}
 {{- with .Values.config.identities }}
 identities:
@@ -167,6 +191,17 @@ fleet:
       mountPath: /var/run/secrets/keystamp/credentials/{{ $name }}
       readOnly: true
     {{- end }}
+    {{- if .Values.vault.credentials }}
+    # The projected service-account token keystamp logs in to Vault with (kubelet rotates it).
+    - name: ks-vault-token
+      mountPath: /var/run/secrets/tokens/vault
+      readOnly: true
+    {{- end }}
+    {{- if .Values.vault.caSecretName }}
+    - name: ks-vault-ca
+      mountPath: /var/run/secrets/keystamp/vault-ca
+      readOnly: true
+    {{- end }}
     {{- range $name, $_ := .Values.config.identities }}
     - name: ks-ident-{{ $name | lower | replace "_" "-" | replace "." "-" }}
       mountPath: /var/run/secrets/keystamp/identities/{{ $name }}
@@ -234,5 +269,19 @@ fleet:
 - name: ks-ident-{{ $name | lower | replace "_" "-" | replace "." "-" }}
   secret:
     secretName: {{ $identity.secretName }}
+{{- end }}
+{{- if .Values.vault.credentials }}
+- name: ks-vault-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: {{ .Values.vault.audience | quote }}
+          expirationSeconds: {{ .Values.vault.expirationSeconds }}
+          path: token
+{{- end }}
+{{- if .Values.vault.caSecretName }}
+- name: ks-vault-ca
+  secret:
+    secretName: {{ .Values.vault.caSecretName }}
 {{- end }}
 {{- end }}
