@@ -176,6 +176,16 @@ fn vault_credential(bao: &Bao, field: &str) -> serde_json::Value {
     } } })
 }
 
+/// A KV credential reading `api_key` of `path` at `address`.
+fn kv_credential(address: &str, path: &str) -> serde_json::Value {
+    serde_json::json!({ "source": { "vault": {
+        "address": address,
+        "auth": { "jwt": { "role": "agents", "token": { "file": "./secrets/sa-token" } } },
+        "kv": { "path": path, "field": "api_key" },
+        "poll": "1s",
+    } } })
+}
+
 async fn start_keystamp(
     bao: &Bao,
     jwt: &str,
@@ -192,6 +202,15 @@ async fn start_keystamp(
         )
         .credential("openai", vault_credential(bao, "api_key"))
         .credential("misnamed", vault_credential(bao, "no_such_field"))
+        .credential("oversized", kv_credential(&bao.address(), "agents/big"))
+        .credential(
+            "multiline",
+            kv_credential(&bao.address(), "agents/multiline"),
+        )
+        .credential(
+            "unreachable",
+            kv_credential("http://127.0.0.1:1", "agents/openai"),
+        )
         .bearer_route("api.example.test", "openai", serde_json::json!({}))
         .bearer_route("basic.example.test", "misnamed", serde_json::json!({}));
     let keystamp = KeystampProcess::start(&config.yaml(), &[("sa-token", jwt)]);
@@ -233,6 +252,16 @@ async fn a_kv_rotation_is_stamped_within_the_poll_and_vault_sessions_renew_and_r
     bao.write(
         "agents/openai",
         serde_json::json!({ "api_key": "sk-vault-1" }),
+    )
+    .await;
+    bao.write(
+        "agents/big",
+        serde_json::json!({ "api_key": "b".repeat(70 * 1024) }),
+    )
+    .await;
+    bao.write(
+        "agents/multiline",
+        serde_json::json!({ "api_key": "line-one\nline-two" }),
     )
     .await;
     let jwt = service_account_jwt(&key);
@@ -321,6 +350,17 @@ async fn a_kv_rotation_is_stamped_within_the_poll_and_vault_sessions_renew_and_r
             .contains("no_such_field"),
         "{misnamed}"
     );
+    // Bad input at the store: each credential alone says why, and holds no value.
+    for (name, why) in [
+        ("oversized", "larger than 64 KiB"),
+        ("multiline", "control character"),
+        ("unreachable", "unreachable"),
+    ] {
+        let credential = credential_status(&status, name);
+        let error = credential["last_error"].as_str().unwrap_or("");
+        assert!(error.contains(why), "{name}: {credential}");
+        assert!(credential["fingerprint"].is_null(), "{name}: {credential}");
+    }
     let openai = credential_status(&status, "openai");
     assert_eq!(openai["source"], "vault");
     assert_eq!(openai["store"]["version"], "4");

@@ -79,7 +79,12 @@ pub async fn send(
         let bytes: Bytes = Limited::new(response.into_body(), MAX_TOKEN_RESPONSE)
             .collect()
             .await
-            .map_err(|_| SourceError::TokenResponse)?
+            .map_err(
+                |error| match error.downcast_ref::<http_body_util::LengthLimitError>() {
+                    Some(_) => SourceError::TooLarge,
+                    None => SourceError::TokenResponse,
+                },
+            )?
             .to_bytes();
         Ok(Answer {
             status,

@@ -51,6 +51,8 @@ pub enum SourceError {
     StoreRejected { status: u16, reason: String },
     #[error("secret store answer is not what its API returns")]
     StoreResponse,
+    #[error("the answer is larger than 64 KiB")]
+    TooLarge,
     #[error("the secret has no string field `{0}`")]
     StoreField(String),
 }
