@@ -126,6 +126,12 @@ impl App {
             .await
             .with_context(|| format!("binding the proxy listener on {}", config.listen))?;
         let proxy_addr = listener.local_addr()?;
+        let transparent = match &config.transparent {
+            Some(transparent) => Some(TcpListener::bind(transparent.listen).await.with_context(
+                || format!("binding the transparent listener on {}", transparent.listen),
+            )?),
+            None => None,
+        };
         let readiness = Arc::new(Readiness::default());
         let admin_addr = match config.admin {
             Some(address) => {
@@ -165,6 +171,10 @@ impl App {
         // Tracked, so shutdown waits while it revokes per-task tokens.
         state.tasks.spawn(reloader.run());
         tokio::spawn(proxy::serve(listener, state.clone()));
+        if let Some(transparent) = transparent {
+            tracing::info!(addr = ?transparent.local_addr().ok(), "transparent listener serving redirected connections");
+            tokio::spawn(proxy::transparent::serve(transparent, state.clone()));
+        }
         readiness.set(true);
         tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");
         Ok(RunningApp {

@@ -20,6 +20,7 @@ mod host;
 mod identity;
 mod inject;
 mod limits;
+mod netfilter;
 mod path;
 mod proxy;
 mod reload;
@@ -35,6 +36,7 @@ mod upstream;
 
 pub use app::{App, RunningApp};
 pub use config::{Config, ConfigError, ConfigLoadError};
+pub use netfilter::{apply as apply_netfilter, remove as remove_netfilter, show as show_netfilter};
 
 /// What `benches/`, `fuzz/` and the property tests reach below the paved path. Not a stable
 /// interface.

@@ -41,6 +41,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The pod's netfilter rules that send every outbound connection through keystamp.
+    Netfilter {
+        #[command(subcommand)]
+        action: NetfilterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetfilterAction {
+    /// Install the rules for the config's `transparent:` section, then exit (an init container).
+    Apply {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print keystamp's rules as installed.
+    Show,
+    /// Remove keystamp's rules.
+    Remove,
 }
 
 fn main() -> ExitCode {
@@ -49,6 +67,28 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => run(&config),
+        Command::Netfilter { action } => netfilter(action),
+    }
+}
+
+fn netfilter(action: NetfilterAction) -> ExitCode {
+    let done = match action {
+        NetfilterAction::Apply { config } => {
+            let config = match load(&config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            keystamp::apply_netfilter(config.transparent.as_ref()).map(|rules| print!("{rules}"))
+        }
+        NetfilterAction::Show => keystamp::show_netfilter().map(|rules| print!("{rules}")),
+        NetfilterAction::Remove => keystamp::remove_netfilter(),
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keystamp netfilter: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -23,6 +23,7 @@ pub struct Config {
     pub path: PathBuf,
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub transparent: Option<TransparentConfig>,
     pub ca: CaConfig,
     pub unmatched: Unmatched,
     pub extra_roots: Vec<PathBuf>,
@@ -181,6 +182,18 @@ pub enum SourceSpec {
     Aws(Box<AwsSpec>),
     Vault(Box<VaultSpec>),
     SecretsManager(Box<SecretsManagerSpec>),
+}
+
+/// The transparent listener and the netfilter rules that feed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransparentConfig {
+    pub listen: SocketAddr,
+    /// keystamp's own uid: its connections (upstream dials) are never redirected.
+    pub uid: u32,
+    /// Redirected TCP ports; `None`: every TCP port.
+    pub ports: Option<Vec<u16>>,
+    /// Drop every other outbound packet of the other uids (UDP, QUIC, IPv6 included).
+    pub lockdown: bool,
 }
 
 /// A secret read from AWS Secrets Manager, signed with another credential's AWS keys.

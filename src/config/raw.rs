@@ -11,6 +11,9 @@ pub struct RawConfig {
     pub listen: String,
     #[serde(default)]
     pub admin: Option<String>,
+    /// Connections redirected to keystamp by netfilter (see `keystamp netfilter`).
+    #[serde(default)]
+    pub transparent: Option<RawTransparent>,
     pub ca: RawCa,
     #[serde(default)]
     pub unmatched: Option<String>,
@@ -496,4 +499,19 @@ pub struct RawSecretsManager {
 pub struct RawVaultDynamic {
     pub path: String,
     pub field: String,
+}
+
+/// `transparent: { listen, uid, ports, lockdown }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTransparent {
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// The uid keystamp runs as: its own connections are never redirected.
+    pub uid: u32,
+    /// TCP ports redirected; every TCP port when omitted.
+    #[serde(default)]
+    pub ports: Option<Vec<u16>>,
+    #[serde(default)]
+    pub lockdown: Option<bool>,
 }

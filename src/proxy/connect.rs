@@ -16,7 +16,7 @@ use crate::config::Unmatched;
 use crate::error::ProxyError;
 use crate::host::Host;
 use crate::proxy::conn::{serve_until_done, IdleWatch};
-use crate::proxy::pipeline::{self, Origin};
+use crate::proxy::pipeline::{self, Origin, Via};
 use crate::proxy::sniff::sniff_tls;
 use crate::proxy::sniff::Prefixed;
 use crate::proxy::ProxyState;
@@ -201,9 +201,24 @@ async fn intercept(
             return;
         }
     };
+    intercept_stream(state, TokioIo::new(upgraded), host, port, agent, Via::Proxy).await;
+}
+
+/// Terminates the agent's side of a connection to `host:port` (a CONNECT tunnel, or one
+/// netfilter redirected) and serves its requests through the pipeline.
+pub(super) async fn intercept_stream<S>(
+    state: Arc<ProxyState>,
+    stream: S,
+    host: Host,
+    port: u16,
+    agent: Option<Arc<str>>,
+    via: Via,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // The sniff, the ClientHello and the handshake share one deadline: a connection that sends
     // three bytes of a hello must not hold a descriptor forever.
-    let handshake = open_agent_side(&state, &host, TokioIo::new(upgraded));
+    let handshake = open_agent_side(&state, &host, stream);
     let opened = match tokio::time::timeout(state.timeouts.handshake, handshake).await {
         Ok(Some(opened)) => opened,
         Ok(None) => return,
@@ -214,7 +229,7 @@ async fn intercept(
         }
     };
     let tls = matches!(opened, AgentSide::Tls(_));
-    let Some(origin) = Origin::intercepted(host.clone(), port, tls, agent) else {
+    let Some(origin) = Origin::intercepted(host.clone(), port, tls, agent, via) else {
         tracing::debug!(%host, "the CONNECT host cannot be written as a URI authority");
         return;
     };

@@ -8,6 +8,7 @@ pub mod connect;
 mod error_code;
 pub mod pipeline;
 mod sniff;
+pub mod transparent;
 
 use std::sync::Arc;
 
@@ -117,7 +118,10 @@ async fn route_request(
         return until_body_ends(connect::handle(state, request, agent).await, in_flight);
     }
     if request.uri().scheme().is_some() && request.uri().authority().is_some() {
-        let origin = pipeline::Origin::AbsoluteForm { agent };
+        let origin = pipeline::Origin::AbsoluteForm {
+            agent,
+            via: pipeline::Via::Proxy,
+        };
         return pipeline::forward(state, origin, request, in_flight).await;
     }
     crate::body::discard(request.into_body()).await;

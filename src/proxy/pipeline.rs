@@ -53,15 +53,38 @@ pub enum Origin {
         /// `host[:port]` as requests in this tunnel name it and as it goes upstream, built once
         /// per tunnel rather than per request.
         authority: Authority,
+        via: Via,
     },
     /// An absolute-form request (`GET http://host/...` or `GET https://host/...`) to the proxy.
-    AbsoluteForm { agent: Option<Arc<str>> },
+    AbsoluteForm { agent: Option<Arc<str>>, via: Via },
+}
+
+/// How a connection reached keystamp: the agent chose the proxy, or netfilter redirected it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Proxy,
+    Transparent,
+}
+
+impl Via {
+    pub fn label(self) -> &'static str {
+        match self {
+            Via::Proxy => "proxy",
+            Via::Transparent => "transparent",
+        }
+    }
 }
 
 impl Origin {
     /// A tunnel to `host:port` keystamp terminated (`tls`: TLS inside, else plain HTTP);
     /// `None` if the host cannot be written as a URI authority.
-    pub fn intercepted(host: Host, port: u16, tls: bool, agent: Option<Arc<str>>) -> Option<Self> {
+    pub fn intercepted(
+        host: Host,
+        port: u16,
+        tls: bool,
+        agent: Option<Arc<str>>,
+        via: Via,
+    ) -> Option<Self> {
         let authority = authority_of(&host, port, tls).ok()?;
         Some(Origin::Intercepted {
             host,
@@ -69,12 +92,21 @@ impl Origin {
             tls,
             agent,
             authority,
+            via,
         })
     }
 
     pub fn agent(&self) -> Option<&Arc<str>> {
         match self {
-            Origin::Intercepted { agent, .. } | Origin::AbsoluteForm { agent } => agent.as_ref(),
+            Origin::Intercepted { agent, .. } | Origin::AbsoluteForm { agent, .. } => {
+                agent.as_ref()
+            }
+        }
+    }
+
+    pub fn via(&self) -> Via {
+        match self {
+            Origin::Intercepted { via, .. } | Origin::AbsoluteForm { via, .. } => *via,
         }
     }
 }
@@ -112,6 +144,7 @@ pub async fn forward(
         host.as_ref().map_or("", Host::as_str),
         request.uri().path(),
     );
+    record.via = origin.via().label();
     let response = match forward_stages(&state, &origin, request, &mut record).await {
         Ok(response) => response,
         Err(error) => {

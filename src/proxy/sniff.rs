@@ -1,5 +1,5 @@
 //! Tells a TLS ClientHello from plain HTTP at the start of a CONNECT tunnel (some clients, such
-//! as Node's undici, tunnel `http://` URLs too), and hands the byte it read back to the reader.
+//! as Node's undici, tunnel `http://` URLs too), and hands the bytes it read back to the reader.
 
 use std::io;
 use std::pin::Pin;
@@ -8,12 +8,19 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The first byte of every TLS record carrying a handshake.
-const TLS_HANDSHAKE: u8 = 0x16;
+pub const TLS_HANDSHAKE: u8 = 0x16;
 
 /// A stream with bytes already read from it put back in front.
 pub struct Prefixed<S> {
-    prefix: Option<u8>,
+    prefix: bytes::Bytes,
     inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `inner`, with `prefix` (bytes read from it already) read again first.
+    pub fn new(prefix: bytes::Bytes, inner: S) -> Self {
+        Self { prefix, inner }
+    }
 }
 
 /// Reads the first byte of `stream`: `Ok((true, ..))` when it opens a TLS handshake.
@@ -21,10 +28,7 @@ pub async fn sniff_tls<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(bool,
     let first = stream.read_u8().await?;
     Ok((
         first == TLS_HANDSHAKE,
-        Prefixed {
-            prefix: Some(first),
-            inner: stream,
-        },
+        Prefixed::new(bytes::Bytes::copy_from_slice(&[first]), stream),
     ))
 }
 
@@ -35,12 +39,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let Some(byte) = this.prefix {
-            if buf.remaining() > 0 {
-                buf.put_slice(&[byte]);
-                this.prefix = None;
-                return Poll::Ready(Ok(()));
-            }
+        if !this.prefix.is_empty() && buf.remaining() > 0 {
+            let take = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(take));
+            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub fleet_store_up: IntGauge,
     pub fleet_events: IntCounterVec,
     pub fleet_rejected: IntCounterVec,
+    pub transparent_connections: IntCounterVec,
     pub fleet_task_restarts: prometheus::IntCounter,
     pub fleet_pods: IntGauge,
     pub build_info: IntGaugeVec,
@@ -162,6 +163,11 @@ impl Metrics {
             "Fleet messages and index entries dropped by reason: unparseable, unauthenticated, other_fleet, stale, replayed, lacks_authority.",
             &["reason"],
         )?;
+        let transparent_connections = counter(
+            "keystamp_transparent_connections_total",
+            "Connections netfilter redirected to keystamp, by decision: intercept, http, tunnel, deny, no_destination.",
+            &["decision"],
+        )?;
         let fleet_task_restarts = prometheus::IntCounter::new(
             "keystamp_fleet_task_restarts_total",
             "Times the fleet task crashed and was restarted.",
@@ -220,6 +226,7 @@ impl Metrics {
             fleet_store_up,
             fleet_events,
             fleet_rejected,
+            transparent_connections,
             fleet_task_restarts,
             fleet_pods,
             build_info,

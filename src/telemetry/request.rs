@@ -34,6 +34,8 @@ pub struct RequestRecord {
     /// For keystamp's own answers: whose fault (agent, upstream, keystamp).
     pub fault: Option<&'static str>,
     pub request_bytes: Arc<AtomicU64>,
+    /// How the connection arrived: `proxy` (HTTPS_PROXY) or `transparent` (redirected).
+    pub via: &'static str,
 }
 
 impl RequestRecord {
@@ -54,6 +56,7 @@ impl RequestRecord {
             error: None,
             fault: None,
             request_bytes: Arc::default(),
+            via: "proxy",
         }
     }
 
@@ -82,6 +85,7 @@ impl RequestRecord {
             let line = AuditLine {
                 time: &time,
                 kind: "request",
+                via: self.via,
                 agent: self.agent.as_deref(),
                 route: self.route.as_deref(),
                 credential: self.credential.as_deref(),
@@ -110,6 +114,7 @@ impl RequestRecord {
 struct AuditLine<'a> {
     time: &'a str,
     kind: &'static str,
+    via: &'static str,
     agent: Option<&'a str>,
     route: Option<&'a str>,
     credential: Option<&'a str>,
@@ -136,6 +141,8 @@ impl AuditLine<'_> {
         json_string(out, self.time)?;
         out.extend_from_slice(b",\"kind\":");
         json_string(out, self.kind)?;
+        out.extend_from_slice(b",\"via\":");
+        json_string(out, self.via)?;
         json_field(out, b",\"agent\":", self.agent)?;
         json_field(out, b",\"route\":", self.route)?;
         json_field(out, b",\"credential\":", self.credential)?;
@@ -204,6 +211,7 @@ mod tests {
             let line = AuditLine {
                 time: "2026-11-28T16:00:00.123Z",
                 kind: "request",
+                via: "transparent",
                 agent: optional,
                 route: optional,
                 credential: Some("github"),

@@ -956,7 +956,18 @@ pub async fn serve_tls_with(
     handler: Handler,
     delay: Delay,
 ) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_tls_on("127.0.0.1:0".parse().unwrap(), ca, names, handler, delay).await
+}
+
+/// As [`serve_tls_with`], listening on `bind` (an address in a test network namespace).
+pub async fn serve_tls_on(
+    bind: SocketAddr,
+    ca: &TestCa,
+    names: &[&str],
+    handler: Handler,
+    delay: Delay,
+) -> SocketAddr {
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tls_acceptor(ca, names, &[b"h2", b"http/1.1"]);
     tokio::spawn(async move {

@@ -11,6 +11,7 @@ use http::{HeaderName, Method};
 use crate::host::Host;
 
 mod secrets_manager;
+mod transparent;
 mod vault;
 
 use super::locate::{locate, parse_path};
@@ -231,6 +232,10 @@ impl Errors<'_> {
 
     fn config(&mut self, raw: RawConfig, located: &Path, base: &Path) -> Option<Config> {
         let listen = self.socket_addr("listen", &raw.listen);
+        let transparent = raw
+            .transparent
+            .as_ref()
+            .map(|transparent| self.transparent(transparent));
         let admin = raw
             .admin
             .as_deref()
@@ -397,6 +402,7 @@ impl Errors<'_> {
             path: located.to_path_buf(),
             reload,
             listen: listen?,
+            transparent: transparent.map_or(Some(None), |t| t.map(Some))?,
             admin,
             ca: ca?,
             unmatched,
