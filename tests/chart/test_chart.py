@@ -27,6 +27,7 @@ VALUES = {
     "monitoring": yaml.safe_load((CHART / "ci" / "monitoring-values.yaml").read_text()),
     "fleet": yaml.safe_load((CHART / "ci" / "fleet-values.yaml").read_text()),
     "vault": yaml.safe_load((CHART / "ci" / "vault-values.yaml").read_text()),
+    "transparent": yaml.safe_load((CHART / "ci" / "transparent-values.yaml").read_text()),
 }
 CA_DIR = "/var/run/keystamp"
 NO_PROXY_BASE = ["localhost", "127.0.0.1", "::1", ".svc", ".cluster.local"]
@@ -191,6 +192,26 @@ def _():
     assert openai["kv"] == {"mount": "secret", "path": "agents/openai", "field": "api_key"}, openai
     assert config["credentials"]["cache"]["source"]["vault"]["dynamic"] == {"path": "database/creds/agent", "field": "password"}
     assert config["upstream_tls"] == {"extra_roots": ["/var/run/secrets/keystamp/vault-ca/ca.crt"]}, config
+
+
+@check("transparent: netfilter init container first, NET_ADMIN only, rules for keystamp's uid")
+def _():
+    documents = render(VALUES["transparent"])
+    deployments = [(path, d) for path, d in documents if d["kind"] == "Deployment"]
+    assert deployments
+    for name, spec in pod_specs(deployments):
+        first = spec["initContainers"][0]
+        assert first["name"] == "keystamp-netfilter", name
+        assert first["args"] == ["netfilter", "apply", "--config", "/etc/keystamp/keystamp.yaml"]
+        security = first["securityContext"]
+        assert security["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}, security
+        assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+        assert keystamp_container(spec)["securityContext"]["runAsUser"] == 65532
+    configs = [d for _, d in documents if d["kind"] == "ConfigMap"]
+    config = yaml.safe_load(configs[0]["data"]["keystamp.yaml"])
+    assert config["transparent"] == {"listen": "127.0.0.1:15001", "uid": 65532, "lockdown": True}, config
+    defaults = [d for _, d in render(VALUES["defaults"]) if d["kind"] == "ConfigMap"]
+    assert all("transparent" not in yaml.safe_load(d["data"]["keystamp.yaml"]) for d in defaults)
 
 
 @check("monitoring: PodMonitor, PrometheusRule alerts and Grafana dashboard")

@@ -89,6 +89,15 @@ credentials:
         poll: {{ $secret.poll | default "30s" }}
   {{- end }}
 {{- end }}
+{{- if ne .Values.interception.mode "env" }}
+transparent:
+  listen: 127.0.0.1:15001
+  uid: 65532
+  lockdown: {{ .Values.interception.lockdown }}
+  {{- with .Values.interception.ports }}
+  ports: {{ toJson . }}
+  {{- end }}
+{{- end }}
 {{- if and .Values.vault.caSecretName (not (hasKey .Values.config.extra "upstream_tls")) }}
 upstream_tls:
   extra_roots: [/var/run/secrets/keystamp/vault-ca/ca.crt]
@@ -222,6 +231,7 @@ fleet:
       name: {{ .Values.agent.identity.secretName }}
       key: {{ .Values.agent.identity.secretKey }}
 {{- end }}
+{{- if ne .Values.interception.mode "transparent" }}
 {{- $proxy := printf "http://127.0.0.1:%v" .Values.sidecar.proxyPort }}
 {{- if .Values.agent.identity.enabled }}
 {{- $proxy = printf "http://$(KEYSTAMP_AGENT_NAME):$(KEYSTAMP_AGENT_TOKEN)@127.0.0.1:%v" .Values.sidecar.proxyPort }}
@@ -236,6 +246,7 @@ fleet:
   value: {{ $noProxy | quote }}
 - name: NODE_USE_ENV_PROXY
   value: "1"
+{{- end }}
 - name: NODE_EXTRA_CA_CERTS
   value: {{ printf "%s/ca.crt" $ca | quote }}
 {{- range $name := list "SSL_CERT_FILE" "REQUESTS_CA_BUNDLE" "CURL_CA_BUNDLE" }}
@@ -283,5 +294,34 @@ fleet:
 - name: ks-vault-ca
   secret:
     secretName: {{ .Values.vault.caSecretName }}
+{{- end }}
+{{- end }}
+
+{{/* The init container that installs the pod's netfilter rules (interception transparent or
+both): same image, root with NET_ADMIN only, runs `keystamp netfilter apply` and exits. Put it
+first in initContainers. */}}
+{{- define "keystamp.netfilterInit" -}}
+{{- if ne .Values.interception.mode "env" }}
+- name: keystamp-netfilter
+  image: {{ include "keystamp.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  args: ["netfilter", "apply", "--config", "/etc/keystamp/keystamp.yaml"]
+  securityContext:
+    runAsUser: 0
+    runAsNonRoot: false
+    readOnlyRootFilesystem: true
+    allowPrivilegeEscalation: false
+    capabilities:
+      drop: ["ALL"]
+      add: ["NET_ADMIN"]
+    seccompProfile:
+      type: RuntimeDefault
+  resources:
+    requests: { cpu: 10m, memory: 16Mi }
+    limits: { memory: 32Mi }
+  volumeMounts:
+    - name: keystamp-config
+      mountPath: /etc/keystamp
+      readOnly: true
 {{- end }}
 {{- end }}
