@@ -501,3 +501,68 @@ async fn a_one_gib_upload_streams_through_without_growing_memory() {
 }
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The first mistakes a newcomer makes writing a config by hand: each one's error names the
+/// key at its line and column and says what to write, as a YAML error when it is one.
+#[test]
+fn check_errors_a_newcomer_can_act_on() {
+    const HEAD: &str = "listen: 127.0.0.1:3128\nca: { generate: true }\n";
+    const ROUTE: &str =
+        "routes:\n  - { host: api.example.com, credential: k, inject: { type: bearer } }\n";
+    let cred = |source: &str| format!("{HEAD}credentials:\n  k:\n    source: {source}\n{ROUTE}");
+    // (config, line, column, key path shown, what the message must say)
+    let cases: Vec<(String, usize, usize, &str, &str)> = vec![
+        ("listen: 127.0.0.1:3128\nroutes: []\n".into(), 1, 1, "(root)", "missing key `ca`: add `ca: { generate: true }`"),
+        ("ca: { generate: true }\nroutes: []\n".into(), 1, 1, "(root)", "missing key `listen`: add `listen: 127.0.0.1:3128`"),
+        (format!("{HEAD}routes:\n  - host: a.example.com\n    credential: k\n"), 4, 5, "routes[0]", "missing key `inject`: add `inject: { type: bearer }`"),
+        (format!("{HEAD}routes:\n  - credential: k\n    inject: {{ type: bearer }}\n"), 4, 5, "routes[0]", "missing key `host`"),
+        (format!("{HEAD}routes:\n  - host: a.example.com\n    inject: {{ typ: bearer }}\n"), 5, 15, "routes[0].inject.typ", "did you mean `type`?"),
+        (format!("{HEAD}credentials:\n  k: {{ sorce: {{ file: x }} }}\n{ROUTE}"), 4, 8, "credentials.k.sorce", "did you mean `source`?"),
+        (cred("{ fiel: ./k }"), 5, 15, "credentials.k.source.fiel", "did you mean `file`?"),
+        (cred("{ File: ./k }"), 5, 15, "credentials.k.source.File", "did you mean `file`?"),
+        (cred("{ enviroment: K }"), 5, 15, "credentials.k.source.enviroment", "expected one of `file`, `env`"),
+        (cred("{ github_app: { app_id: 1, installation_id: -1, private_key: { file: k } } }"), 5, 57, "credentials.k.source.github_app.installation_id", "expected a positive integer (GitHub shows it"),
+        (cred("{ github_app: { app_id: [1], installation_id: 2, private_key: { file: k } } }"), 5, 37, "credentials.k.source.github_app.app_id", "expected a positive integer"),
+        (cred("{ github_app: { app_id: 1, private_key: { file: k } } }"), 5, 27, "credentials.k.source.github_app", "missing key `installation_id`"),
+        (cred("{ oauth2_client_credentials: { client_id: { env: A }, client_secret: { env: B } } }"), 5, 42, "credentials.k.source.oauth2_client_credentials", "missing key `token_url`"),
+        (cred("{ vault: { address: https://v:8200, kv: { path: a, field: b } } }"), 5, 22, "credentials.k.source.vault", "missing key `auth`"),
+        (cred("{ vault: { address: https://v:8200, auth: { jwt: { role: r } }, kv: { path: a, field: b } } }"), 5, 62, "credentials.k.source.vault.auth.jwt", "missing key `token`"),
+        (cred("{ aws_secrets_manager: { secret_id: s, region: us-east-1 } }"), 5, 36, "credentials.k.source.aws_secrets_manager", "missing key `credential`"),
+        (cred("{ aws: { acces_key_id: { env: A }, secret_access_key: { env: B } } }"), 5, 22, "credentials.k.source.aws.acces_key_id", "did you mean `access_key_id`?"),
+        (format!("{HEAD}routes:\n  - {{ host: a.example.com, credential: k, inject: {{ type: bearer, nmae: X }} }}\n"), 4, 67, "routes[0].inject.nmae", "did you mean `name`?"),
+        (format!("{HEAD}fleet:\n  name: f\n{ROUTE}"), 4, 3, "fleet", "missing key `store`: add `store: { url: { env: REDIS_URL } }`"),
+        (format!("{HEAD}fleet:\n  name: f\n  store: {{ ulr: {{ env: R }} }}\n{ROUTE}"), 5, 12, "fleet.store.ulr", "did you mean `url`?"),
+        (format!("{HEAD}identities:\n  bot: {{ sourse: {{ file: t }} }}\n{ROUTE}"), 4, 10, "identities.bot.sourse", "did you mean `source`?"),
+        (format!("{HEAD}workers: 2.5\n{ROUTE}"), 3, 10, "workers", "a number of threads, or the word auto"),
+        (format!("{HEAD}breaker: {{ failures: 5, open_fro: 30s }}\n{ROUTE}"), 3, 25, "breaker.open_fro", "did you mean `open_for`?"),
+        (format!("{HEAD}egress: {{ allow_cidr: [10.0.0.0/8] }}\n{ROUTE}"), 3, 11, "egress.allow_cidr", "did you mean `allow_cidrs`?"),
+        (format!("{HEAD}transparent: {{ lockdown: true }}\n{ROUTE}"), 3, 14, "transparent", "missing key `uid`"),
+        (format!("{HEAD}reload:\n  debounse: 200ms\n{ROUTE}"), 4, 3, "reload.debounse", "did you mean `debounce`?"),
+        ("listen: 127.0.0.1:3128\nca:\n  generate: true\n routes: []\n".into(), 4, 2, "", "YAML syntax error"),
+        ("listen: 127.0.0.1:3128\nca: { generate: true }\nroutes: \"unclosed\n".into(), 4, 1, "routes", "YAML syntax error"),
+        ("listen: 127.0.0.1:3128\nca: [ generate, true ]\nroutes: []\n".into(), 2, 5, "ca", "expected a mapping of keys (key: value lines"),
+        ("listen: 127.0.0.1:3128\n\tca: { generate: true }\n".into(), 2, 1, "listen", "YAML syntax error"),
+    ];
+    assert!(cases.len() >= 25);
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (index, (yaml, line, column, key_path, says)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("case-{index}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        let output = check(&path);
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        let first = stderr.lines().next().unwrap_or("").to_string();
+        let position = format!("case-{index}.yaml:{line}:{column}: {key_path}");
+        let good = !output.status.success()
+            && first.contains(&position)
+            && first.contains(says)
+            && !first.contains("Raw")
+            && !first.contains("untagged");
+        if !good {
+            failures.push(format!(
+                "case {index}: wanted `{position}` and `{says}`, got: {stderr}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

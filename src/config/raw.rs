@@ -58,12 +58,57 @@ pub struct RawConfig {
     pub workers: Option<RawWorkers>,
 }
 
-/// `workers: 2` or `workers: auto`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// `workers: 2` or `workers: auto`. Deserialized by hand, not `untagged`: its error then says
+/// what is accepted instead of naming a Rust type.
+#[derive(Debug)]
 pub enum RawWorkers {
     Count(u64),
     Word(String),
+}
+
+impl<'de> Deserialize<'de> for RawWorkers {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(NumberOrWord {
+                expecting: "a number of threads, or the word auto",
+            })
+            .map(|either| match either {
+                Either::Number(n) => RawWorkers::Count(n),
+                Either::Word(w) => RawWorkers::Word(w),
+            })
+    }
+}
+
+/// A whole number or a word, the two forms the schema's ids and counts accept.
+enum Either {
+    Number(u64),
+    Word(String),
+}
+
+struct NumberOrWord {
+    expecting: &'static str,
+}
+
+impl serde::de::Visitor<'_> for NumberOrWord {
+    type Value = Either;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.expecting)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Either, E> {
+        Ok(Either::Number(value))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Either, E> {
+        u64::try_from(value)
+            .map(Either::Number)
+            .map_err(|_| E::custom(format!("expected {}", self.expecting)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Either, E> {
+        Ok(Either::Word(value.to_string()))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,11 +301,24 @@ pub struct RawSource {
 }
 
 /// A number or a string: GitHub shows app and installation ids as numbers, YAML users quote them.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum RawId {
     Number(u64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for RawId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(NumberOrWord {
+                expecting:
+                    "a positive integer (GitHub shows it in the app's or installation's URL)",
+            })
+            .map(|either| match either {
+                Either::Number(n) => RawId::Number(n),
+                Either::Word(w) => RawId::Text(w),
+            })
+    }
 }
 
 #[derive(Debug, Deserialize)]

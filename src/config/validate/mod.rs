@@ -10,6 +10,7 @@ use http::{HeaderName, Method};
 
 use crate::host::Host;
 
+mod hints;
 mod secrets_manager;
 mod transparent;
 mod vault;
@@ -112,11 +113,36 @@ fn clean_serde_message(message: &str, key_path: &str) -> String {
     if let Some(at) = message.rfind(" at line ") {
         message.truncate(at);
     }
+    // The scanner repeats the position inside its own message; we print it in front.
+    while let Some(at) = message.find(" at line ") {
+        let rest = message.get(at + 9..).unwrap_or("");
+        let end = rest.find(',').map_or(message.len(), |comma| at + 9 + comma);
+        message.replace_range(at..end, "");
+    }
+    // serde's derive names the Rust type it expected (`struct RawCa`): say what YAML wants.
+    while let Some(at) = message.find("struct Raw") {
+        let end = message
+            .get(at + 7..)
+            .and_then(|rest| rest.find(|c: char| !c.is_ascii_alphanumeric()))
+            .map_or(message.len(), |offset| at + 7 + offset);
+        message.replace_range(
+            at..end,
+            "a mapping of keys (key: value lines, or { key: value })",
+        );
+    }
     // serde_norway prefixes some messages with the path of the enclosing value.
     if let Some((prefix, rest)) = message.split_once(": ") {
         if !prefix.is_empty() && key_path.starts_with(prefix) {
             message = rest.to_string();
         }
+    }
+    // "missing field `x`" names the schema's own key: say it, and how to write it.
+    if let Some(key) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+        .filter(|key| plausible_key(key))
+    {
+        return hints::missing_key(key);
     }
     // "unknown field `x`, expected one of `a`, `b`" quotes a key and the schema's own names;
     // every other message may quote a value from the file ("invalid type: integer `123...`").
@@ -128,8 +154,18 @@ fn clean_serde_message(message: &str, key_path: &str) -> String {
         if let Some(at) = schema_part {
             let (field, expected) = rest.split_at(at);
             let field = if plausible_key(field) { field } else { "…" };
-            return format!("unknown field `{field}{expected}");
+            let names = expected.split('`').skip(2).step_by(2);
+            let suggestion = hints::did_you_mean(field, names)
+                .map(|name| format!("; did you mean `{name}`?"))
+                .unwrap_or_default();
+            return format!("unknown field `{field}{expected}{suggestion}");
         }
+    }
+    if hints::is_yaml_syntax(&message) {
+        return format!(
+            "YAML syntax error (check the indentation and the `:`, `]` or `}}` on this line or the one before): {}",
+            redact_quoted(&message, true)
+        );
     }
     redact_quoted(&message, true)
 }
@@ -138,6 +174,10 @@ fn clean_serde_message(message: &str, key_path: &str) -> String {
 /// anything longer than 24 characters (a token pasted where a key goes), is not repeated in an
 /// error: the line and column still point at it.
 fn plausible_key(key: &str) -> bool {
+    // The schema's one key longer than 24 characters.
+    if key == "oauth2_client_credentials" {
+        return true;
+    }
     key.len() <= 24
         && key
             .bytes()
