@@ -160,12 +160,12 @@ impl App {
         // replace the CA file of the one that is running.
         if let Some(path) = &config.ca.cert_out {
             write_atomically(path, ca_pem.as_bytes())
-                .with_context(|| format!("writing the CA certificate to {}", path.display()))?;
+                .with_context(|| writable_hint("the CA certificate", path))?;
             tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
         }
         if let Some(path) = &config.ca.bundle_out {
             write_atomically(path, combined_bundle(&ca_pem).as_bytes())
-                .with_context(|| format!("writing the CA bundle to {}", path.display()))?;
+                .with_context(|| writable_hint("the CA bundle", path))?;
             tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
         }
         // Tracked, so shutdown waits while it revokes per-task tokens.
@@ -235,4 +235,14 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     temporary.push(".tmp");
     std::fs::write(&temporary, bytes)?;
     std::fs::rename(&temporary, path)
+}
+
+/// What to do when a file keystamp writes cannot be written: mount something writable there.
+fn writable_hint(what: &str, path: &std::path::Path) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    format!(
+        "writing {what} to {}: {dir} must be writable by keystamp's uid (in a container: mount a \
+         volume there, e.g. an emptyDir or `-v keystamp-run:{dir}`)",
+        path.display()
+    )
 }
