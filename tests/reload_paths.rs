@@ -36,21 +36,6 @@ fn config(upstream: &TestUpstream, ca: &Path, hosts: &[&str]) -> String {
     config.yaml()
 }
 
-/// The bearer value `host`'s upstream received, or keystamp's error code.
-async fn stamped(keystamp: &KeystampProcess, host: &str) -> Result<String, String> {
-    let response = keystamp
-        .client()
-        .get(format!("https://{host}/who"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(code) = response.headers().get("x-keystamp-error") {
-        return Err(code.to_str().unwrap().to_string());
-    }
-    let echo: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
-    let value = echo["headers"]["authorization"][0].as_str().unwrap_or("");
-    Ok(value.trim_start_matches("Bearer ").to_string())
-}
 
 async fn stamps_within(keystamp: &KeystampProcess, host: &str, want: &str) -> bool {
     eventually(WITHIN, || async {

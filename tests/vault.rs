@@ -217,21 +217,6 @@ async fn start_keystamp(
     (keystamp, upstream, ca_dir)
 }
 
-/// The bearer value the upstream received, or keystamp's error code.
-async fn stamped(keystamp: &KeystampProcess, host: &str) -> Result<String, String> {
-    let response = keystamp
-        .client()
-        .get(format!("https://{host}/who"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(code) = response.headers().get("x-keystamp-error") {
-        return Err(code.to_str().unwrap().to_string());
-    }
-    let echo: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
-    let value = echo["headers"]["authorization"][0].as_str().unwrap_or("");
-    Ok(value.trim_start_matches("Bearer ").to_string())
-}
 
 fn credential_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["credentials"]

@@ -1304,3 +1304,20 @@ impl RsaKey {
         self.pkcs1_pem.lines().nth(5).unwrap().to_string()
     }
 }
+
+/// The bearer value `host`'s upstream received for `GET /who` through `keystamp` (the test
+/// upstreams echo what they received), or keystamp's error code.
+pub async fn stamped(keystamp: &KeystampProcess, host: &str) -> Result<String, String> {
+    let response = keystamp
+        .client()
+        .get(format!("https://{host}/who"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(code) = response.headers().get("x-keystamp-error") {
+        return Err(code.to_str().unwrap_or("").to_string());
+    }
+    let echo: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let value = echo["headers"]["authorization"][0].as_str().unwrap_or("");
+    Ok(value.trim_start_matches("Bearer ").to_string())
+}
