@@ -566,3 +566,31 @@ fn check_errors_a_newcomer_can_act_on() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A section serde cannot read does not hide the errors of the others, structural or semantic.
+#[test]
+fn check_reports_errors_past_a_broken_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.yaml");
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:3128\ncredentials:\n  k: { sorce: { file: x } }\n\
+         breaker: { failures: 0, open_fro: 1s }\n\
+         routes:\n  - { host: a.example.com, credential: missing, inject: { type: bearer } }\n",
+    )
+    .unwrap();
+    let output = check(&path);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "k.yaml:3:8: credentials.k.sorce: unknown field `sorce`",
+        "k.yaml:4:25: breaker.open_fro: unknown field `open_fro`",
+        "k.yaml:1:1: (root): missing key `ca`",
+        "k.yaml:6:3: routes[0].credential: no credential by this name is defined",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected} missing from:\n{stderr}"
+        );
+    }
+}

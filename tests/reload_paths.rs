@@ -36,7 +36,6 @@ fn config(upstream: &TestUpstream, ca: &Path, hosts: &[&str]) -> String {
     config.yaml()
 }
 
-
 async fn stamps_within(keystamp: &KeystampProcess, host: &str, want: &str) -> bool {
     eventually(WITHIN, || async {
         stamped(keystamp, host).await.as_deref() == Ok(want)

@@ -217,7 +217,6 @@ async fn start_keystamp(
     (keystamp, upstream, ca_dir)
 }
 
-
 fn credential_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["credentials"]
         .as_array()

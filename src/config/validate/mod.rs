@@ -11,6 +11,7 @@ use http::{HeaderName, Method};
 use crate::host::Host;
 
 mod hints;
+mod recover;
 mod secrets_manager;
 mod transparent;
 mod vault;
@@ -66,36 +67,53 @@ const RESERVED_HEADERS: &[&str] = &[
     "content-length",
 ];
 
+/// Sections read past after a structural error, at most (one per top-level key is plenty).
+const MAX_STRUCTURAL_ERRORS: usize = 24;
+
 pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+    // A section serde cannot read is reported, taken out, and the file read again, so one
+    // broken section does not hide the errors of the others.
+    let mut structural = Vec::new();
+    let mut reading = std::borrow::Cow::Borrowed(text);
+    let raw = loop {
+        let deserializer = serde_norway::Deserializer::from_str(&reading);
+        let error = match serde_path_to_error::deserialize::<_, RawConfig>(deserializer) {
+            Ok(raw) => break Some(raw),
+            Err(error) => error,
+        };
+        let section = error
+            .path()
+            .iter()
+            .next()
+            .and_then(|segment| match segment {
+                serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                _ => None,
+            });
+        let message = error.inner().to_string();
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+            .map(str::to_string);
+        structural.push(structural_error(path, &reading, &error));
+        let syntax = hints::is_yaml_syntax(&message);
+        let next = match (section, missing) {
+            _ if syntax || structural.len() >= MAX_STRUCTURAL_ERRORS => None,
+            (Some(section), _) => recover::without_section(&reading, &section),
+            (None, Some(missing)) => recover::without_section(&reading, &missing),
+            (None, None) => None,
+        };
+        match next {
+            Some(next) if next != reading.as_ref() => reading = std::borrow::Cow::Owned(next),
+            _ => break None,
+        }
+    };
+    let Some(raw) = raw else {
+        return Err(structural);
+    };
     let mut errors = Errors {
         file: path,
-        text,
-        list: Vec::new(),
-    };
-    let deserializer = serde_norway::Deserializer::from_str(text);
-    let raw: RawConfig = match serde_path_to_error::deserialize(deserializer) {
-        Ok(raw) => raw,
-        Err(error) => {
-            let key_path = error.path().to_string();
-            let inner = error.inner();
-            let message = clean_serde_message(&inner.to_string(), &key_path);
-            let key_path = if key_path == "." {
-                "(root)".to_string()
-            } else {
-                key_path
-            };
-            let (line, column) = match inner.location() {
-                Some(location) => (location.line(), location.column()),
-                None => locate(text, &parse_path(&key_path)),
-            };
-            return Err(vec![ConfigError {
-                file: path.to_path_buf(),
-                line,
-                column,
-                path: shown_serde_path(error.path()),
-                message,
-            }]);
-        }
+        text: &reading,
+        list: structural,
     };
     let located = paths::absolute(path);
     let base = located.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -103,6 +121,33 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
     match config {
         Some(config) if errors.list.is_empty() => Ok(config),
         _ => Err(errors.list),
+    }
+}
+
+/// serde's error as keystamp prints it: position, key path, a message that names no value.
+fn structural_error(
+    path: &Path,
+    text: &str,
+    error: &serde_path_to_error::Error<serde_norway::Error>,
+) -> ConfigError {
+    let key_path = error.path().to_string();
+    let inner = error.inner();
+    let message = clean_serde_message(&inner.to_string(), &key_path);
+    let key_path = if key_path == "." {
+        "(root)".to_string()
+    } else {
+        key_path
+    };
+    let (line, column) = match inner.location() {
+        Some(location) => (location.line(), location.column()),
+        None => locate(text, &parse_path(&key_path)),
+    };
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        column,
+        path: shown_serde_path(error.path()),
+        message,
     }
 }
 
