@@ -194,6 +194,18 @@ def _():
     assert config["upstream_tls"] == {"extra_roots": ["/var/run/secrets/keystamp/vault-ca/ca.crt"]}, config
 
 
+@check("vault: a credential name in both config.credentials and vault.credentials is refused")
+def _():
+    values = yaml.safe_load((CHART / "ci" / "vault-values.yaml").read_text())
+    values["config"]["credentials"] = {"openai": {"secretName": "openai-key"}}
+    try:
+        render(values)
+    except Exception as error:  # noqa: BLE001 - helm reports the template's fail() as an error
+        assert "in both config.credentials and vault.credentials" in str(error), error
+    else:
+        raise AssertionError("a duplicate credential name rendered")
+
+
 @check("transparent: netfilter init container first, NET_ADMIN only, rules for keystamp's uid")
 def _():
     documents = render(VALUES["transparent"])

@@ -70,6 +70,9 @@ credentials:
   {{- end }}
   {{- $vault := .Values.vault }}
   {{- range $name, $secret := $vault.credentials }}
+  {{- if hasKey $.Values.config.credentials $name }}
+  {{- fail (printf "credential %q is in both config.credentials and vault.credentials: give each a name of its own" $name) }}
+  {{- end }}
   {{ $name }}:
     source:
       vault:
