@@ -520,19 +520,7 @@ async fn intercepted_tls(
         "{}",
         String::from_utf8_lossy(&head)
     );
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls_pki_types::pem::PemObject;
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(keystamp.app.ca_pem().as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let mut config = agent_tls_config(keystamp.app.ca_pem(), alpn);
     // Without SNI the leaf is minted for the CONNECT host; verification still uses `host`.
     config.enable_sni = sni.is_some();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
