@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# End-to-end overhead bench: the same small HTTPS request direct, through keystamp, and through
-# the peer proxies (hudsucker-peer, Squid ssl-bump, mitmproxy) in one run, driven by oha.
+# End-to-end overhead bench: the same small HTTPS request direct, through keystamp, through the
+# C reverse proxies a platform team would otherwise configure to add a header (nginx, HAProxy),
+# and through the peer MITM proxies (hudsucker-peer, Squid ssl-bump, mitmproxy) in one run,
+# driven by oha.
 # Prints a markdown table with ratios against the direct connection (this machine is shared and
 # noisy: absolute numbers drift, ratios in one run hold), and the CPU time each proxy's process
 # tree spent per request (/proc utime + stime; for direct, nginx's own), the figure compared
 # against peers because it drifts far less than req/s. The `relay` column is a plain TCP relay
 # (benches/tcp_relay.rs: one thread, bytes copied, no TLS, no HTTP) in front of the upstream:
 # what the extra hop alone costs here, the floor under any proxy's latency and CPU.
+# nginx and HAProxy (one worker / one thread, like keystamp's default) do exactly what keystamp
+# does for a routed host: terminate the agent's TLS with an ECDSA P-256 certificate for the API
+# name, drop the agent's Authorization, set the credential's, and forward over verified TLS on
+# pooled keep-alive upstream connections; they log nothing, so compare them with keystamp-quiet
+# (audit and per-request metrics off) as well as with keystamp. Agents reach them as a reverse
+# proxy (oha --connect-to, like curl --resolve) rather than through CONNECT: with keep-alive the
+# CONNECT is paid once per connection; in the new-connection case it is one more round trip.
 #
 #   benches/e2e.sh            # all cases, 8 s each
 #   SECONDS_PER_CASE=4 PEERS="hudsucker squid" benches/e2e.sh
@@ -19,8 +28,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${SECONDS_PER_CASE:-8}
 peers=${PEERS:-"hudsucker squid mitm"}
+anchors=${ANCHORS:-"nginx haproxy"}
 peers_dir=${PEERS_RIG:-../shared/peers}
+peers_rig_dir=${PEERS_DIR:-${TMPDIR:-/tmp}/keystamp-peers}   # where up.sh keeps its state
 command -v oha >/dev/null || { echo "oha is missing: cargo install oha --locked" >&2; exit 1; }
+command -v haproxy >/dev/null || { echo "haproxy is missing: apt-get install haproxy" >&2; exit 1; }
 
 eval "$("$peers_dir/up.sh" | grep -E '^[A-Z_]+=')"
 cargo build --release -q
@@ -28,7 +40,70 @@ relay_binary=$(cargo bench --bench tcp_relay --no-run 2>&1 | sed -n 's/.*Executa
 [ -x "$relay_binary" ] || { echo "could not build benches/tcp_relay.rs" >&2; exit 1; }
 work=$(mktemp -d)
 extra_pids=""
-trap 'kill $ks_pid $quiet_pid $relay_pid $extra_pids 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $ks_pid $quiet_pid $relay_pid $extra_pids 2>/dev/null || true; [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")"; rm -rf "$work"' EXIT
+# The C anchors: a certificate for the API name from a CA of their own, then nginx on :18160 and
+# HAProxy on :18161, both configured to stamp the credential the way keystamp's route does.
+start_anchors() {
+  local port=$1
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$work/anchor-ca.key" \
+    -out "$work/anchor-ca.crt" -days 2 -subj /CN=bench-anchor-ca 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$work/anchor.key" \
+    -out "$work/anchor.csr" -subj /CN=upstream.test 2>/dev/null
+  printf 'subjectAltName=DNS:upstream.test\n' >"$work/anchor.ext"
+  openssl x509 -req -in "$work/anchor.csr" -CA "$work/anchor-ca.crt" -CAkey "$work/anchor-ca.key" \
+    -CAcreateserial -out "$work/anchor.crt" -days 2 -extfile "$work/anchor.ext" 2>/dev/null
+  cat "$work/anchor.crt" "$work/anchor.key" >"$work/anchor.pem"
+  cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  upstream api { server 127.0.0.1:$port; keepalive 64; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:18160 ssl;
+    ssl_certificate $work/anchor.crt;
+    ssl_certificate_key $work/anchor.key;
+    keepalive_requests 10000000;
+    location / {
+      proxy_pass https://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$http_host;
+      proxy_set_header Authorization "Bearer bench-secret";
+      proxy_ssl_server_name on;
+      proxy_ssl_name upstream.test;
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate $UPSTREAM_CA;
+      proxy_ssl_session_reuse on;
+    }
+  }
+}
+CONF
+  nginx -c "$work/nginx.conf" -e "$work/nginx.err"
+  cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8192
+  ssl-server-verify required
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend agents
+  bind 127.0.0.1:18161 ssl crt $work/anchor.pem alpn http/1.1
+  http-request set-header Authorization "Bearer bench-secret"
+  default_backend api
+backend api
+  server upstream 127.0.0.1:$port ssl verify required ca-file $UPSTREAM_CA sni str(upstream.test) verifyhost upstream.test alpn http/1.1
+CONF
+  haproxy -q -f "$work/haproxy.cfg" &
+  extra_pids="$extra_pids $!"
+  haproxy_pid=$!
+}
 mkdir -p "$work/secrets"
 printf 'bench-secret\n' >"$work/secrets/token"
 cat >"$work/keystamp.yaml" <<YAML
@@ -55,6 +130,8 @@ upstream_port=$(echo "$UPSTREAM_URL" | sed -n 's|https://[^:/]*:\([0-9]*\)/.*|\1
 "$relay_binary" 127.0.0.1:18139 "127.0.0.1:${upstream_port:-443}" &
 relay_pid=$!
 RELAY_URL=$(echo "$UPSTREAM_URL" | sed "s|:${upstream_port}/|:18139/|")
+upstream_authority=$(echo "$UPSTREAM_URL" | sed -n 's|https://\([^/]*\)/.*|\1|p')
+start_anchors "$upstream_port"
 extra_targets=""
 admin_ports="18141 18143"
 if [ -n "${KS_BASELINE:-}" ]; then
@@ -88,6 +165,15 @@ idle_rss=$(rss_kib $ks_pid)
 # Sanity: the upstream sees keystamp's credential, not the agent's.
 got=$(curl -s --cacert "$KS_CA" -x $KS_PROXY -H 'Authorization: Bearer agent' "$UPSTREAM_URL")
 [ "$got" = "auth=Bearer bench-secret" ] || { echo "keystamp did not stamp: $got" >&2; exit 1; }
+for port in 18160 18161; do
+  for _ in $(seq 50); do
+    got=$(curl -s --cacert "$work/anchor-ca.crt" --connect-to "$upstream_authority:127.0.0.1:$port" \
+      -H 'Authorization: Bearer agent' "$UPSTREAM_URL" || true)
+    [ "$got" = "auth=Bearer bench-secret" ] && break
+    sleep 0.1
+  done
+  [ "$got" = "auth=Bearer bench-secret" ] || { echo "the anchor on :$port did not stamp: $got" >&2; exit 1; }
+done
 
 # CPU time of a process and all its descendants (utime + stime, and reaped children's), in ticks.
 clk_tck=$(getconf CLK_TCK)
@@ -103,7 +189,9 @@ pid_on_port() { ss -Htlnp "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -
 # The process whose tree does the proxying (nginx's for direct: the server's own share).
 proxy_pid() {
   case $1 in
-    direct) pgrep -o -x nginx ;;
+    direct) cat "$peers_rig_dir/nginx.pid" ;;
+    nginx) cat "$work/nginx.pid" ;;
+    haproxy) echo "$haproxy_pid" ;;
     relay) echo "$relay_pid" ;;
     keystamp) echo "$ks_pid" ;;
     keystamp-quiet) echo "$quiet_pid" ;;
@@ -137,6 +225,8 @@ target_args() {
   case $1 in
     direct | relay) echo "--cacert $UPSTREAM_CA" ;;
     keystamp) echo "--cacert $KS_CA -x $KS_PROXY" ;;
+    nginx) echo "--cacert $work/anchor-ca.crt --connect-to $upstream_authority:127.0.0.1:18160" ;;
+    haproxy) echo "--cacert $work/anchor-ca.crt --connect-to $upstream_authority:127.0.0.1:18161" ;;
     keystamp-quiet) echo "--cacert $work/ca-quiet.crt -x http://127.0.0.1:18142" ;;
     keystamp-baseline) echo "--cacert $work/ca-baseline.crt -x http://127.0.0.1:18146" ;;
     keystamp-fleet) echo "--cacert $work/ca-fleet.crt -x http://127.0.0.1:18144" ;;
@@ -145,7 +235,7 @@ target_args() {
     mitm) echo "--cacert $MITM_CA -x $MITM_PROXY" ;;
   esac
 }
-targets="direct relay keystamp keystamp-quiet$extra_targets $peers"
+targets="direct relay $anchors keystamp keystamp-quiet$extra_targets $peers"
 # ROUNDS=N runs every case N times, the targets interleaved within each round, and reports each
 # column's median: CPU per request then compares proxies measured minutes apart, not an hour.
 rounds=${ROUNDS:-1}
@@ -207,9 +297,15 @@ echo
 ks_ka=$(col "${ka[keystamp]}" 1)
 echo
 added_p50() { python3 -c "print(f'{($(col "${one[$1]}" 2) - $(col "${one[direct]}" 2))*1000:.0f}')"; }
-echo "added p50 latency over direct, 1 conn: keystamp $(added_p50 keystamp) µs, the bare TCP relay $(added_p50 relay) µs$(for p in $peers; do printf ', %s %s µs' "$p" "$(added_p50 "$p")"; done)"
+echo "added p50 latency over direct, 1 conn: keystamp $(added_p50 keystamp) µs, the bare TCP relay $(added_p50 relay) µs$(for p in $anchors $peers; do printf ', %s %s µs' "$p" "$(added_p50 "$p")"; done)"
 above_relay() { echo "$(($(col "${ka[$1]}" 4) - $(col "${ka[relay]}" 4))) / $(($(col "${one[$1]}" 4) - $(col "${one[relay]}" 4))) / $(($(col "${fresh[$1]}" 4) - $(col "${fresh[relay]}" 4)))"; }
-echo "CPU per request above the bare relay's (16 conns / 1 conn / new conn, µs): keystamp $(above_relay keystamp)$(for p in $peers; do printf ', %s %s' "$p" "$(above_relay "$p")"; done)"
+echo "CPU per request above the bare relay's (16 conns / 1 conn / new conn, µs): keystamp $(above_relay keystamp)$(for p in $anchors $peers; do printf ', %s %s' "$p" "$(above_relay "$p")"; done)"
+for a in $anchors; do
+  for k in keystamp keystamp-quiet; do
+    echo "$k / $a CPU per request: keep-alive 16 conns $(ratio "$(col "${ka[$k]}" 4)" "$(col "${ka[$a]}" 4)")×, 1 conn $(ratio "$(col "${one[$k]}" 4)" "$(col "${one[$a]}" 4)")×, new connection $(ratio "$(col "${fresh[$k]}" 4)" "$(col "${fresh[$a]}" 4)")×; p50 added on 1 conn $(added_p50 $k) µs vs $(added_p50 $a) µs"
+  done
+done
+echo "the day's noise: direct to nginx $(col "${ka[direct]}" 1) req/s at 16 keep-alive connections"
 for p in $peers; do
   echo "keystamp / $p: keep-alive $(ratio "$ks_ka" "$(col "${ka[$p]}" 1)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 1)" "$(col "${fresh[$p]}" 1)")×"
   echo "keystamp / $p CPU per request: keep-alive $(ratio "$(col "${ka[keystamp]}" 4)" "$(col "${ka[$p]}" 4)")×, 1 conn $(ratio "$(col "${one[keystamp]}" 4)" "$(col "${one[$p]}" 4)")×, new connection $(ratio "$(col "${fresh[keystamp]}" 4)" "$(col "${fresh[$p]}" 4)")×"

@@ -243,11 +243,7 @@ fn breaker_action(
     }
     let action = action.label();
     tracing::warn!(credential = %credential.name, action, "breaker set by an operator");
-    admin
-        .metrics
-        .breaker_manual
-        .with_label_values(&[credential.name.as_ref(), action])
-        .inc();
+    credential.series.manual_action(action);
     let body = serde_json::json!({ "credential": credential.name.as_ref(), "breaker": credential.breaker.state().label() });
     (StatusCode::OK, "application/json", body.to_string())
 }

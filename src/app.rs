@@ -60,7 +60,7 @@ impl App {
         };
         let ca_pem = ca.cert_pem().to_string();
         let leaves = LeafCache::new(ca, config.ca.leaf_cache_size);
-        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+        let metrics = Arc::new(Metrics::build(config.zero_series).context("registering metrics")?);
         // The dialer reads pins and egress policy from the published snapshot on every dial.
         let shared = Arc::new(SharedState::new(Snapshot::before_first_load(&config)));
         let upstream = Upstream::new(
@@ -84,23 +84,6 @@ impl App {
             None => (None, None, None),
         };
         let (reloads, reload_requests) = ReloadHandle::channel();
-        let reloader = Reloader::start(
-            ReloadContext {
-                state: shared.clone(),
-                upstream: upstream.clone(),
-                metrics: metrics.clone(),
-                reporting: Reporting {
-                    metrics: metrics.clone(),
-                    breaker_events,
-                },
-                fleet: fleet.clone(),
-                shutdown: shutdown.clone(),
-            },
-            config.clone(),
-            reload_requests,
-            fleet_refreshes,
-        )
-        .await;
         let state = Arc::new(ProxyState {
             state: shared.clone(),
             leaves,
@@ -168,6 +151,26 @@ impl App {
                 .with_context(|| writable_hint("the CA bundle", path))?;
             tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
         }
+        let (routes, shutdown_grace) = (config.routes.len(), config.shutdown_grace);
+        // The first load happens here, before anything is served; the config is the
+        // reloader's from now on (10,000 credentials made a clone of it 19 MiB).
+        let reloader = Reloader::start(
+            ReloadContext {
+                state: shared.clone(),
+                upstream: state.upstream.clone(),
+                metrics: metrics.clone(),
+                reporting: Reporting {
+                    metrics: metrics.clone(),
+                    breaker_events,
+                },
+                fleet: fleet.clone(),
+                shutdown: state.shutdown.clone(),
+            },
+            config,
+            reload_requests,
+            fleet_refreshes,
+        )
+        .await;
         // Tracked, so shutdown waits while it revokes per-task tokens.
         state.tasks.spawn(reloader.run());
         tokio::spawn(proxy::serve(listener, state.clone()));
@@ -176,14 +179,14 @@ impl App {
             tokio::spawn(proxy::transparent::serve(transparent, state.clone()));
         }
         readiness.set(true);
-        tracing::info!(%proxy_addr, admin = ?admin_addr, routes = config.routes.len(), "keystamp is serving");
+        tracing::info!(%proxy_addr, admin = ?admin_addr, routes, "keystamp is serving");
         Ok(RunningApp {
             proxy_addr,
             admin_addr,
             ca_pem,
             state,
             readiness,
-            shutdown_grace: config.shutdown_grace,
+            shutdown_grace,
         })
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::BreakerSettings;
-use crate::telemetry::Metrics;
+use crate::telemetry::CredentialCounters;
 
 /// How long other requests are told to wait while a probe is in flight.
 const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -144,7 +144,8 @@ pub struct Breaker {
     /// Consecutive auth failures while closed.
     consecutive: AtomicU32,
     inner: Mutex<Inner>,
-    metrics: Arc<Metrics>,
+    /// The credential's metric series (state gauge, transitions).
+    series: Arc<CredentialCounters>,
     /// Where fleet-relevant events go, when keystamp is part of a fleet.
     events: Option<BreakerEvents>,
 }
@@ -162,13 +163,9 @@ impl Breaker {
     pub fn new(
         credential: Arc<str>,
         settings: BreakerSettings,
-        metrics: Arc<Metrics>,
+        series: Arc<CredentialCounters>,
         events: Option<BreakerEvents>,
     ) -> Self {
-        metrics
-            .breaker_state
-            .with_label_values(&[credential.as_ref()])
-            .set(0);
         let jitter_seed = credential.bytes().fold(0x9e37_79b9_7f4a_7c15_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
@@ -189,7 +186,7 @@ impl Breaker {
                 fleet_held: false,
                 jitter_seed,
             }),
-            metrics,
+            series,
             events,
         }
     }
@@ -469,15 +466,7 @@ impl Breaker {
         if from == to {
             return;
         }
-        let name = self.credential.as_ref();
-        self.metrics
-            .breaker_state
-            .with_label_values(&[name])
-            .set(to as i64);
-        self.metrics
-            .breaker_transitions
-            .with_label_values(&[name, to.label()])
-            .inc();
+        self.series.breaker_moved(to.label(), to as i64);
     }
 }
 
@@ -510,7 +499,7 @@ mod tests {
         Arc::new(Breaker::new(
             Arc::from("k"),
             settings,
-            Arc::new(Metrics::new().unwrap()),
+            Arc::default(),
             None,
         ))
     }

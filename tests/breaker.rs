@@ -456,3 +456,45 @@ async fn an_agent_cannot_open_a_shared_breaker_by_naming_a_marker_in_its_path() 
         Some("credential_circuit_open")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_zero_series_a_credential_counter_appears_with_its_first_event() {
+    let (upstream, keystamp, _dir) = rig(|config| {
+        config.set("metrics", serde_json::json!({ "zero_series": false }));
+    })
+    .await;
+    let client = keystamp.client();
+    assert_eq!(get(&client, "/x").await.0, 200);
+    let metrics = keystamp.metrics().await;
+    // State stays visible; counters that never moved are not written.
+    assert_eq!(
+        metric(&metrics, "keystamp_breaker_state{credential=\"key\"}"),
+        Some(0.0)
+    );
+    assert!(
+        metrics.contains("keystamp_credential_version_info{credential=\"key\",fingerprint=\""),
+        "{metrics}"
+    );
+    for absent in [
+        "keystamp_auth_failures_total",
+        "keystamp_breaker_transitions_total",
+        "keystamp_breaker_manual_actions_total",
+        "keystamp_rate_limited_total",
+    ] {
+        assert!(!metrics.contains(absent), "{absent} written at zero:\n{metrics}");
+    }
+    upstream.seen.accept_only("revoked-elsewhere");
+    assert_eq!(get(&client, "/x").await.0, 401);
+    let metrics = keystamp.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "keystamp_auth_failures_total{credential=\"key\",status=\"401\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        !metrics.contains("keystamp_auth_failures_total{credential=\"key\",status=\"403\"}"),
+        "{metrics}"
+    );
+}

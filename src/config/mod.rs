@@ -35,6 +35,8 @@ pub struct Config {
     pub egress: crate::egress::EgressPolicy,
     pub audit: crate::telemetry::AuditOutput,
     pub per_request_metrics: bool,
+    /// Write each credential's counters before they count anything (`metrics.zero_series`).
+    pub zero_series: bool,
     /// Agent name -> where its proxy token comes from (file or env).
     pub identities: BTreeMap<String, IdentitySpec>,
     pub require_identity: bool,

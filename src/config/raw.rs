@@ -167,6 +167,9 @@ pub struct RawMetrics {
     /// Per-request counters and histograms (default true).
     #[serde(default)]
     pub per_request: Option<bool>,
+    /// Each credential's counters from load at 0 (default true), or only once they count.
+    #[serde(default)]
+    pub zero_series: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -29,7 +29,7 @@ use crate::breaker::{Breaker, BreakerEvents};
 use crate::config::{CredentialSpec, SourceSpec};
 use crate::limits::Limits;
 use crate::secret::Secret;
-use crate::telemetry::{Metrics, ObservedVersion};
+use crate::telemetry::{CredentialCounters, Metrics, ReadResult};
 use crate::upstream::Upstream;
 
 pub use aws::access_key_id;
@@ -101,8 +101,8 @@ pub struct Credential {
     /// Runtime state that outlives versions and reloads: carried into every next `Credential`.
     pub breaker: Arc<Breaker>,
     pub limits: Arc<Limits>,
-    /// This credential's `keystamp_credential_reloads_total` series, looked up once.
-    pub reload_counters: Arc<ReloadCounters>,
+    /// This credential's metric series (reads, breaker, auth failures, version, ...).
+    pub series: Arc<CredentialCounters>,
     /// Live per-task tokens, for a credential minted per task.
     pub task_tokens: Option<Arc<TaskTokens>>,
     /// A secret store's session and the version last read, for a `vault` credential.
@@ -116,84 +116,35 @@ pub struct Reporting {
     pub breaker_events: Option<BreakerEvents>,
 }
 
-/// Counter handles per read result, so a 10,000-credential reload does not look labels up
-/// 10,000 times on a runtime worker.
-#[derive(Debug)]
-pub struct ReloadCounters {
-    reads: OutcomeCounters,
-    /// `keystamp_credential_store_polls_total` too, for a secret-store source.
-    polls: Option<OutcomeCounters>,
-}
-
-#[derive(Debug)]
-struct OutcomeCounters {
-    changed: prometheus::IntCounter,
-    unchanged: prometheus::IntCounter,
-    failed: prometheus::IntCounter,
-}
-
-impl OutcomeCounters {
-    fn new(vec: &prometheus::IntCounterVec, name: &str) -> Self {
-        let series = |result: &str| vec.with_label_values(&[name, result]);
-        Self {
-            changed: series("changed"),
-            unchanged: series("unchanged"),
-            failed: series("error"),
-        }
-    }
-
-    fn count(&self, outcome: ReadOutcome) {
-        match outcome {
-            ReadOutcome::Changed => self.changed.inc(),
-            ReadOutcome::Unchanged => self.unchanged.inc(),
-            ReadOutcome::Failed => self.failed.inc(),
-        }
-    }
-}
-
-impl ReloadCounters {
-    fn new(name: &str, metrics: &Metrics, store: bool) -> Self {
-        Self {
-            reads: OutcomeCounters::new(&metrics.credential_reloads, name),
-            polls: store.then(|| OutcomeCounters::new(&metrics.credential_store_polls, name)),
-        }
-    }
-
-    pub fn count(&self, outcome: ReadOutcome) {
-        self.reads.count(outcome);
-        if let Some(polls) = &self.polls {
-            polls.count(outcome);
-        }
-    }
-}
-
 impl Credential {
     pub fn source_kind(&self) -> &'static str {
         self.spec.source.kind()
     }
 
     /// Brings the version and expiry gauges in line with this credential's current version.
-    pub fn observe(&self, metrics: &Metrics, previous_fingerprint: Option<&str>) {
-        let current = self.current.as_ref().map(|version| ObservedVersion {
-            fingerprint: &version.fingerprint,
-            expires_at: version.expiry.map(|e| e.at),
+    pub fn observe(&self) {
+        let current = self.current.as_ref().map(|version| {
+            let expires_at = version.expiry.map(|e| {
+                e.at.duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0)
+            });
+            (version.fingerprint.as_str(), expires_at)
         });
-        metrics.observe_version(&self.name, current, previous_fingerprint);
+        self.series.set_version(current);
     }
 
     /// A credential with no version yet and fresh runtime state (a closed breaker).
     pub fn fresh(name: Arc<str>, spec: CredentialSpec, reporting: &Reporting) -> Self {
-        let metrics = &reporting.metrics;
+        let store = spec.source.is_secret_store();
+        let series = reporting.metrics.credentials.define(&name, store);
         let breaker = Arc::new(Breaker::new(
             name.clone(),
             spec.breaker,
-            metrics.clone(),
+            series.clone(),
             reporting.breaker_events.clone(),
         ));
         let limits = Arc::new(Limits::new(spec.rate_limit));
-        let store = spec.source.is_secret_store();
-        let reload_counters = Arc::new(ReloadCounters::new(&name, metrics, store));
-        metrics.define_credential(&name);
         let task_tokens = TaskTokens::for_source(&spec.source).map(Arc::new);
         let store_watch = spec.source.is_secret_store().then(Arc::default);
         Credential {
@@ -203,7 +154,7 @@ impl Credential {
             last_error: None,
             breaker,
             limits,
-            reload_counters,
+            series,
             task_tokens,
             store_watch,
         }
@@ -247,7 +198,7 @@ impl Credential {
             last_error,
             breaker: self.breaker.clone(),
             limits: self.limits.clone(),
-            reload_counters: self.reload_counters.clone(),
+            series: self.series.clone(),
             task_tokens: self.task_tokens.clone(),
             store_watch: self.store_watch.clone(),
         };
@@ -403,6 +354,17 @@ pub enum ReadOutcome {
     Changed,
     Unchanged,
     Failed,
+}
+
+impl ReadOutcome {
+    /// The `result` label this outcome is counted under.
+    pub fn result(self) -> ReadResult {
+        match self {
+            ReadOutcome::Changed => ReadResult::Changed,
+            ReadOutcome::Unchanged => ReadResult::Unchanged,
+            ReadOutcome::Failed => ReadResult::Error,
+        }
+    }
 }
 
 /// All credentials by name.

@@ -677,10 +677,7 @@ impl FleetTask {
                         credential.limits.clear_hold();
                     }
                 }
-                self.metrics
-                    .breaker_manual
-                    .with_label_values(&[credential.name.as_ref(), action.label()])
-                    .inc();
+                credential.series.manual_action(action.label());
                 true
             }
             _ => false,

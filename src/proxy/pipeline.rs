@@ -192,7 +192,7 @@ async fn forward_stages(
             Some(chosen) => Some(credential_version(state, chosen, record).await?),
             None => None,
         };
-        let admitted = stamping.as_ref().map(|s| admit(state, s)).transpose()?;
+        let admitted = stamping.as_ref().map(admit).transpose()?;
         Ok::<_, ProxyError>((target, stamping, admitted))
     }
     .await;
@@ -555,7 +555,7 @@ async fn credential_version(
 
 /// **admit**: the credential's breaker and rate limits (the credential's and the agent's).
 /// Neither contacts the upstream.
-fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError> {
+fn admit(stamping: &Stamping) -> Result<Admitted, ProxyError> {
     let now = Instant::now();
     let credential = &stamping.credential;
     let admission = match credential.breaker.admit(now) {
@@ -582,12 +582,7 @@ fn admit(state: &ProxyState, stamping: &Stamping) -> Result<Admitted, ProxyError
         .map(|(agent, limits)| ("agent", agent, limits));
     for (subject, name, limits) in std::iter::once(credential_limit).chain(agent_limit) {
         if let Err(wait) = limits.check(now) {
-            state
-                .telemetry
-                .metrics
-                .rate_limited
-                .with_label_values(&[credential.name.as_ref()])
-                .inc();
+            credential.series.rate_limited();
             return Err(ProxyError::RateLimited {
                 subject,
                 name: name.to_string(),
@@ -738,12 +733,7 @@ async fn judge(
         _ => (None, response.map(body::stream)),
     };
     if let Some(Verdict::AuthFailure { marker, .. }) = &verdict {
-        state
-            .telemetry
-            .metrics
-            .auth_failures
-            .with_label_values(&[stamping.credential.name.as_ref(), status.as_str()])
-            .inc();
+        stamping.credential.series.auth_failure(status.as_u16());
         tracing::warn!(
             credential = %stamping.credential.name,
             fingerprint = %stamping.version.fingerprint,

@@ -395,7 +395,7 @@ impl Reloader {
                 tokio::task::yield_now().await;
             }
             let previous = snapshot.credentials.get(&credential.name);
-            credential.reload_counters.count(outcome);
+            credential.series.read(outcome.result());
             self.schedule
                 .after_read(&credential, outcome, Instant::now());
             if outcome == ReadOutcome::Changed {
@@ -409,10 +409,7 @@ impl Reloader {
                 }
                 // Rotation is the cure: a new version starts with a closed breaker.
                 credential.breaker.reset();
-                let previous_fingerprint = previous
-                    .and_then(|c| c.current.as_ref())
-                    .map(|v| v.fingerprint.as_str());
-                credential.observe(&self.context.metrics, previous_fingerprint);
+                credential.observe();
             }
             let error_changed = previous.is_some_and(|c| c.last_error != credential.last_error);
             if outcome == ReadOutcome::Changed || error_changed {
@@ -507,10 +504,7 @@ impl Reloader {
                 tokio::spawn(async move { release(&old, &upstream).await });
             }
             self.schedule.forget(&old.name);
-            self.context.metrics.forget_credential(
-                &old.name,
-                old.current.as_ref().map(|v| v.fingerprint.as_str()),
-            );
+            self.context.metrics.credentials.forget(&old.name);
         }
         if *next.dial_rules != *previous.dial_rules {
             let rules = next.dial_rules.clone();
@@ -524,12 +518,7 @@ impl Reloader {
                 .map(|(credential, _)| credential)
                 .collect();
         for credential in &loaded {
-            let previous_fingerprint = previous
-                .credentials
-                .get(&credential.name)
-                .and_then(|c| c.current.as_ref())
-                .map(|v| v.fingerprint.as_str());
-            credential.observe(&self.context.metrics, previous_fingerprint);
+            credential.observe();
             let outcome = if credential.current.is_some() {
                 ReadOutcome::Changed
             } else {

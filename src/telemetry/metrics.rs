@@ -1,7 +1,8 @@
 //! The metric families and the few helpers that keep their label sets consistent.
 
+use crate::telemetry::credential_series::CredentialSeries;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -10,24 +11,10 @@ const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
-/// What the gauges show of one credential version: never its value.
-#[derive(Debug, Clone, Copy)]
-pub struct ObservedVersion<'a> {
-    pub fingerprint: &'a str,
-    pub expires_at: Option<std::time::SystemTime>,
-}
-
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
-    pub auth_failures: IntCounterVec,
-    pub breaker_state: IntGaugeVec,
-    pub breaker_transitions: IntCounterVec,
-    pub credential_expiry: GaugeVec,
-    pub credential_version: IntGaugeVec,
-    pub credential_reloads: IntCounterVec,
-    pub credential_store_polls: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub connect: IntCounterVec,
     pub tls_handshake_errors: IntCounterVec,
@@ -40,9 +27,9 @@ pub struct Metrics {
     pub fleet_task_restarts: prometheus::IntCounter,
     pub fleet_pods: IntGauge,
     pub build_info: IntGaugeVec,
-    pub breaker_manual: IntCounterVec,
-    pub rate_limited: IntCounterVec,
     pub audit_dropped: prometheus::IntCounter,
+    /// Every per-credential family, kept apart from the registry (see `credential_series`).
+    pub credentials: CredentialSeries,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -52,9 +39,15 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Builds and registers every family. Registration only fails on a duplicate name, which
-    /// would be a bug here; the error is returned rather than panicking.
+    /// Every family, each credential's counters written from zero (see [`Metrics::build`]).
     pub fn new() -> Result<Self, prometheus::Error> {
+        Self::build(true)
+    }
+
+    /// Builds and registers every family. Registration only fails on a duplicate name, which
+    /// would be a bug here; the error is returned rather than panicking. `zero_series`: whether
+    /// a credential's counters are written before they count anything (`metrics.zero_series`).
+    pub fn build(zero_series: bool) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
@@ -82,44 +75,6 @@ impl Metrics {
             &["route", "credential"],
         )?;
         registry.register(Box::new(request_duration.clone()))?;
-        let auth_failures = counter(
-            "keystamp_auth_failures_total",
-            "Upstream answers that said the credential itself is bad.",
-            &["credential", "status"],
-        )?;
-        let breaker_state = gauge(
-            "keystamp_breaker_state",
-            "Auth circuit breaker per credential: 0 closed, 1 open, 2 half-open.",
-            &["credential"],
-        )?;
-        let breaker_transitions = counter(
-            "keystamp_breaker_transitions_total",
-            "Breaker state changes per credential.",
-            &["credential", "to"],
-        )?;
-        let credential_expiry = GaugeVec::new(
-            Opts::new(
-                "keystamp_credential_expiry_timestamp_seconds",
-                "When the current version of a credential expires (Unix time).",
-            ),
-            &["credential"],
-        )?;
-        registry.register(Box::new(credential_expiry.clone()))?;
-        let credential_version = gauge(
-            "keystamp_credential_version_info",
-            "The fingerprint of each credential's current version (value 1).",
-            &["credential", "fingerprint"],
-        )?;
-        let credential_reloads = counter(
-            "keystamp_credential_reloads_total",
-            "Credential reads by result: changed, unchanged, error.",
-            &["credential", "result"],
-        )?;
-        let credential_store_polls = counter(
-            "keystamp_credential_store_polls_total",
-            "Polls of a secret store (vault) by result: changed, unchanged, error.",
-            &["credential", "result"],
-        )?;
         let config_reloads = counter(
             "keystamp_config_reloads_total",
             "Config reloads by result: ok, error.",
@@ -173,16 +128,6 @@ impl Metrics {
             "Times the fleet task crashed and was restarted.",
         )?;
         registry.register(Box::new(fleet_task_restarts.clone()))?;
-        let breaker_manual = counter(
-            "keystamp_breaker_manual_actions_total",
-            "Breakers forced open or closed by an operator through the admin listener.",
-            &["credential", "action"],
-        )?;
-        let rate_limited = counter(
-            "keystamp_rate_limited_total",
-            "Requests keystamp answered 429 itself: over the credential's rate limit or held after an upstream 429.",
-            &["credential"],
-        )?;
         let audit_dropped = prometheus::IntCounter::new(
             "keystamp_audit_dropped_total",
             "Audit lines dropped because the writer fell behind.",
@@ -211,13 +156,6 @@ impl Metrics {
             registry,
             requests,
             request_duration,
-            auth_failures,
-            breaker_state,
-            breaker_transitions,
-            credential_expiry,
-            credential_version,
-            credential_reloads,
-            credential_store_polls,
             config_reloads,
             connect,
             tls_handshake_errors,
@@ -230,9 +168,8 @@ impl Metrics {
             fleet_task_restarts,
             fleet_pods,
             build_info,
-            breaker_manual,
-            rate_limited,
             audit_dropped,
+            credentials: CredentialSeries::new(zero_series),
         })
     }
 
@@ -242,83 +179,8 @@ impl Metrics {
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::warn!(%error, "metrics could not be encoded");
         }
-        String::from_utf8(buffer).unwrap_or_default()
-    }
-
-    /// Keeps the version and expiry gauges in step with a credential's current version.
-    pub fn observe_version(
-        &self,
-        name: &str,
-        current: Option<ObservedVersion<'_>>,
-        previous_fingerprint: Option<&str>,
-    ) {
-        if let Some(previous) = previous_fingerprint {
-            if current.map(|v| v.fingerprint) != Some(previous) {
-                let _ = self
-                    .credential_version
-                    .remove_label_values(&[name, previous]);
-            }
-        }
-        match current {
-            Some(version) => {
-                self.credential_version
-                    .with_label_values(&[name, version.fingerprint])
-                    .set(1);
-                match version.expires_at {
-                    Some(at) => {
-                        let seconds = at
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs_f64())
-                            .unwrap_or(0.0);
-                        self.credential_expiry
-                            .with_label_values(&[name])
-                            .set(seconds);
-                    }
-                    None => {
-                        let _ = self.credential_expiry.remove_label_values(&[name]);
-                    }
-                }
-            }
-            None => {
-                let _ = self.credential_expiry.remove_label_values(&[name]);
-            }
-        }
-    }
-
-    /// Starts a credential's counters at zero when it is defined (its reload counters are made
-    /// with it). The expiry gauge is left out until a version has an expiry: a 0 there would
-    /// read as "expired in 1970" to an alert on `expiry - time()`.
-    pub fn define_credential(&self, name: &str) {
-        for status in ["401", "403"] {
-            self.auth_failures.with_label_values(&[name, status]);
-        }
-        for to in ["open", "half_open", "closed"] {
-            self.breaker_transitions.with_label_values(&[name, to]);
-        }
-        for action in ["open", "close"] {
-            self.breaker_manual.with_label_values(&[name, action]);
-        }
-        self.rate_limited.with_label_values(&[name]);
-    }
-
-    /// Drops every series of a credential that no longer exists.
-    pub fn forget_credential(&self, name: &str, fingerprint: Option<&str>) {
-        if let Some(fingerprint) = fingerprint {
-            let _ = self
-                .credential_version
-                .remove_label_values(&[name, fingerprint]);
-        }
-        let _ = self.credential_expiry.remove_label_values(&[name]);
-        let _ = self.breaker_state.remove_label_values(&[name]);
-        for status in ["401", "403"] {
-            let _ = self.auth_failures.remove_label_values(&[name, status]);
-        }
-        for to in ["open", "half_open", "closed"] {
-            let _ = self.breaker_transitions.remove_label_values(&[name, to]);
-        }
-        for action in ["open", "close"] {
-            let _ = self.breaker_manual.remove_label_values(&[name, action]);
-        }
-        let _ = self.rate_limited.remove_label_values(&[name]);
+        let mut text = String::from_utf8(buffer).unwrap_or_default();
+        self.credentials.render(&mut text);
+        text
     }
 }

@@ -3,12 +3,14 @@
 //! raw hosts, paths or agent-supplied strings.
 
 pub mod audit;
+mod credential_series;
 mod metrics;
 mod request;
 mod series;
 
 pub use audit::{AuditLog, AuditOutput};
-pub use metrics::{Metrics, ObservedVersion};
+pub use credential_series::{CredentialCounters, ReadResult};
+pub use metrics::Metrics;
 pub use request::RequestRecord;
 pub use series::RequestSeries;
 

@@ -481,6 +481,7 @@ impl Errors<'_> {
             admin_token,
             audit,
             per_request_metrics: raw.metrics.per_request.unwrap_or(true),
+            zero_series: raw.metrics.zero_series.unwrap_or(true),
             identities,
             require_identity: raw.require_identity,
             egress: crate::egress::EgressPolicy { allow },
