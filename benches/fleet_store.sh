@@ -32,6 +32,7 @@ python3 - >"$work/upstream.log" 2>&1 <<'PY' &
 import http.server, socketserver
 class Answer(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
     def do_GET(self):
         self.send_response(200); self.send_header("content-length", "2"); self.end_headers()
         self.wfile.write(b"ok")
