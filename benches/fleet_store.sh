@@ -26,8 +26,9 @@ trap cleanup EXIT
 redis_port=18250
 redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
 pids="$pids $!"
-# The API: a plain-HTTP server answering 200 to anything (keystamp's route is plain HTTP here,
-# so the load is cheap and the store's work is what shows).
+# The API: a plain-HTTP server answering 200 to anything on localhost:18251 (keystamp's route is
+# plain HTTP to `localhost`, a name oha can resolve, so the load is cheap and the store's work
+# is what shows).
 python3 - >"$work/upstream.log" 2>&1 <<'PY' &
 import http.server, socketserver
 class Answer(http.server.BaseHTTPRequestHandler):
@@ -79,15 +80,14 @@ admin: 127.0.0.1:$((port + 1))
 ca: { generate: true }
 unmatched: deny
 audit: { output: off }
-egress: { allow_cidrs: [127.0.0.0/8] }
-resolve: { 'api.bench.test:80': 127.0.0.1:18251 }
+egress: { allow_cidrs: [127.0.0.0/8, "::1/128"] }
 fleet: { name: bench, store: { url: { file: ./redis-url } } }
 credentials:
   shared:
     source: { file: ./token }
     rate_limit: { per_second: 100000, burst: 100000, scope: fleet }
 routes:
-  - { host: api.bench.test, credential: shared, inject: { type: bearer }, tls_only: false }
+  - { host: localhost, credential: shared, inject: { type: bearer }, tls_only: false }
 YAML
     POD_NAME=bench-$i RUST_LOG=warn ./target/release/keystamp run --config "$work/pod$i.yaml" 2>"$work/pod$i.log" &
     pod_pids="$pod_pids $!"
@@ -97,7 +97,7 @@ YAML
   done
   # Every pod takes its first token and sees the others' heartbeats before the windows start.
   for i in $(seq 0 $((pods - 1))); do
-    curl -sf -x "http://127.0.0.1:$((18300 + 2 * i))" http://api.bench.test/ >/dev/null || { echo "pod $i did not serve" >&2; exit 1; }
+    curl -s -x "http://127.0.0.1:$((18300 + 2 * i))" http://localhost:18251/ -o "$work/first.txt" -w "%{http_code}" | grep -q 200 || { echo "pod $i did not serve" >&2; exit 1; }
   done
   sleep 6
   commands >"$work/rest.before"; sleep "$window"; commands >"$work/rest.after"
@@ -106,13 +106,15 @@ YAML
   load_pids=""
   for i in $(seq 0 $((pods - 1))); do
     oha --no-tui -z "$((window + 2))s" -c 1 -q "$rate" -x "http://127.0.0.1:$((18300 + 2 * i))" \
-      http://api.bench.test/ >/dev/null 2>&1 &
+      --output-format json http://localhost:18251/ >"$work/load-$i.json" 2>&1 &
     load_pids="$load_pids $!"
   done
   sleep 1
   commands >"$work/load.before"; sleep "$window"; commands >"$work/load.after"
   loaded=$(per_pod_second "$work/load.before" "$work/load.after" "$pods" "$window")
   wait $load_pids || true
+  served=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get(\"statusCodeDistribution\"))" "$work/load-0.json" 2>&1 || head -c 300 "$work/load-0.json")
+  echo "pod 0 under load answered: $served" >&2
   kill $pod_pids 2>/dev/null || true
   wait $pod_pids 2>/dev/null || true
   printf '| %s | %s | %s | %s |\n' "$pods" "$rest" "$loaded" "$counted"
