@@ -496,12 +496,7 @@ mod tests {
             max_hold: Duration::from_secs(3600),
             jitter: false,
         };
-        Arc::new(Breaker::new(
-            Arc::from("k"),
-            settings,
-            Arc::default(),
-            None,
-        ))
+        Arc::new(Breaker::new(Arc::from("k"), settings, Arc::default(), None))
     }
 
     fn fail(b: &Breaker) {

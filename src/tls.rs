@@ -178,6 +178,10 @@ impl LeafCache {
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         // keystamp's cipher suite order, not the agent's (most agents ask for AES-256 first).
         config.ignore_client_order = true;
+        // One TLS 1.3 ticket per handshake, not rustls' two: a client spends each ticket once,
+        // so one per connection keeps a client that reconnects resuming, and the second was
+        // three getrandom calls, an encryption and a cache entry nobody used.
+        config.send_tls13_tickets = 1;
         let config = Arc::new(config);
         if let Ok(mut cache) = self.cache.lock() {
             cache.put(host.clone(), (config.clone(), Instant::now()));

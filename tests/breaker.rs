@@ -481,7 +481,10 @@ async fn without_zero_series_a_credential_counter_appears_with_its_first_event()
         "keystamp_breaker_manual_actions_total",
         "keystamp_rate_limited_total",
     ] {
-        assert!(!metrics.contains(absent), "{absent} written at zero:\n{metrics}");
+        assert!(
+            !metrics.contains(absent),
+            "{absent} written at zero:\n{metrics}"
+        );
     }
     upstream.seen.accept_only("revoked-elsewhere");
     assert_eq!(get(&client, "/x").await.0, 401);

@@ -23,12 +23,20 @@ impl<S> Prefixed<S> {
     }
 }
 
-/// Reads the first byte of `stream`: `Ok((true, ..))` when it opens a TLS handshake.
+/// Bytes the sniff asks the socket for at once: a whole ClientHello (under 2 KiB for real
+/// agents), so the TLS handshake reads it from memory rather than with a second system call.
+const SNIFF_READ: usize = 4096;
+
+/// Reads what the agent sent first (at least one byte): `Ok((true, ..))` when it opens a TLS
+/// handshake. Every byte read is handed back in front of the stream.
 pub async fn sniff_tls<S: AsyncRead + Unpin>(mut stream: S) -> io::Result<(bool, Prefixed<S>)> {
-    let first = stream.read_u8().await?;
+    let mut first = bytes::BytesMut::with_capacity(SNIFF_READ);
+    if stream.read_buf(&mut first).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok((
-        first == TLS_HANDSHAKE,
-        Prefixed::new(bytes::Bytes::copy_from_slice(&[first]), stream),
+        first.first() == Some(&TLS_HANDSHAKE),
+        Prefixed::new(first.freeze(), stream),
     ))
 }
 

@@ -100,7 +100,6 @@ impl CredentialCounters {
             None => *version = VersionSeries::default(),
         }
     }
-
 }
 
 /// Every credential's series, and whether counters that never moved are written out.
@@ -283,7 +282,10 @@ impl CredentialSeries {
                 }
             }
             4 => {
-                let version = counters.version.lock().unwrap_or_else(PoisonError::into_inner);
+                let version = counters
+                    .version
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if let Some(at) = version.expires_at {
                     let _ = writeln!(out, "{family}{{credential=\"{name}\"}} {at}");
                 }
@@ -294,7 +296,8 @@ impl CredentialSeries {
                 } else {
                     counters.polls.as_ref()
                 };
-                for (result, value) in results.into_iter().flat_map(|r| READ_RESULTS.iter().zip(r)) {
+                for (result, value) in results.into_iter().flat_map(|r| READ_RESULTS.iter().zip(r))
+                {
                     counter(
                         out,
                         format_args!("credential=\"{name}\",result=\"{result}\""),
@@ -303,7 +306,10 @@ impl CredentialSeries {
                 }
             }
             7 => {
-                let version = counters.version.lock().unwrap_or_else(PoisonError::into_inner);
+                let version = counters
+                    .version
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if let Some(fingerprint) = &version.fingerprint {
                     let _ = writeln!(
                         out,
@@ -348,13 +354,26 @@ mod tests {
         openai.set_version(Some(("ab12", Some(1_700_000_000.0))));
         let mut out = String::new();
         series.render(&mut out);
-        assert!(out.contains("keystamp_auth_failures_total{credential=\"openai\",status=\"401\"} 1\n"));
-        assert!(out.contains("keystamp_auth_failures_total{credential=\"openai\",status=\"403\"} 0\n"));
-        assert!(out.contains("keystamp_breaker_manual_actions_total{action=\"open\",credential=\"openai\"} 1\n"));
+        assert!(
+            out.contains("keystamp_auth_failures_total{credential=\"openai\",status=\"401\"} 1\n")
+        );
+        assert!(
+            out.contains("keystamp_auth_failures_total{credential=\"openai\",status=\"403\"} 0\n")
+        );
+        assert!(out.contains(
+            "keystamp_breaker_manual_actions_total{action=\"open\",credential=\"openai\"} 1\n"
+        ));
         assert!(out.contains("keystamp_breaker_state{credential=\"openai\"} 1\n"));
-        assert!(out.contains("keystamp_credential_version_info{credential=\"openai\",fingerprint=\"ab12\"} 1\n"));
-        assert!(out.contains("keystamp_credential_expiry_timestamp_seconds{credential=\"openai\"} 1700000000\n"));
-        assert!(!out.contains("store_polls"), "no secret-store credential: {out}");
+        assert!(out.contains(
+            "keystamp_credential_version_info{credential=\"openai\",fingerprint=\"ab12\"} 1\n"
+        ));
+        assert!(out.contains(
+            "keystamp_credential_expiry_timestamp_seconds{credential=\"openai\"} 1700000000\n"
+        ));
+        assert!(
+            !out.contains("store_polls"),
+            "no secret-store credential: {out}"
+        );
     }
 
     #[test]
@@ -369,7 +388,9 @@ mod tests {
         out.clear();
         series.render(&mut out);
         assert!(out.contains("keystamp_rate_limited_total{credential=\"github\"} 1\n"));
-        assert!(out.contains("keystamp_credential_store_polls_total{credential=\"github\",result=\"changed\"} 1\n"));
+        assert!(out.contains(
+            "keystamp_credential_store_polls_total{credential=\"github\",result=\"changed\"} 1\n"
+        ));
         assert!(!out.contains("result=\"error\""), "{out}");
         series.forget("github");
         out.clear();
