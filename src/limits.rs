@@ -17,6 +17,17 @@ use crate::config::{LimitScope, RateLimitSpec};
 
 /// What an agent over a fleet-wide limit is told to wait: tokens arrive every refill.
 const FLEET_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a request that found no fleet token in hand waits for refills before its 429: a
+/// store round trip usually, a few regular refills (every 100 ms) on a busy pod.
+const FLEET_REFILL_WAIT: Duration = Duration::from_millis(300);
+
+/// Rung when a request finds no fleet token in hand: the fleet task refills now instead of at
+/// its next tick, so a burst after a quiet spell is served from the store's bucket rather than
+/// refused while it still holds tokens.
+pub fn fleet_demand() -> &'static tokio::sync::Notify {
+    static DEMAND: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    &DEMAND
+}
 
 pub struct Limits {
     /// What the limiter was built from, so a reload can tell whether to keep it.
@@ -39,6 +50,8 @@ struct FleetShare {
     /// Pods the fallback divides the limit by, and its limiter.
     pods: AtomicU32,
     fallback: Mutex<DefaultDirectRateLimiter>,
+    /// Woken after every refill the store answered, for requests waiting on one.
+    refilled: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Limits {
@@ -76,6 +89,7 @@ impl Limits {
                     live: AtomicBool::new(false),
                     pods: AtomicU32::new(1),
                     fallback: Mutex::new(limiter(spec.per_second, spec.burst)),
+                    refilled: tokio::sync::Notify::new(),
                 };
                 (None, Some(share))
             }
@@ -89,7 +103,18 @@ impl Limits {
     }
 
     /// `Err(wait)` when the request must not go upstream now.
-    pub fn check(&self, now: Instant) -> Result<(), Duration> {
+    /// A fleet-wide limit with no token in hand asks the fleet task for a refill and waits for
+    /// it (at most `FLEET_REFILL_WAIT`) before refusing.
+    pub async fn acquire(&self, now: Instant) -> Result<(), Duration> {
+        self.unheld(now)?;
+        if let Some(fleet) = &self.fleet {
+            return fleet.acquire(clock()).await;
+        }
+        self.local()
+    }
+
+    /// `Err(wait)` while the upstream's hold lasts.
+    fn unheld(&self, now: Instant) -> Result<(), Duration> {
         if let Ok(held) = self.held_until.lock() {
             if let Some(until) = *held {
                 if now < until {
@@ -97,9 +122,10 @@ impl Limits {
                 }
             }
         }
-        if let Some(fleet) = &self.fleet {
-            return fleet.check(clock());
-        }
+        Ok(())
+    }
+
+    fn local(&self) -> Result<(), Duration> {
         match &self.limiter {
             Some(limiter) => limiter
                 .check()
@@ -143,6 +169,7 @@ impl Limits {
             Some(tokens) => {
                 fleet.granted.fetch_add(tokens, Ordering::AcqRel);
                 fleet.live.store(true, Ordering::Release);
+                fleet.refilled.notify_waiters();
             }
             None => fleet.live.store(false, Ordering::Release),
         }
@@ -176,10 +203,49 @@ impl FleetShare {
                 .map_err(|not_until| not_until.wait_time_from(clock.now()));
         }
         self.demand.fetch_add(1, Ordering::AcqRel);
+        if self.take() {
+            Ok(())
+        } else {
+            Err(FLEET_RETRY_AFTER)
+        }
+    }
+
+    /// [`check`](Self::check), but with no token in hand it rings the fleet task for a refill
+    /// and waits for it once before refusing: a pod at rest holds one token, and without this a
+    /// burst of two got a 429 while the fleet's bucket was full.
+    async fn acquire(&self, clock: &DefaultClock) -> Result<(), Duration> {
+        let refused = match self.check(clock) {
+            Err(wait) if self.live.load(Ordering::Acquire) => wait,
+            decided => return decided,
+        };
+        let deadline = tokio::time::Instant::now() + FLEET_REFILL_WAIT;
+        loop {
+            let refilled = self.refilled.notified();
+            tokio::pin!(refilled);
+            refilled.as_mut().enable();
+            // Registered before looking again, so a refill landing in between is not missed.
+            if self.take() {
+                return Ok(());
+            }
+            fleet_demand().notify_one();
+            if tokio::time::timeout_at(deadline, refilled).await.is_err() {
+                return if self.take() { Ok(()) } else { Err(refused) };
+            }
+            // That refill was asked for before this request's demand, or others took it: ask
+            // again for this one.
+            if self.take() {
+                return Ok(());
+            }
+            self.demand.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Spends one granted token, if there is one.
+    fn take(&self) -> bool {
         if self.granted.fetch_sub(1, Ordering::AcqRel) > 0 {
-            return Ok(());
+            return true;
         }
         self.granted.fetch_add(1, Ordering::AcqRel);
-        Err(FLEET_RETRY_AFTER)
+        false
     }
 }

@@ -415,6 +415,38 @@ async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_burst_after_a_quiet_spell_is_served_from_the_fleet_bucket_not_refused() {
+    let _drill = DRILL.read().await;
+    let store = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ca, _ca_dir) = tls_upstream().await;
+    let pods = fleet_with(1, &upstream, &ca, Some(&store), dir.path(), |config| {
+        let limit = serde_json::json!({ "per_second": 1000, "burst": 1000, "scope": "fleet" });
+        config.credential_file("key", serde_json::json!({ "rate_limit": limit }));
+    });
+    wait_for_store(&pods).await;
+    let client = pods[0].client();
+    let get = |client: reqwest::Client| async move {
+        client
+            .get("https://api.example.test/q")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // One request makes the connection; then the pod rests, holding the one token it keeps.
+    assert_eq!(get(client.clone()).await, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Twenty at once: the bucket holds 1,000, so none may be refused.
+    let statuses = futures_util::future::join_all((0..20).map(|_| get(client.clone()))).await;
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "a burst of 20 against a full bucket of 1,000: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_rediss_store_with_a_password_is_verified_against_extra_roots() {
     let _drill = DRILL.read().await;
     let dir = tempfile::tempdir().unwrap();

@@ -37,6 +37,8 @@ const OUTBOX: usize = 4096;
 const PROBE_LEASE: Duration = Duration::from_secs(10);
 /// How often held breakers are checked for a due probe and fleet-wide limits take tokens.
 const TICK: Duration = Duration::from_millis(100);
+/// The least time between two refills, so demand between ticks refills at most this often.
+const EAGER_REFILL_GAP: Duration = Duration::from_millis(50);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
 /// A pod that has not heartbeat for this long is no longer counted.
 const POD_TTL: Duration = Duration::from_secs(15);
@@ -346,6 +348,7 @@ impl FleetTask {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_heartbeat = Instant::now();
         let mut next_watch = Instant::now();
+        let mut last_refill = Instant::now();
         loop {
             let result = tokio::select! {
                 () = self.shutdown.cancelled() => return Served::Shutdown,
@@ -364,9 +367,21 @@ impl FleetTask {
                 },
                 Some(event) = self.breaker_outbox.recv() => self.report(&mut store, event).await,
                 Some(outgoing) = self.outbox.recv() => self.publish(&mut store, outgoing).await,
+                // A request found no fleet token in hand: refill now, unless a refill ran moments
+                // ago (then the tick's comes soon enough, and an overloaded pod does not turn
+                // every refused request into a store round trip).
+                () = crate::limits::fleet_demand().notified() => {
+                    if last_refill.elapsed() >= EAGER_REFILL_GAP {
+                        last_refill = Instant::now();
+                        self.refill_limits(&mut store).await
+                    } else {
+                        Ok(())
+                    }
+                }
                 _ = tick.tick() => {
                     let mut result = self.probe_leases(&mut store).await;
                     if result.is_ok() {
+                        last_refill = Instant::now();
                         result = self.refill_limits(&mut store).await;
                     }
                     if result.is_ok() && Instant::now() >= next_heartbeat {

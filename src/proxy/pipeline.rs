@@ -192,7 +192,10 @@ async fn forward_stages(
             Some(chosen) => Some(credential_version(state, chosen, record).await?),
             None => None,
         };
-        let admitted = stamping.as_ref().map(admit).transpose()?;
+        let admitted = match &stamping {
+            Some(stamping) => Some(admit(stamping).await?),
+            None => None,
+        };
         Ok::<_, ProxyError>((target, stamping, admitted))
     }
     .await;
@@ -555,7 +558,7 @@ async fn credential_version(
 
 /// **admit**: the credential's breaker and rate limits (the credential's and the agent's).
 /// Neither contacts the upstream.
-fn admit(stamping: &Stamping) -> Result<Admitted, ProxyError> {
+async fn admit(stamping: &Stamping) -> Result<Admitted, ProxyError> {
     let now = Instant::now();
     let credential = &stamping.credential;
     let admission = match credential.breaker.admit(now) {
@@ -581,7 +584,7 @@ fn admit(stamping: &Stamping) -> Result<Admitted, ProxyError> {
         .as_ref()
         .map(|(agent, limits)| ("agent", agent, limits));
     for (subject, name, limits) in std::iter::once(credential_limit).chain(agent_limit) {
-        if let Err(wait) = limits.check(now) {
+        if let Err(wait) = limits.acquire(now).await {
             credential.series.rate_limited();
             return Err(ProxyError::RateLimited {
                 subject,
