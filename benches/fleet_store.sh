@@ -121,3 +121,11 @@ YAML
 done
 echo
 echo "Commands per pod per second at rest are what 500 pods would ask of one store: multiply by 500."
+rig=${PEERS_DIR:-${TMPDIR:-/tmp}/keystamp-peers}
+gauge="load average $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ -f "$rig/ca.crt" ]; then
+  rps=$(oha --no-tui --output-format json -z 3s -c 16 --cacert "$rig/ca.crt" https://upstream.test:18443/ 2>/dev/null |
+    python3 -c "import json,sys; d=json.load(sys.stdin); print(format(d['summary']['requestsPerSec'], ',.0f'))" 2>/dev/null || true)
+  if [ -n "$rps" ]; then gauge="direct to nginx $rps req/s at 16 keep-alive connections; $gauge"; fi
+fi
+echo "the day's noise: $gauge"

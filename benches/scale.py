@@ -286,12 +286,34 @@ routes:
     print(f"| live task tokens /status reports at the end | {live:,} |")
 
 
+def noise_gauge():
+    """The day's noise: direct-to-nginx req/s (16 keep-alive connections, 3 s) when the peer rig's
+    nginx is up (../shared/peers/up.sh), and the load average either way."""
+    with open("/proc/loadavg") as loadavg:
+        load = " ".join(loadavg.read().split()[:3])
+    rig = os.environ.get("PEERS_DIR", os.path.join(tempfile.gettempdir(), "keystamp-peers"))
+    ca = os.path.join(rig, "ca.crt")
+    if shutil.which("oha") and os.path.exists(ca):
+        run = subprocess.run(
+            ["oha", "--no-tui", "--output-format", "json", "-z", "3s", "-c", "16", "--cacert", ca, "https://upstream.test:18443/"],
+            capture_output=True,
+            text=True,
+        )
+        try:
+            rps = json.loads(run.stdout)["summary"]["requestsPerSec"]
+            return f"direct to nginx {rps:,.0f} req/s at 16 keep-alive connections; load average {load}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    return f"load average {load} (start ../shared/peers/up.sh for the direct-to-nginx gauge)"
+
+
 def main():
     part = os.environ.get("PART", "all")
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     binaries = [("keystamp", BINARY)]
     if os.environ.get("KS_BASELINE"):
         binaries.append(("baseline", os.environ["KS_BASELINE"]))
+    print(f"the day's noise: {noise_gauge()}")
     work = tempfile.mkdtemp(prefix="keystamp-scale-")
     try:
         if part in ("all", "credentials"):
