@@ -36,6 +36,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "keystamp")
+# Requests per CPU-per-request measurement.
+REQUESTS = int(os.environ.get("REQUESTS", "5000"))
 
 
 def cpu_seconds(pid):
@@ -190,17 +192,17 @@ class ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
 
 
-def requests_through(proxy_port, count, task_for):
-    """Sends `count` keep-alive GETs through keystamp's plain-HTTP route; `task_for(i)` names the
-    task of request i (None: no task header). Returns the statuses seen."""
+def requests_through(proxy_port, host, count, task_for):
+    """Sends `count` keep-alive GETs through keystamp's plain-HTTP route to `host`; `task_for(i)`
+    names the task of request i (None: no task header). Returns the statuses seen."""
     connection = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=30)
     statuses = {}
     for i in range(count):
-        headers = {"Host": "api.github.test"}
+        headers = {"Host": host}
         task = task_for(i)
         if task is not None:
             headers["Keystamp-Task"] = task
-        connection.request("GET", "http://api.github.test/user/repos", headers=headers)
+        connection.request("GET", f"http://{host}/bench/object", headers=headers)
         response = connection.getresponse()
         response.read()
         statuses[response.status] = statuses.get(response.status, 0) + 1
@@ -208,17 +210,85 @@ def requests_through(proxy_port, count, task_for):
     return statuses
 
 
-def tasks_part(binary, work):
+def first_requests(proxy_port, host, tasks):
+    """Each task's first request, one after another; a 429 `mint_limited` (AWS sessions are minted
+    at most 2 a second, burst 10) is retried after its Retry-After. Returns the 429s waited out."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=30)
+    waited = 0
+    for i in range(tasks):
+        for _ in range(60):
+            connection.request("GET", f"http://{host}/bench/object", headers={"Host": host, "Keystamp-Task": f"task-{i}"})
+            response = connection.getresponse()
+            response.read()
+            if response.status == 200:
+                break
+            assert response.status == 429, response.status
+            waited += 1
+            time.sleep(float(response.getheader("retry-after") or 1))
+        else:
+            raise SystemExit(f"task {i}: still 429 after 60 waits (a cap, not the mint rate)")
+    connection.close()
+    return waited
+
+
+def measure_tasks(binary, work, title, config_body, host, tasks, mints):
+    """Starts keystamp on `config_body`, then: CPU at rest, `tasks` first requests (each mints),
+    CPU per request with and without a task id, CPU at rest again; prints the table."""
+    config = os.path.join(work, "tasks.yaml")
+    with open(config, "w") as out:
+        out.write(config_body)
+    with open(os.path.join(work, "tasks.log"), "ab") as log:
+        process = start(binary, config, work, log)
+        try:
+            wait_ready("127.0.0.1:18243", process)
+            warm = requests_through(18242, host, 200, lambda i: None)
+            assert warm == {200: 200}, warm
+            time.sleep(1)
+            rest = 10
+            idle_before = cpu_seconds(process.pid)
+            time.sleep(rest)
+            idle_none = (cpu_seconds(process.pid) - idle_before) / rest
+            rss_none = rss_mib(process.pid)
+            minted_before = mints()
+            begun = time.monotonic()
+            waited = first_requests(18242, host, tasks)
+            first_seconds = time.monotonic() - begun
+            minted = mints() - minted_before
+            rss_tasks = rss_mib(process.pid)
+            per = {}
+            for label, task_for in (("no task id", lambda i: None), (f"a task id, over {tasks:,} live", lambda i: f"task-{(i * 7) % tasks}")):
+                for _ in range(2):  # the second round is the one kept: caches warm
+                    before = cpu_seconds(process.pid)
+                    seen = requests_through(18242, host, REQUESTS, task_for)
+                    assert seen == {200: REQUESTS}, seen
+                    per[label] = (cpu_seconds(process.pid) - before) / REQUESTS * 1e6
+            time.sleep(1)
+            idle_before = cpu_seconds(process.pid)
+            time.sleep(rest)
+            idle_tasks = (cpu_seconds(process.pid) - idle_before) / rest
+            status = get("http://127.0.0.1:18243/status")
+        finally:
+            stop(process)
+    print(f"\n{title}\n")
+    print("| measurement | figure |\n|---|---|")
+    mint_note = f"{minted:,} mints" if minted else "each a session"
+    print(f"| first request of {tasks:,} tasks, one after another (each mints) | {first_seconds:.2f} s, {mint_note}, {waited} waits on the mint rate |")
+    print(f"| RSS: before the tasks / with {tasks:,} live | {rss_none:.1f} / {rss_tasks:.1f} MiB ({(rss_tasks - rss_none) * 1024 / tasks:.2f} KiB per task) |")
+    for label, micros in per.items():
+        print(f"| keystamp CPU per request, {label} | {micros:.0f} µs |")
+    print(f"| keystamp CPU at rest: before the tasks / with {tasks:,} live | {idle_none * 1000:.3f} / {idle_tasks * 1000:.3f} ms per second |")
+    live = sum(int(n) for n in re.findall(rb'"live_task_tokens":(\d+)', status))
+    print(f"| live task tokens /status reports at the end | {live:,} |")
+
+
+def github_part(binary, work):
     tasks = 1000
     server = ThreadingServer(("127.0.0.1", 0), FakeGithub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     key = os.path.join(work, "app.pem")
     subprocess.run(["openssl", "genrsa", "-traditional", "-out", key, "2048"], check=True, capture_output=True)
-    config = os.path.join(work, "tasks.yaml")
-    with open(config, "w") as out:
-        out.write(
-            f"""listen: 127.0.0.1:18242
+    body = f"""listen: 127.0.0.1:18242
 admin: 127.0.0.1:18243
 ca: {{ generate: true }}
 audit: {{ output: off }}
@@ -241,49 +311,71 @@ credentials:
 routes:
   - {{ host: api.github.test, credential: gh, inject: {{ type: bearer }}, tls_only: false }}
 """
-        )
-    with open(os.path.join(work, "tasks.log"), "ab") as log:
-        process = start(binary, config, work, log)
-        try:
-            wait_ready("127.0.0.1:18243", process)
-            warm = requests_through(18242, 200, lambda i: None)
-            assert warm == {200: 200}, warm
-            time.sleep(1)
-            rest = 10
-            idle_before = cpu_seconds(process.pid)
-            time.sleep(rest)
-            idle_none = (cpu_seconds(process.pid) - idle_before) / rest
-            rss_none = rss_mib(process.pid)
-            begun = time.monotonic()
-            first = requests_through(18242, tasks, lambda i: f"task-{i}")
-            first_seconds = time.monotonic() - begun
-            assert first == {200: tasks}, first
-            minted = FakeGithub.minted
-            rss_tasks = rss_mib(process.pid)
-            per = {}
-            for label, task_for in (("shared token", lambda i: None), (f"{tasks} live task tokens", lambda i: f"task-{(i * 7) % tasks}")):
-                for _ in range(2):  # the second round is the one kept: caches warm
-                    before = cpu_seconds(process.pid)
-                    seen = requests_through(18242, 5000, task_for)
-                    assert seen == {200: 5000}, seen
-                    per[label] = (cpu_seconds(process.pid) - before) / 5000 * 1e6
-            time.sleep(1)
-            idle_before = cpu_seconds(process.pid)
-            time.sleep(rest)
-            idle_tasks = (cpu_seconds(process.pid) - idle_before) / rest
-            status = get("http://127.0.0.1:18243/status")
-        finally:
-            stop(process)
-            server.shutdown()
-    print(f"\n{tasks:,} per-task GitHub tokens (fake GitHub on loopback, plain-HTTP route)\n")
-    print("| measurement | figure |\n|---|---|")
-    print(f"| first request of {tasks:,} tasks, one after another (each mints) | {first_seconds:.2f} s, {minted - 1:,} mints |")
-    print(f"| RSS: shared token only / with {tasks:,} live task tokens | {rss_none:.1f} / {rss_tasks:.1f} MiB ({(rss_tasks - rss_none) * 1024 / tasks:.2f} KiB per task) |")
-    for label, micros in per.items():
-        print(f"| keystamp CPU per request, {label} | {micros:.0f} µs |")
-    print(f"| keystamp CPU at rest: no tasks / {tasks:,} live task tokens | {idle_none * 1000:.3f} / {idle_tasks * 1000:.3f} ms per second |")
-    live = sum(int(n) for n in re.findall(rb'"live_task_tokens":(\d+)', status))
-    print(f"| live task tokens /status reports at the end | {live:,} |")
+    try:
+        title = f"{tasks:,} per-task GitHub tokens (fake GitHub on loopback, plain-HTTP route)"
+        measure_tasks(binary, work, title, body, "api.github.test", tasks, lambda: FakeGithub.minted)
+    finally:
+        server.shutdown()
+
+
+def sts_part(binary, work):
+    """Per-caller STS sessions (`session_name: ks-{task}`) minted by a real moto server behind TLS."""
+    moto = os.environ.get("MOTO_SERVER") or os.path.join(ROOT, "target", "client-deps", "venv", "bin", "moto_server")
+    if not os.path.exists(moto):
+        print("\nSTS sessions: skipped (no moto_server; ./scripts/test installs it, or set MOTO_SERVER)")
+        return
+    for args in (
+        ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "sts-ca.key", "-out", "sts-ca.crt", "-days", "2", "-subj", "/CN=bench-sts-ca"],
+        ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "sts.key", "-out", "sts.csr", "-subj", "/CN=sts.bench.test"],
+    ):
+        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True)
+    with open(os.path.join(work, "sts.ext"), "w") as ext:
+        ext.write("subjectAltName=DNS:sts.bench.test\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", "sts.csr", "-CA", "sts-ca.crt", "-CAkey", "sts-ca.key", "-CAcreateserial", "-out", "sts.crt", "-days", "2", "-extfile", "sts.ext"], cwd=work, check=True, capture_output=True)
+    moto_port = 18244
+    sts = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(moto_port), "-c", "sts.crt", "-k", "sts.key"], cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = ThreadingServer(("127.0.0.1", 0), FakeGithub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    for name, value in (("aws-id", "AKIABENCHBENCHBENCH0\n"), ("aws-secret", "benchbenchbenchbenchbenchbenchbenchbench\n")):
+        with open(os.path.join(work, name), "w") as out:
+            out.write(value)
+    # One agent holds at most 32 live sessions (max_tasks_per_agent's default; the aws source has
+    # no key to raise it), 256 per credential, minted at most 2 a second.
+    tasks = int(os.environ.get("STS_TASKS", "30"))
+    body = f"""listen: 127.0.0.1:18242
+admin: 127.0.0.1:18243
+ca: {{ generate: true }}
+audit: {{ output: off }}
+egress: {{ allow_cidrs: [127.0.0.0/8] }}
+upstream_tls: {{ extra_roots: [./sts-ca.crt] }}
+resolve:
+  'data.bench.test:80': 127.0.0.1:{port}
+  'sts.bench.test:{moto_port}': 127.0.0.1:{moto_port}
+credentials:
+  data:
+    source:
+      aws:
+        access_key_id: {{ file: ./aws-id }}
+        secret_access_key: {{ file: ./aws-secret }}
+        assume_role: {{ role_arn: "arn:aws:iam::123456789012:role/agents", session_name: "ks-{{task}}", duration: 1h }}
+        sts_endpoint: https://sts.bench.test:{moto_port}/
+routes:
+  - {{ host: data.bench.test, credential: data, inject: {{ type: aws_sigv4, service: s3, region: us-east-1 }}, tls_only: false }}
+"""
+    try:
+        for _ in range(100):
+            try:
+                socketserver.socket.create_connection(("127.0.0.1", moto_port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        title = f"{tasks:,} per-caller STS sessions of one agent (a real moto server behind TLS, plain-HTTP SigV4 route)"
+        measure_tasks(binary, work, title, body, "data.bench.test", tasks, lambda: 0)
+    finally:
+        server.shutdown()
+        sts.terminate()
+        sts.wait(timeout=10)
 
 
 def noise_gauge():
@@ -319,7 +411,9 @@ def main():
         if part in ("all", "credentials"):
             credentials_part(binaries, work)
         if part in ("all", "tasks"):
-            tasks_part(BINARY, work)
+            github_part(BINARY, work)
+        if part in ("all", "tasks", "sts"):
+            sts_part(BINARY, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
