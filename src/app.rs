@@ -139,19 +139,8 @@ impl App {
             }
             None => None,
         };
-        // Written only once both listeners are bound: an instance that fails to start must not
-        // replace the CA file of the one that is running.
-        if let Some(path) = &config.ca.cert_out {
-            write_atomically(path, ca_pem.as_bytes())
-                .with_context(|| writable_hint("the CA certificate", path))?;
-            tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
-        }
-        if let Some(path) = &config.ca.bundle_out {
-            write_atomically(path, combined_bundle(&ca_pem).as_bytes())
-                .with_context(|| writable_hint("the CA bundle", path))?;
-            tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
-        }
         let (routes, shutdown_grace) = (config.routes.len(), config.shutdown_grace);
+        let (cert_out, bundle_out) = (config.ca.cert_out.clone(), config.ca.bundle_out.clone());
         // The first load happens here, before anything is served; the config is the
         // reloader's from now on (10,000 credentials made a clone of it 19 MiB).
         let reloader = Reloader::start(
@@ -171,6 +160,19 @@ impl App {
             fleet_refreshes,
         )
         .await;
+        // Written only once both listeners are bound (an instance that fails to start must not
+        // replace the CA file of the one that is running) and the first load is done: an agent
+        // or a test that waits for the file then finds every credential loaded.
+        if let Some(path) = &cert_out {
+            write_atomically(path, ca_pem.as_bytes())
+                .with_context(|| writable_hint("the CA certificate", path))?;
+            tracing::info!(path = %path.display(), "CA certificate written for agents to trust");
+        }
+        if let Some(path) = &bundle_out {
+            write_atomically(path, combined_bundle(&ca_pem).as_bytes())
+                .with_context(|| writable_hint("the CA bundle", path))?;
+            tracing::info!(path = %path.display(), "system roots plus the CA written as one bundle");
+        }
         // Tracked, so shutdown waits while it revokes per-task tokens.
         state.tasks.spawn(reloader.run());
         tokio::spawn(proxy::serve(listener, state.clone()));
