@@ -57,7 +57,14 @@ fn bump(counters: &[AtomicU64], labels: &[&str], label: &str) {
 impl CredentialCounters {
     /// The upstream said the credential is bad (`401` or `403`).
     pub fn auth_failure(&self, status: u16) {
-        bump(&self.auth_failures, &AUTH_STATUSES, &status.to_string());
+        let index = match status {
+            401 => 0,
+            403 => 1,
+            _ => return,
+        };
+        if let Some(counter) = self.auth_failures.get(index) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The breaker moved to `to` (`open`, `half_open`, `closed`), whose gauge value is `value`.
@@ -109,58 +116,130 @@ pub struct CredentialSeries {
     zeros: bool,
 }
 
-/// How one family is described and which of a credential's values it shows.
+/// How one family is described, and how it writes one credential's lines.
 struct Family {
     name: &'static str,
     kind: &'static str,
     help: &'static str,
+    write: fn(&Lines<'_>, &mut String, &CredentialCounters),
 }
 
+/// One credential's lines of one family: the family, the credential's escaped name, and
+/// whether counters that never moved are written.
+struct Lines<'a> {
+    family: &'static str,
+    credential: &'a str,
+    zeros: bool,
+}
+
+impl Lines<'_> {
+    /// `family{labels} value`, the credential's label and `extra` in label-name order (as the
+    /// prometheus crate writes them).
+    fn line(&self, out: &mut String, extra: Option<(&str, &str)>, value: impl std::fmt::Display) {
+        let (family, credential) = (self.family, self.credential);
+        let _ = match extra {
+            None => writeln!(out, "{family}{{credential=\"{credential}\"}} {value}"),
+            Some((label, text)) if label < "credential" => writeln!(
+                out,
+                "{family}{{{label}=\"{text}\",credential=\"{credential}\"}} {value}"
+            ),
+            Some((label, text)) => writeln!(
+                out,
+                "{family}{{credential=\"{credential}\",{label}=\"{text}\"}} {value}"
+            ),
+        };
+    }
+
+    /// A counter: skipped at zero unless zeros are written.
+    fn counter(&self, out: &mut String, extra: Option<(&str, &str)>, value: &AtomicU64) {
+        let value = value.load(Ordering::Relaxed);
+        if self.zeros || value > 0 {
+            self.line(out, extra, value);
+        }
+    }
+
+    /// One counter per label value, `label` naming them.
+    fn counters(&self, out: &mut String, label: &str, values: &[&str], counters: &[AtomicU64]) {
+        for (text, value) in values.iter().zip(counters) {
+            self.counter(out, Some((label, text)), value);
+        }
+    }
+}
+
+fn version(counters: &CredentialCounters) -> std::sync::MutexGuard<'_, VersionSeries> {
+    counters
+        .version
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sorted by name, as the registry writes its families.
 const FAMILIES: [Family; 9] = [
     Family {
         name: "keystamp_auth_failures_total",
         kind: "counter",
         help: "Upstream answers that said the credential itself is bad.",
+        write: |lines, out, c| lines.counters(out, "status", &AUTH_STATUSES, &c.auth_failures),
     },
     Family {
         name: "keystamp_breaker_manual_actions_total",
         kind: "counter",
         help: "Breakers forced open or closed by an operator through the admin listener.",
+        write: |lines, out, c| lines.counters(out, "action", &MANUAL_ACTIONS, &c.manual),
     },
     Family {
         name: "keystamp_breaker_state",
         kind: "gauge",
         help: "Auth circuit breaker per credential: 0 closed, 1 open, 2 half-open.",
+        write: |lines, out, c| lines.line(out, None, c.breaker_state.load(Ordering::Relaxed)),
     },
     Family {
         name: "keystamp_breaker_transitions_total",
         kind: "counter",
         help: "Breaker state changes per credential.",
+        write: |lines, out, c| lines.counters(out, "to", &BREAKER_STATES, &c.transitions),
     },
     Family {
         name: "keystamp_credential_expiry_timestamp_seconds",
         kind: "gauge",
         help: "When the current version of a credential expires (Unix time).",
+        write: |lines, out, c| {
+            if let Some(at) = version(c).expires_at {
+                lines.line(out, None, at);
+            }
+        },
     },
     Family {
         name: "keystamp_credential_reloads_total",
         kind: "counter",
         help: "Credential reads by result: changed, unchanged, error.",
+        write: |lines, out, c| lines.counters(out, "result", &READ_RESULTS, &c.reads),
     },
     Family {
         name: "keystamp_credential_store_polls_total",
         kind: "counter",
         help: "Polls of a secret store (vault) by result: changed, unchanged, error.",
+        write: |lines, out, c| {
+            if let Some(polls) = &c.polls {
+                lines.counters(out, "result", &READ_RESULTS, polls);
+            }
+        },
     },
     Family {
         name: "keystamp_credential_version_info",
         kind: "gauge",
         help: "The fingerprint of each credential's current version (value 1).",
+        write: |lines, out, c| {
+            if let Some(fingerprint) = &version(c).fingerprint {
+                lines.line(out, Some(("fingerprint", &escape(fingerprint))), 1);
+            }
+        },
     },
     Family {
         name: "keystamp_rate_limited_total",
         kind: "counter",
         help: "Requests keystamp answered 429 itself: over the credential's rate limit or held after an upstream 429.",
+        write: |lines, out, c| lines.counter(out, None, &c.rate_limited),
     },
 ];
 
@@ -221,108 +300,23 @@ impl CredentialSeries {
             .iter()
             .map(|(name, counters)| (name.clone(), counters.clone()))
             .collect();
-        for (index, family) in FAMILIES.iter().enumerate() {
+        let names: Vec<_> = table.iter().map(|(name, _)| escape(name)).collect();
+        for family in &FAMILIES {
             let start = out.len();
             let _ = writeln!(out, "# HELP {} {}", family.name, family.help);
             let _ = writeln!(out, "# TYPE {} {}", family.name, family.kind);
             let header = out.len();
-            for (name, counters) in &table {
-                self.write_family(out, index, family.name, &escape(name), counters);
+            for (name, (_, counters)) in names.iter().zip(&table) {
+                let lines = Lines {
+                    family: family.name,
+                    credential: name,
+                    zeros: self.zeros,
+                };
+                (family.write)(&lines, out, counters);
             }
             if out.len() == header {
                 out.truncate(start);
             }
-        }
-    }
-
-    fn write_family(
-        &self,
-        out: &mut String,
-        index: usize,
-        family: &str,
-        name: &str,
-        counters: &CredentialCounters,
-    ) {
-        let counter = |out: &mut String, labels: std::fmt::Arguments<'_>, value: &AtomicU64| {
-            let value = value.load(Ordering::Relaxed);
-            if self.zeros || value > 0 {
-                let _ = writeln!(out, "{family}{{{labels}}} {value}");
-            }
-        };
-        match index {
-            0 => {
-                for (status, value) in AUTH_STATUSES.iter().zip(&counters.auth_failures) {
-                    counter(
-                        out,
-                        format_args!("credential=\"{name}\",status=\"{status}\""),
-                        value,
-                    );
-                }
-            }
-            1 => {
-                for (action, value) in MANUAL_ACTIONS.iter().zip(&counters.manual) {
-                    counter(
-                        out,
-                        format_args!("action=\"{action}\",credential=\"{name}\""),
-                        value,
-                    );
-                }
-            }
-            2 => {
-                let state = counters.breaker_state.load(Ordering::Relaxed);
-                let _ = writeln!(out, "{family}{{credential=\"{name}\"}} {state}");
-            }
-            3 => {
-                for (to, value) in BREAKER_STATES.iter().zip(&counters.transitions) {
-                    counter(
-                        out,
-                        format_args!("credential=\"{name}\",to=\"{to}\""),
-                        value,
-                    );
-                }
-            }
-            4 => {
-                let version = counters
-                    .version
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if let Some(at) = version.expires_at {
-                    let _ = writeln!(out, "{family}{{credential=\"{name}\"}} {at}");
-                }
-            }
-            5 | 6 => {
-                let results = if index == 5 {
-                    Some(&counters.reads)
-                } else {
-                    counters.polls.as_ref()
-                };
-                for (result, value) in results.into_iter().flat_map(|r| READ_RESULTS.iter().zip(r))
-                {
-                    counter(
-                        out,
-                        format_args!("credential=\"{name}\",result=\"{result}\""),
-                        value,
-                    );
-                }
-            }
-            7 => {
-                let version = counters
-                    .version
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if let Some(fingerprint) = &version.fingerprint {
-                    let _ = writeln!(
-                        out,
-                        "{family}{{credential=\"{name}\",fingerprint=\"{}\"}} 1",
-                        escape(fingerprint)
-                    );
-                }
-            }
-            _ => counter(
-                out,
-                format_args!("credential=\"{name}\""),
-                &counters.rate_limited,
-            ),
         }
     }
 }
