@@ -62,9 +62,10 @@ impl std::fmt::Debug for Limits {
     }
 }
 
-/// The clock rate-limit waits are measured on. One per process: building one calibrates the
-/// TSC (a few microseconds of `cpuid`), which 10,000 credentials paid 10,000 times at start-up.
-fn clock() -> &'static DefaultClock {
+/// The clock rate-limit waits are measured on (the mint rate of task tokens too). One per
+/// process: building one calibrates the TSC (a few microseconds of `cpuid`), which 10,000
+/// credentials paid 10,000 times at start-up.
+pub(crate) fn clock() -> &'static DefaultClock {
     static CLOCK: std::sync::OnceLock<DefaultClock> = std::sync::OnceLock::new();
     CLOCK.get_or_init(DefaultClock::default)
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use lru::LruCache;
 use tokio::sync::OnceCell;
@@ -151,7 +151,6 @@ pub struct TaskTokens {
     live: Mutex<LruCache<TaskKey, Slot>>,
     retired: Mutex<Vec<Retired>>,
     mint_rate: DefaultDirectRateLimiter,
-    clock: DefaultClock,
     /// The provider's clock minus keystamp's at the last mint (`i64::MIN`: not known).
     skew_seconds: AtomicI64,
 }
@@ -185,7 +184,6 @@ impl TaskTokens {
             live: Mutex::new(LruCache::new(capacity)),
             retired: Mutex::new(Vec::new()),
             mint_rate: RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst)),
-            clock: DefaultClock::default(),
             skew_seconds: AtomicI64::new(i64::MIN),
         })
     }
@@ -290,7 +288,7 @@ impl TaskTokens {
         if let Err(not_until) = self.mint_rate.check() {
             return Err(MintError::Limited {
                 why: "the credential's mint_rate is spent",
-                retry_after: not_until.wait_time_from(self.clock.now()),
+                retry_after: not_until.wait_time_from(crate::limits::clock().now()),
             });
         }
         if let Some(old) = live.pop(key) {
