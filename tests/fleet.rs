@@ -374,17 +374,43 @@ async fn a_store_outage_leaves_local_protection_and_the_fleet_rejoins() {
     assert!(!pods[0].log().contains(SECRET));
 }
 
+/// `pods` sidecars on one store, credential `key` under a fleet-wide limit of `per_second`
+/// (burst the same), every pod joined; the store and directories live as long as this.
+struct FleetLimited {
+    _store: RedisServer,
+    upstream: TestUpstream,
+    pods: Vec<KeystampProcess>,
+    _dir: tempfile::TempDir,
+    _ca_dir: tempfile::TempDir,
+}
+
+impl FleetLimited {
+    async fn start(pods: usize, per_second: u32) -> Self {
+        let store = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, ca, ca_dir) = tls_upstream().await;
+        let limit =
+            serde_json::json!({ "per_second": per_second, "burst": per_second, "scope": "fleet" });
+        let pods = fleet_with(pods, &upstream, &ca, Some(&store), dir.path(), |config| {
+            config.credential_file("key", serde_json::json!({ "rate_limit": limit.clone() }));
+        });
+        wait_for_store(&pods).await;
+        Self {
+            _store: store,
+            upstream,
+            pods,
+            _dir: dir,
+            _ca_dir: ca_dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
     let _drill = DRILL.read().await;
-    let store = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (upstream, ca, _ca_dir) = tls_upstream().await;
-    let pods = fleet_with(5, &upstream, &ca, Some(&store), dir.path(), |config| {
-        let limit = serde_json::json!({ "per_second": 40, "burst": 40, "scope": "fleet" });
-        config.credential_file("key", serde_json::json!({ "rate_limit": limit }));
-    });
-    wait_for_store(&pods).await;
+    // Held whole: the store and directories must outlive the test.
+    let rig = FleetLimited::start(5, 40).await;
+    let (upstream, pods) = (&rig.upstream, &rig.pods);
     // Let every pod take its first tokens, and the bucket fill.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = upstream.seen.count();
@@ -417,15 +443,8 @@ async fn a_fleet_wide_rate_limit_holds_across_five_pods() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_after_a_quiet_spell_is_served_from_the_fleet_bucket_not_refused() {
     let _drill = DRILL.read().await;
-    let store = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (upstream, ca, _ca_dir) = tls_upstream().await;
-    let pods = fleet_with(1, &upstream, &ca, Some(&store), dir.path(), |config| {
-        let limit = serde_json::json!({ "per_second": 1000, "burst": 1000, "scope": "fleet" });
-        config.credential_file("key", serde_json::json!({ "rate_limit": limit }));
-    });
-    wait_for_store(&pods).await;
-    let client = pods[0].client();
+    let rig = FleetLimited::start(1, 1000).await;
+    let client = rig.pods[0].client();
     let get = |client: reqwest::Client| async move {
         client
             .get("https://api.example.test/q")
