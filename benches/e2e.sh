@@ -22,6 +22,7 @@
 #   KS_BASELINE=/path/to/older/keystamp benches/e2e.sh   # also an older build, same config, same run
 #   FLEET=1 benches/e2e.sh    # also keystamp with fleet: on (starts redis-server on 127.0.0.1:18150)
 #   ROUNDS=3 benches/e2e.sh   # every case three times, interleaved; medians reported
+#   HOLD=1 benches/e2e.sh     # start everything and wait: profile one proxy by hand
 #
 # Needs: oha (cargo install oha --locked), the peer rig (../shared/peers/up.sh, started here).
 set -euo pipefail
@@ -174,6 +175,14 @@ for port in 18160 18161; do
   done
   [ "$got" = "auth=Bearer bench-secret" ] || { echo "the anchor on :$port did not stamp: $got" >&2; exit 1; }
 done
+
+# HOLD=1: start everything, print how to reach each proxy, and wait (for perf, strace, a profiler).
+if [ -n "${HOLD:-}" ]; then
+  echo "keystamp pid $ks_pid (-x $KS_PROXY --cacert $KS_CA), quiet pid $quiet_pid (-x http://127.0.0.1:18142 --cacert $work/ca-quiet.crt)"
+  echo "nginx pid $(cat "$work/nginx.pid") (--connect-to $upstream_authority:127.0.0.1:18160 --cacert $work/anchor-ca.crt), haproxy pid $haproxy_pid (:18161)"
+  echo "upstream $UPSTREAM_URL; holding until interrupted"
+  sleep infinity & wait $!
+fi
 
 # CPU time of a process and all its descendants (utime + stime, and reaped children's), in ticks.
 clk_tck=$(getconf CLK_TCK)

@@ -35,8 +35,8 @@ trap 'kill $pid 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 mkdir -p "$work/secrets"
 printf 'bench-secret\n' >"$work/secrets/token"
 cat >"$work/keystamp.yaml" <<YAML
-listen: 127.0.0.1:18160
-admin: 127.0.0.1:18161
+listen: 127.0.0.1:18176
+admin: 127.0.0.1:18177
 ca: { generate: true, cert_out: ./ca.crt }
 unmatched: deny
 egress: { allow_cidrs: [127.0.0.0/8] }
@@ -48,19 +48,19 @@ routes:
   - { host: upstream.test, credential: bench, inject: { type: bearer } }
 YAML
 
-# launch LABEL [WRAPPER...] -> starts LABEL's proxy on port 18160 (keystamp) or 18171 (the peer)
+# launch LABEL [WRAPPER...] -> starts LABEL's proxy on port 18176 (keystamp) or 18178 (the peer)
 # under WRAPPER, sets pid, proxy and ca.
 launch() {
   local label=$1; shift
   rm -f "$work/ca.crt" "$work/hudca.crt"
   case $label in
     hudsucker)
-      "$@" "$hud_binary" 127.0.0.1:18171 "$UPSTREAM_CA" "$work/hudca.crt" upstream.test \
+      "$@" "$hud_binary" 127.0.0.1:18178 "$UPSTREAM_CA" "$work/hudca.crt" upstream.test \
         "Bearer bench-secret" >"$work/$label.log" 2>&1 &
-      pid=$! proxy=http://127.0.0.1:18171 ca=$work/hudca.crt ;;
+      pid=$! proxy=http://127.0.0.1:18178 ca=$work/hudca.crt ;;
     *)
       RUST_LOG=warn "$@" "${binaries[$label]}" run --config "$work/keystamp.yaml" 2>"$work/$label.log" &
-      pid=$! proxy=http://127.0.0.1:18160 ca=$work/ca.crt ;;
+      pid=$! proxy=http://127.0.0.1:18176 ca=$work/ca.crt ;;
   esac
   for _ in $(seq 600); do
     [ -s "$ca" ] && curl -sf --cacert "$ca" -x "$proxy" "$UPSTREAM_URL" >/dev/null 2>&1 && break

@@ -98,12 +98,12 @@ impl Echoes {
     fn redacted(&self, bytes: &[u8]) -> Option<Vec<u8>> {
         let mut found: Vec<(usize, usize)> = Vec::new();
         for literal in &self.literal {
-            found.extend(occurrences(bytes, literal));
+            find_occurrences(&mut found, bytes, literal);
         }
         let escaped = memchr::memchr(b'%', bytes).is_some();
         let plus = memchr::memchr(b'+', bytes).is_some();
         for part in self.plain() {
-            found.extend(occurrences(bytes, part));
+            find_occurrences(&mut found, bytes, part);
             if escaped {
                 found.extend(decoded_occurrences(bytes, part, false));
             }
@@ -132,12 +132,37 @@ impl Echoes {
     }
 }
 
-/// Byte ranges of `needle` in `haystack`, non-overlapping, left to right.
-fn occurrences<'a>(
-    haystack: &'a [u8],
-    needle: &'a [u8],
-) -> impl Iterator<Item = (usize, usize)> + 'a {
-    memmem::find_iter(haystack, needle).map(move |start| (start, start + needle.len()))
+/// Up to this length a header value is searched for by the needle's first byte (`memchr`) and a
+/// comparison at each hit: building a `memmem` finder, once per value and form on every
+/// response, cost more than the search itself (6 % of a keep-alive request's instructions).
+/// Past it, the finder's worst case stays linear whatever the upstream sends.
+const SHORT_HAYSTACK: usize = 512;
+
+/// Adds the byte ranges of `needle` in `haystack` to `found`: non-overlapping, left to right.
+fn find_occurrences(found: &mut Vec<(usize, usize)>, haystack: &[u8], needle: &[u8]) {
+    let Some(&first) = needle.first() else { return };
+    if haystack.len() < needle.len() {
+        return;
+    }
+    if haystack.len() > SHORT_HAYSTACK {
+        found
+            .extend(memmem::find_iter(haystack, needle).map(|start| (start, start + needle.len())));
+        return;
+    }
+    let mut from = 0;
+    while let Some(offset) = haystack
+        .get(from..)
+        .and_then(|rest| memchr::memchr(first, rest))
+    {
+        let start = from + offset;
+        let end = start + needle.len();
+        if haystack.get(start..end) == Some(needle) {
+            found.push((start, end));
+            from = end;
+        } else {
+            from = start + 1;
+        }
+    }
 }
 
 /// Ranges of `haystack` that percent-decode (and with `plus_as_space`, form-decode) to `needle`,
@@ -169,8 +194,11 @@ fn decoded_occurrences(haystack: &[u8], needle: &[u8], plus_as_space: bool) -> V
         }
     }
     starts.push(at);
-    memmem::find_iter(&decoded, needle)
-        .filter_map(|start| Some((*starts.get(start)?, *starts.get(start + needle.len())?)))
+    let mut in_decoded = Vec::new();
+    find_occurrences(&mut in_decoded, &decoded, needle);
+    in_decoded
+        .into_iter()
+        .filter_map(|(start, end)| Some((*starts.get(start)?, *starts.get(end)?)))
         .collect()
 }
 
@@ -273,5 +301,29 @@ mod tests {
             Echoes::of_value(&Secret::new("sk-live-123456")).redacted(b"nothing%20here"),
             None
         );
+    }
+
+    #[test]
+    fn short_and_long_values_are_searched_alike() {
+        let needle = b"sk-sk-sk";
+        let mut cases: Vec<Vec<u8>> = vec![
+            b"sk-sk-sk-sk-sk".to_vec(),
+            b"xsk-sk-sk-sk-sk-sk-skx".to_vec(),
+            b"sk-sk-s".to_vec(),
+            b"sk-sk-sk".to_vec(),
+        ];
+        for len in [SHORT_HAYSTACK - 3, SHORT_HAYSTACK + 5] {
+            let mut long = b"s".repeat(len - 16);
+            long.extend_from_slice(b"sk-sk-sk-sk-sk-s");
+            cases.push(long);
+        }
+        for haystack in cases {
+            let mut ours = Vec::new();
+            find_occurrences(&mut ours, &haystack, needle);
+            let memmem: Vec<_> = memmem::find_iter(&haystack, needle)
+                .map(|start| (start, start + needle.len()))
+                .collect();
+            assert_eq!(ours, memmem, "{}", String::from_utf8_lossy(&haystack));
+        }
     }
 }

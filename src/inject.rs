@@ -76,13 +76,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("trailers"));
     // Only the names the message carries are removed: most responses carry just
     // `Connection: keep-alive`, and a hashed removal per absent name cost more than the rest.
-    let connection = headers.get_all(header::CONNECTION);
+    // The `Connection` tokens are split once, not once per header name.
+    let named: Vec<&str> = connection_tokens(headers).collect();
     let listed = |name: &HeaderName| {
-        connection
+        named
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| name.as_str().eq_ignore_ascii_case(token.trim()))
+            .any(|token| name.as_str().eq_ignore_ascii_case(token))
     };
     let doomed: Vec<HeaderName> = headers
         .keys()

@@ -78,16 +78,12 @@ pub async fn handle(
                 }
             };
             let on_upgrade = hyper::upgrade::on(request);
-            state
-                .tasks
-                .spawn(tunnel(state.clone(), on_upgrade, upstream, record));
+            state.spawn_connection(tunnel(state.clone(), on_upgrade, upstream, record));
             Response::new(body::empty())
         }
         ConnectDecision::Intercept => {
             let on_upgrade = hyper::upgrade::on(request);
-            state
-                .tasks
-                .spawn(intercept(state.clone(), on_upgrade, host, port, agent));
+            state.spawn_connection(intercept(state.clone(), on_upgrade, host, port, agent));
             Response::new(body::empty())
         }
     }

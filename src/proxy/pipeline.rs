@@ -986,7 +986,7 @@ fn splice_upgrade(
     agent: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
 ) {
-    state.tasks.spawn(async move {
+    state.spawn_connection(async move {
         let (agent, upstream) = match tokio::try_join!(agent, upstream) {
             Ok(pair) => pair,
             Err(error) => {

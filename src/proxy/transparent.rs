@@ -60,9 +60,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
             continue;
         };
         let connection_state = state.clone();
-        state.tasks.spawn(async move {
-            handle(connection_state, stream, original).await;
-        });
+        state.spawn_connection(handle(connection_state, stream, original));
     }
 }
 
