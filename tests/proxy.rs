@@ -560,6 +560,104 @@ async fn host_mismatch_inside_an_intercepted_connection_is_421() {
     );
 }
 
+/// An agent socket that sends its first write (the ClientHello) in the same segment as a
+/// `CONNECT`, without waiting for the 200, and skips the 200's head when it reads.
+struct ConnectInFront {
+    tcp: tokio::net::TcpStream,
+    connect: Option<Vec<u8>>,
+    head: Vec<u8>,
+}
+
+impl tokio::io::AsyncWrite for ConnectInFront {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(connect) = this.connect.take() {
+            let together = [connect.as_slice(), buf].concat();
+            // One small write on loopback: the kernel takes it whole.
+            let written =
+                std::task::ready!(std::pin::Pin::new(&mut this.tcp).poll_write(cx, &together))?;
+            assert_eq!(written, together.len());
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        std::pin::Pin::new(&mut this.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl tokio::io::AsyncRead for ConnectInFront {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while !this.head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            let mut one = tokio::io::ReadBuf::new(&mut byte);
+            std::task::ready!(std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut one))?;
+            if one.filled().is_empty() {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            this.head.push(byte[0]);
+        }
+        assert!(
+            this.head.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&this.head)
+        );
+        std::pin::Pin::new(&mut this.tcp).poll_read(cx, buf)
+    }
+}
+
+#[tokio::test]
+async fn a_client_hello_sent_behind_the_connect_is_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = rig("deny", true).await;
+    let host = "api.example.test";
+    let tcp = tokio::net::TcpStream::connect(rig.keystamp.app.proxy_addr())
+        .await
+        .unwrap();
+    let agent = ConnectInFront {
+        tcp,
+        connect: Some(
+            format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").into_bytes(),
+        ),
+        head: Vec::new(),
+    };
+    let config = agent_tls_config(rig.keystamp.app.ca_pem(), &[b"http/1.1"]);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let mut tls = connector.connect(name, agent).await.unwrap();
+    tls.write_all(b"GET /early HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(EXAMPLE_SECRET),
+        "stamped credential echoed back: {text}"
+    );
+}
+
 #[tokio::test]
 async fn agent_without_sni_gets_a_leaf_for_the_connect_host() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -15,7 +15,7 @@ use crate::body::{self, ProxyBody};
 use crate::config::Unmatched;
 use crate::error::ProxyError;
 use crate::host::Host;
-use crate::proxy::conn::{serve_until_done, IdleWatch};
+use crate::proxy::conn::{serve_until_done, IdleWatch, TrackedStream};
 use crate::proxy::pipeline::{self, Origin, Via};
 use crate::proxy::sniff::sniff_tls;
 use crate::proxy::sniff::Prefixed;
@@ -197,7 +197,17 @@ async fn intercept(
             return;
         }
     };
-    intercept_stream(state, TokioIo::new(upgraded), host, port, agent, Via::Proxy).await;
+    // The agent's own socket, taken back out of hyper's upgrade wrapper (with any bytes the
+    // agent sent behind the CONNECT): otherwise every read and write in the tunnel goes through
+    // a boxed `dyn Io` and two adapters more.
+    let stream = match upgraded.downcast::<TokioIo<TrackedStream>>() {
+        Ok(parts) => Prefixed::new(parts.read_buf, parts.io.into_inner()),
+        Err(_) => {
+            tracing::error!("the CONNECT connection is not an agent socket; tunnel closed");
+            return;
+        }
+    };
+    intercept_stream(state, stream, host, port, agent, Via::Proxy).await;
 }
 
 /// Terminates the agent's side of a connection to `host:port` (a CONNECT tunnel, or one
