@@ -528,9 +528,22 @@ async fn intercepted_tls(
     connector.connect(name, tcp).await.unwrap()
 }
 
+/// Sends `GET path` for `host` with `Connection: close` and reads the whole answer.
+async fn get_and_close(
+    tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    path: &str,
+    host: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[tokio::test]
 async fn host_mismatch_inside_an_intercepted_connection_is_421() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rig = rig("tunnel", true).await;
     let mut tls = intercepted_tls(
         &rig.keystamp,
@@ -539,12 +552,7 @@ async fn host_mismatch_inside_an_intercepted_connection_is_421() {
         &[b"http/1.1"],
     )
     .await;
-    tls.write_all(b"GET /x HTTP/1.1\r\nHost: tunnel.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = get_and_close(&mut tls, "/x", "tunnel.test").await;
     assert!(text.starts_with("HTTP/1.1 421"), "{text}");
     assert!(
         text.to_ascii_lowercase()
@@ -628,7 +636,6 @@ impl tokio::io::AsyncRead for ConnectInFront {
 
 #[tokio::test]
 async fn a_client_hello_sent_behind_the_connect_is_not_lost() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rig = rig("deny", true).await;
     let host = "api.example.test";
     let tcp = tokio::net::TcpStream::connect(rig.keystamp.app.proxy_addr())
@@ -645,12 +652,7 @@ async fn a_client_hello_sent_behind_the_connect_is_not_lost() {
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
     let mut tls = connector.connect(name, agent).await.unwrap();
-    tls.write_all(b"GET /early HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = get_and_close(&mut tls, "/early", host).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
         text.contains(EXAMPLE_SECRET),
@@ -660,15 +662,9 @@ async fn a_client_hello_sent_behind_the_connect_is_not_lost() {
 
 #[tokio::test]
 async fn agent_without_sni_gets_a_leaf_for_the_connect_host() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rig = rig("deny", true).await;
     let mut tls = intercepted_tls(&rig.keystamp, "api.example.test", None, &[b"http/1.1"]).await;
-    tls.write_all(b"GET /nosni HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = tls.read_to_end(&mut out).await;
-    let text = String::from_utf8_lossy(&out);
+    let text = get_and_close(&mut tls, "/nosni", "api.example.test").await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
         text.contains(EXAMPLE_SECRET),
