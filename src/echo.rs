@@ -134,7 +134,7 @@ impl Echoes {
 
 /// Up to this length a header value is searched for by the needle's first byte (`memchr`) and a
 /// comparison at each hit: building a `memmem` finder, once per value and form on every
-/// response, cost more than the search itself (6 % of a keep-alive request's instructions).
+/// response, cost more than the search itself (4 % of a keep-alive request's instructions).
 /// Past it, the finder's worst case stays linear whatever the upstream sends.
 const SHORT_HAYSTACK: usize = 512;
 

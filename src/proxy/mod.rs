@@ -61,8 +61,8 @@ pub struct ProxyState {
 impl ProxyState {
     /// Runs a connection's or tunnel's future as a tracked task. The future is boxed first: a
     /// connection's state machine is several KiB (TLS, HTTP and pipeline state inline), and
-    /// unboxed it was copied whole into the task at spawn and again when the task finished, 5 %
-    /// of keystamp's CPU per new connection.
+    /// unboxed it was copied whole into the task at spawn and again when the task finished
+    /// (memmove was 4.4 % of keystamp's CPU per new connection, 3.5 % with the box).
     pub fn spawn_connection(&self, future: impl std::future::Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(Box::pin(future));
     }
