@@ -528,6 +528,15 @@ async fn intercepted_tls(
     connector.connect(name, tcp).await.unwrap()
 }
 
+/// A 200 from the echo upstream that shows the credential keystamp stamped.
+fn assert_stamped_answer(text: &str) {
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains(EXAMPLE_SECRET),
+        "stamped credential echoed back: {text}"
+    );
+}
+
 /// Sends `GET path` for `host` with `Connection: close` and reads the whole answer.
 async fn get_and_close(
     tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
@@ -653,11 +662,7 @@ async fn a_client_hello_sent_behind_the_connect_is_not_lost() {
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
     let mut tls = connector.connect(name, agent).await.unwrap();
     let text = get_and_close(&mut tls, "/early", host).await;
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(
-        text.contains(EXAMPLE_SECRET),
-        "stamped credential echoed back: {text}"
-    );
+    assert_stamped_answer(&text);
 }
 
 #[tokio::test]
@@ -665,11 +670,7 @@ async fn agent_without_sni_gets_a_leaf_for_the_connect_host() {
     let rig = rig("deny", true).await;
     let mut tls = intercepted_tls(&rig.keystamp, "api.example.test", None, &[b"http/1.1"]).await;
     let text = get_and_close(&mut tls, "/nosni", "api.example.test").await;
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(
-        text.contains(EXAMPLE_SECRET),
-        "stamped credential echoed back: {text}"
-    );
+    assert_stamped_answer(&text);
 }
 
 #[tokio::test]
