@@ -551,6 +551,39 @@ async fn get_and_close(
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// keystamp sends the TLS close_notify in the same write as the response the agent announced
+/// as its last: it must still come after every byte of that response (here a stream whose
+/// events are 300 ms apart), and it must come, so the agent sees a clean close.
+#[tokio::test]
+async fn the_tls_close_follows_the_whole_last_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = rig("deny", true).await;
+    for connection in ["close", "keep-alive, Close"] {
+        let mut tls = intercepted_tls(
+            &rig.keystamp,
+            "api.example.test",
+            Some("api.example.test"),
+            &[b"http/1.1"],
+        )
+        .await;
+        let request = format!(
+            "GET /sse HTTP/1.1\r\nHost: api.example.test\r\nConnection: {connection}\r\n\r\n"
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        // rustls reports an end of stream without close_notify as an error.
+        tls.read_to_end(&mut out)
+            .await
+            .unwrap_or_else(|error| panic!("no clean TLS close ({connection}): {error}"));
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(
+            text.contains("data: event-0") && text.contains("data: event-2"),
+            "every event before the close: {text}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn host_mismatch_inside_an_intercepted_connection_is_421() {
     let rig = rig("tunnel", true).await;
