@@ -551,9 +551,9 @@ async fn get_and_close(
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// keystamp sends the TLS close_notify in the same write as the response the agent announced
-/// as its last: it must still come after every byte of that response (here a stream whose
-/// events are 300 ms apart), and it must come, so the agent sees a clean close.
+/// An agent that announces its last request (`Connection: close`) gets the whole response (here
+/// a stream whose events are 300 ms apart) and then a TLS close_notify, so it sees a clean
+/// close rather than a truncation.
 #[tokio::test]
 async fn the_tls_close_follows_the_whole_last_response() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

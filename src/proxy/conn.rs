@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -131,44 +131,27 @@ impl AsyncWrite for TrackedStream {
 }
 
 /// Whether a connection has requests in flight, and since when it has had none. A response
-/// counts as in flight until its body ends, so a long SSE stream is never idle. Also whether
-/// the response the agent announced as its last (`Connection: close`) has ended.
+/// counts as in flight until its body ends, so a long SSE stream is never idle.
 #[derive(Debug)]
 pub struct IdleWatch {
     in_flight: AtomicUsize,
     quiet_since: Mutex<Instant>,
-    last_answered: AtomicBool,
 }
 
 /// One request in flight; dropped when its response body ends.
-pub struct InFlight {
-    watch: Arc<IdleWatch>,
-    last: bool,
-}
+pub struct InFlight(Arc<IdleWatch>);
 
 impl IdleWatch {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             in_flight: AtomicUsize::new(0),
             quiet_since: Mutex::new(Instant::now()),
-            last_answered: AtomicBool::new(false),
         })
     }
 
-    /// A request begins; `last`: the agent said it is the connection's last (HTTP/1.1 with
-    /// `Connection: close`, which makes hyper close the connection after its response).
-    pub fn begin(self: &Arc<Self>, last: bool) -> InFlight {
+    pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight {
-            watch: self.clone(),
-            last,
-        }
-    }
-
-    /// The body of the connection's announced last response has ended: nothing but the
-    /// connection's close follows.
-    pub fn last_answered(&self) -> bool {
-        self.last_answered.load(Ordering::Acquire)
+        InFlight(self.clone())
     }
 
     /// Resolves once the connection has had nothing in flight for `idle`.
@@ -195,11 +178,8 @@ impl IdleWatch {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if self.last {
-            self.watch.last_answered.store(true, Ordering::Release);
-        }
-        if self.watch.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Ok(mut quiet_since) = self.watch.quiet_since.lock() {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut quiet_since) = self.0.quiet_since.lock() {
                 *quiet_since = Instant::now();
             }
         }
@@ -239,21 +219,4 @@ pub async fn serve_until_done<C, E>(
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
     }
-}
-
-/// Whether hyper will close the connection after answering `request`: HTTP/1.1 with a `close`
-/// token in a `Connection` header (hyper's own test, token by token). HTTP/1.0 is left out:
-/// claiming a close hyper would not make would end a live connection's TLS.
-pub fn announces_close<B>(request: &http::Request<B>) -> bool {
-    request.version() == http::Version::HTTP_11
-        && request
-            .headers()
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .any(|value| {
-                value
-                    .split(',')
-                    .any(|token| token.trim().eq_ignore_ascii_case("close"))
-            })
 }

@@ -15,11 +15,10 @@ use crate::body::{self, ProxyBody};
 use crate::config::Unmatched;
 use crate::error::ProxyError;
 use crate::host::Host;
-use crate::proxy::conn::{announces_close, serve_until_done, IdleWatch, TrackedStream};
+use crate::proxy::conn::{serve_until_done, IdleWatch, TrackedStream};
 use crate::proxy::pipeline::{self, Origin, Via};
 use crate::proxy::sniff::sniff_tls;
 use crate::proxy::sniff::Prefixed;
-use crate::proxy::tls_close::CloseWithLastResponse;
 use crate::proxy::ProxyState;
 use crate::time::format_rfc3339;
 use crate::upstream::connect_error;
@@ -240,14 +239,10 @@ pub(super) async fn intercept_stream<S>(
         tracing::debug!(%host, "the CONNECT host cannot be written as a URI authority");
         return;
     };
-    let watch = IdleWatch::new();
     match opened {
         // Plain HTTP inside the tunnel (undici tunnels http:// URLs): served all the same.
-        AgentSide::Plain(stream) => serve_intercepted(state, origin, stream, watch).await,
-        AgentSide::Tls(tls) => {
-            let stream = CloseWithLastResponse::new(*tls, watch.clone());
-            serve_intercepted(state, origin, stream, watch).await
-        }
+        AgentSide::Plain(stream) => serve_intercepted(state, origin, stream).await,
+        AgentSide::Tls(tls) => serve_intercepted(state.clone(), origin, *tls).await,
     }
 }
 
@@ -316,21 +311,18 @@ fn count_agent_handshake_error(state: &ProxyState) {
 }
 
 /// Serves h2 or HTTP/1.1 on the agent's side of an intercepted tunnel.
-async fn serve_intercepted<S>(
-    state: Arc<ProxyState>,
-    origin: Origin,
-    stream: S,
-    idle: Arc<IdleWatch>,
-) where
+async fn serve_intercepted<S>(state: Arc<ProxyState>, origin: Origin, stream: S)
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let shutdown = state.shutdown.clone();
     let timeouts = state.timeouts;
+    let idle = IdleWatch::new();
     let watch = idle.clone();
     let service = service_fn(move |request| {
         let state = state.clone();
         let origin = origin.clone();
-        let in_flight = watch.begin(announces_close(&request));
+        let in_flight = watch.begin();
         async move {
             Ok::<_, std::convert::Infallible>(
                 pipeline::forward(state, origin, request, in_flight).await,

@@ -8,7 +8,6 @@ pub mod connect;
 mod error_code;
 pub mod pipeline;
 mod sniff;
-mod tls_close;
 pub mod transparent;
 
 use std::sync::Arc;
@@ -34,7 +33,7 @@ use crate::telemetry::Telemetry;
 use crate::tls::LeafCache;
 use crate::upstream::Upstream;
 pub use conn::{accept_next, ConnectionCap};
-use conn::{announces_close, serve_until_done, IdleWatch, InFlight};
+use conn::{serve_until_done, IdleWatch, InFlight};
 
 /// State shared by every connection.
 pub struct ProxyState {
@@ -85,7 +84,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ProxyState>) {
             let watch = idle.clone();
             let service = service_fn(move |request| {
                 let state = connection_state.clone();
-                let in_flight = watch.begin(announces_close(&request));
+                let in_flight = watch.begin();
                 async move {
                     Ok::<_, std::convert::Infallible>(
                         route_request(state, request, in_flight).await,

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Unmatched;
 use crate::host::Host;
-use crate::proxy::conn::{accept_next, announces_close, serve_until_done, IdleWatch};
+use crate::proxy::conn::{accept_next, serve_until_done, IdleWatch};
 use crate::proxy::connect::intercept_stream;
 use crate::proxy::pipeline::{self, Origin, Via};
 use crate::proxy::sniff::{Prefixed, TLS_HANDSHAKE};
@@ -253,7 +253,7 @@ where
     let watch = idle.clone();
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
         let state = state.clone();
-        let in_flight = watch.begin(announces_close(&request));
+        let in_flight = watch.begin();
         async move {
             let origin = Origin::AbsoluteForm {
                 agent: None,
