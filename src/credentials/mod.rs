@@ -19,7 +19,7 @@ mod task_tokens;
 mod value;
 mod vault;
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -367,7 +367,7 @@ impl ReadOutcome {
     }
 }
 
-/// All credentials by name.
+/// All credentials by name (foldhash: names come from the config; see `RouteTable`).
 #[derive(Debug, Clone, Default)]
 pub struct CredentialTable {
     by_name: HashMap<Arc<str>, Arc<Credential>>,
