@@ -537,6 +537,19 @@ fn assert_stamped_answer(text: &str) {
     );
 }
 
+/// An intercepted HTTP/1.1 connection to `api.example.test`, its ClientHello naming the host.
+async fn intercepted_api_http1(
+    keystamp: &TestKeystamp,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    intercepted_tls(
+        keystamp,
+        "api.example.test",
+        Some("api.example.test"),
+        &[b"http/1.1"],
+    )
+    .await
+}
+
 /// Sends `GET path` for `host` with `Connection: close` and reads the whole answer.
 async fn get_and_close(
     tls: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
@@ -559,13 +572,7 @@ async fn the_tls_close_follows_the_whole_last_response() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rig = rig("deny", true).await;
     for connection in ["close", "keep-alive, Close"] {
-        let mut tls = intercepted_tls(
-            &rig.keystamp,
-            "api.example.test",
-            Some("api.example.test"),
-            &[b"http/1.1"],
-        )
-        .await;
+        let mut tls = intercepted_api_http1(&rig.keystamp).await;
         let request = format!(
             "GET /sse HTTP/1.1\r\nHost: api.example.test\r\nConnection: {connection}\r\n\r\n"
         );
@@ -587,13 +594,7 @@ async fn the_tls_close_follows_the_whole_last_response() {
 #[tokio::test]
 async fn host_mismatch_inside_an_intercepted_connection_is_421() {
     let rig = rig("tunnel", true).await;
-    let mut tls = intercepted_tls(
-        &rig.keystamp,
-        "api.example.test",
-        Some("api.example.test"),
-        &[b"http/1.1"],
-    )
-    .await;
+    let mut tls = intercepted_api_http1(&rig.keystamp).await;
     let text = get_and_close(&mut tls, "/x", "tunnel.test").await;
     assert!(text.starts_with("HTTP/1.1 421"), "{text}");
     assert!(
@@ -712,13 +713,7 @@ async fn websocket_through_an_intercepted_route_is_stamped_at_the_handshake() {
     use tokio_tungstenite::tungstenite::Message;
     let rig = rig("deny", true).await;
     // WebSocket over HTTP/1.1 Upgrade, even though the upstream also offers h2.
-    let tls = intercepted_tls(
-        &rig.keystamp,
-        "api.example.test",
-        Some("api.example.test"),
-        &[b"http/1.1"],
-    )
-    .await;
+    let tls = intercepted_api_http1(&rig.keystamp).await;
     let (mut ws, response) = tokio_tungstenite::client_async("wss://api.example.test/ws", tls)
         .await
         .unwrap();
