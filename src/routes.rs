@@ -51,8 +51,8 @@ pub enum OutsideScope {
 /// All routes, indexed for lookups that cost a few hash probes whatever the route count. The
 /// maps use foldhash, not SipHash: an agent picks the host looked up but never what the maps
 /// hold (the config does), so there is no collision flood to resist, and every request probes
-/// them (SipHash was ~1.7 % of a keep-alive request's instructions with the credential table
-/// and the upstream pool).
+/// them. (The upstream pool keeps SipHash: with `unmatched: tunnel` an agent's plain-HTTP
+/// requests add hosts of its choosing to it.)
 #[derive(Debug, Default)]
 pub struct RouteTable {
     exact: HashMap<Host, Vec<Arc<Route>>>,

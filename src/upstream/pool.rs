@@ -6,7 +6,7 @@
 //! HTTP/1.1 agent's request stays on HTTP/1.1, which costs less CPU. Which protocol an upstream
 //! speaks is learned from ALPN when a dial offers h2.
 
-use foldhash::HashMap;
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
@@ -203,7 +203,6 @@ struct Inner {
     connector: UpstreamConnector,
     /// Offers HTTP/1.1 only (protocol upgrades).
     http1_connector: UpstreamConnector,
-    /// foldhash: keys are routed upstreams from the config, looked up on every request.
     upstreams: Mutex<HashMap<PoolKey, UpstreamConnections>>,
     idle_timeout: Duration,
     /// From sending a request to its status line; connecting has its own deadline.
@@ -228,7 +227,7 @@ impl Pool {
             inner: Arc::new(Inner {
                 connector,
                 http1_connector,
-                upstreams: Mutex::new(HashMap::default()),
+                upstreams: Mutex::new(HashMap::new()),
                 idle_timeout,
                 response_head_timeout,
                 reaper_started: std::sync::Once::new(),
