@@ -582,6 +582,93 @@ async fn agents_assume_the_role_with_their_own_session_policy_and_name() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn per_caller_sessions_are_capped_by_the_roles_own_keys() {
+    let mut rig = rig().await;
+    let mut aws = static_keys();
+    aws["assume_role"] = serde_json::json!({
+        "role_arn": rig.moto.key("role_arn"),
+        "session_name": "ks-{agent}-{task}",
+        "max_tasks_per_agent": 2,
+        "mint_rate": { "per_second": 100, "burst": 100 },
+    });
+    rig.config
+        .credential("aws-tasks", serde_json::json!({ "source": { "aws": aws } }))
+        .set(
+            "identities",
+            serde_json::json!({
+                "cycler": { "source": { "file": "./secrets/id-cycler" } },
+                "other": { "source": { "file": "./secrets/id-other" } },
+            }),
+        );
+    rig.config.routes.push(serde_json::json!({
+        "host": S3_HOST,
+        "credential": "aws-tasks",
+        "inject": { "type": "aws_sigv4" },
+    }));
+    let (akid, secret) = (
+        rig.moto.key("access_key_id"),
+        rig.moto.key("secret_access_key"),
+    );
+    let keystamp = KeystampProcess::start(
+        &rig.config.yaml(),
+        &[
+            ("akid", &akid),
+            ("sak", &secret),
+            ("id-cycler", "c-token"),
+            ("id-other", "o-token"),
+        ],
+    );
+    let list_for = |client: reqwest::Client, task: &'static str| async move {
+        let response = client
+            .get(format!("https://{S3_HOST}/"))
+            .header("Keystamp-Task", task)
+            .send()
+            .await
+            .unwrap();
+        let code = response
+            .headers()
+            .get("x-keystamp-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (response.status().as_u16(), code)
+    };
+    let cycler = keystamp.agent_client(Some(("cycler", "c-token")));
+    let other = keystamp.agent_client(Some(("other", "o-token")));
+    assert_eq!(list_for(cycler.clone(), "t-0").await, (200, None));
+    assert_eq!(list_for(cycler.clone(), "t-1").await, (200, None));
+    assert_eq!(
+        list_for(cycler.clone(), "t-2").await,
+        (429, Some("mint_limited".to_string())),
+        "a third live session of one agent is past max_tasks_per_agent: 2"
+    );
+    assert_eq!(
+        list_for(cycler.clone(), "t-0").await,
+        (200, None),
+        "a live session keeps working"
+    );
+    assert_eq!(
+        list_for(other.clone(), "t-0").await,
+        (200, None),
+        "the cap is per agent"
+    );
+    let sessions: Vec<String> = rig
+        .front
+        .seen()
+        .iter()
+        .filter(|r| r.host == STS_HOST)
+        .map(Recorded::form)
+        .filter(|form| form.get("Action").map(String::as_str) == Some("AssumeRole"))
+        .map(|form| form["RoleSessionName"].clone())
+        // The credential's own read at load assumes the role as `anonymous`, task `none`.
+        .filter(|name| name != "ks-anonymous-none")
+        .collect();
+    assert_eq!(
+        sessions,
+        ["ks-cycler-t-0", "ks-cycler-t-1", "ks-other-t-0"],
+        "the refused task never reached STS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn web_identity_keys_follow_the_rotating_token_file() {
     let mut rig = rig_with(Moto::start_with(false)).await;
     let role_arn = rig.moto.key("role_arn");

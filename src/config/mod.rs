@@ -306,11 +306,6 @@ pub struct GithubAppSpec {
     pub timeout: Duration,
 }
 
-/// A per-caller AWS session unused this long is dropped (it lapses at its expiry anyway).
-const AWS_SESSION_IDLE: Duration = Duration::from_secs(600);
-/// Per-caller AWS sessions kept at once.
-const AWS_MAX_SESSIONS: usize = 256;
-
 /// Whether a minted credential is one token for every caller, or one per agent and task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MintMode {
@@ -376,6 +371,9 @@ pub struct AssumeRoleSpec {
     /// An inline session policy (JSON): the session gets the intersection with the role's.
     pub policy: Option<String>,
     pub external_id: Option<String>,
+    /// How many per-caller sessions may live and how fast they are minted (used when
+    /// [`per_caller`](Self::per_caller)).
+    pub sessions: TaskTokenSettings,
 }
 
 impl AssumeRoleSpec {
@@ -454,13 +452,7 @@ impl SourceSpec {
                 .assume_role
                 .as_ref()
                 .filter(|role| role.per_caller())
-                .map(|_| TaskTokenSettings {
-                    idle: AWS_SESSION_IDLE,
-                    max_tasks: AWS_MAX_SESSIONS,
-                    max_per_agent: TaskTokenSettings::DEFAULT_MAX_PER_AGENT,
-                    mint_per_second: TaskTokenSettings::DEFAULT_MINT_PER_SECOND,
-                    mint_burst: TaskTokenSettings::DEFAULT_MINT_BURST,
-                }),
+                .map(|role| role.sessions),
             _ => None,
         }
     }

@@ -402,6 +402,15 @@ pub struct RawAssumeRole {
     pub policy: Option<serde_json::Value>,
     #[serde(default)]
     pub external_id: Option<String>,
+    /// Per-caller sessions (a `session_name` naming `{agent}` or `{task}`): as `github_app`'s.
+    #[serde(default)]
+    pub task_idle: Option<String>,
+    #[serde(default)]
+    pub max_tasks: Option<usize>,
+    #[serde(default)]
+    pub max_tasks_per_agent: Option<usize>,
+    #[serde(default)]
+    pub mint_rate: Option<RawMintRate>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,9 +13,11 @@ use crate::host::Host;
 mod hints;
 mod recover;
 mod secrets_manager;
+mod task_limits;
 mod transparent;
 mod vault;
 
+use self::task_limits::TaskLimitKeys;
 use super::locate::{locate, parse_path};
 use super::paths;
 use super::raw::{
@@ -26,7 +28,7 @@ use super::{
     AgentScope, AssumeRoleSpec, AwsBase, AwsSpec, BreakerSettings, CaConfig, CaOrigin, CommandSpec,
     Config, ConfigError, CredentialSpec, FleetConfig, GithubAppSpec, GoogleSpec, HostPattern,
     IdentitySpec, Injection, LimitScope, MintMode, OAuth2Spec, RateLimitSpec, ReloadConfig,
-    RouteSpec, SourceSpec, TaskTokenSettings, Timeouts, Unmatched, ValueFormat,
+    RouteSpec, SourceSpec, Timeouts, Unmatched, ValueFormat,
 };
 
 const DEFAULT_LEAF_CACHE: usize = 1024;
@@ -49,8 +51,6 @@ const AWS_AUTH_FAILURE_CODES: [&str; 5] = [
     "InvalidSignatureException",
     "SignatureDoesNotMatch",
 ];
-const DEFAULT_TASK_IDLE: Duration = Duration::from_secs(600);
-const DEFAULT_MAX_TASKS: usize = 256;
 
 /// Headers keystamp manages itself; a route may not inject into them.
 const RESERVED_HEADERS: &[&str] = &[
@@ -962,46 +962,11 @@ impl Errors<'_> {
                 );
             }
         }
-        let idle = match raw.task_idle.as_deref() {
-            None => Some(DEFAULT_TASK_IDLE),
-            Some(text) => self
-                .duration(&format!("{at}.task_idle"), text)
-                .filter(|d| !d.is_zero())
-                .or_else(|| {
-                    self.push(&format!("{at}.task_idle"), "must be more than zero");
-                    None
-                }),
-        };
-        let max_tasks = raw.max_tasks.unwrap_or(DEFAULT_MAX_TASKS);
-        if max_tasks == 0 {
-            self.push(&format!("{at}.max_tasks"), "must be at least 1");
-        }
-        let max_per_agent = raw
-            .max_tasks_per_agent
-            .unwrap_or(TaskTokenSettings::DEFAULT_MAX_PER_AGENT);
-        if max_per_agent == 0 {
-            self.push(&format!("{at}.max_tasks_per_agent"), "must be at least 1");
-        }
-        let (mint_per_second, mint_burst) = match &raw.mint_rate {
-            None => (
-                TaskTokenSettings::DEFAULT_MINT_PER_SECOND,
-                TaskTokenSettings::DEFAULT_MINT_BURST,
-            ),
-            Some(rate) => (rate.per_second, rate.burst.unwrap_or(rate.per_second)),
-        };
-        if mint_per_second == 0 || mint_burst == 0 {
-            self.push(
-                &format!("{at}.mint_rate"),
-                "per_second and burst must be at least 1",
-            );
-        }
+        let limit_keys = TaskLimitKeys::of_github_app(raw);
+        let limits = self.task_limits(at, &limit_keys);
         let mint = match raw.mint.as_deref() {
             None | Some("shared") => {
-                let per_task_only = raw.task_idle.is_some()
-                    || raw.max_tasks.is_some()
-                    || raw.max_tasks_per_agent.is_some()
-                    || raw.mint_rate.is_some();
-                if per_task_only {
+                if limit_keys.any_set() {
                     self.push(
                         &format!("{at}.mint"),
                         "`task_idle`, `max_tasks`, `max_tasks_per_agent` and `mint_rate` apply to `mint: per_task`",
@@ -1009,15 +974,7 @@ impl Errors<'_> {
                 }
                 Some(MintMode::Shared)
             }
-            Some("per_task") => idle.map(|idle| {
-                MintMode::PerTask(TaskTokenSettings {
-                    idle,
-                    max_tasks,
-                    max_per_agent: max_per_agent.max(1),
-                    mint_per_second: mint_per_second.max(1),
-                    mint_burst: mint_burst.max(1),
-                })
-            }),
+            Some("per_task") => limits.map(MintMode::PerTask),
             Some(_) => {
                 self.push(&format!("{at}.mint"), "must be `shared` or `per_task`");
                 None
@@ -1182,13 +1139,23 @@ impl Errors<'_> {
                         None
                     }
                 };
-                Some(AssumeRoleSpec {
+                let limit_keys = TaskLimitKeys::of_assume_role(role);
+                let sessions = self.task_limits(&at, &limit_keys);
+                let spec = AssumeRoleSpec {
                     role_arn: role.role_arn.clone(),
                     session_name,
                     duration: duration?,
                     policy,
                     external_id: role.external_id.clone(),
-                })
+                    sessions: sessions?,
+                };
+                if limit_keys.any_set() && !spec.per_caller() {
+                    self.push(
+                        &format!("{at}.session_name"),
+                        "`task_idle`, `max_tasks`, `max_tasks_per_agent` and `mint_rate` apply to a session per caller: name `{agent}` or `{task}` here",
+                    );
+                }
+                Some(spec)
             }
         };
         let sts_url = match raw.sts_endpoint.as_deref() {
@@ -1764,6 +1731,31 @@ mod tests {
             let errors = parse(Path::new("/t/k.yaml"), text).unwrap_err();
             assert!(!errors[0].to_string().contains("169838888888"), "{}", errors[0]);
         }
+    }
+
+    #[test]
+    fn aws_sessions_per_caller_take_the_task_limit_keys() {
+        let config = |session_name: &str| {
+            format!(
+                "listen: 127.0.0.1:0\nca: {{ generate: true }}\ncredentials:\n  k:\n    source:\n      aws:\n        \
+                 access_key_id: {{ env: A }}\n        secret_access_key: {{ env: S }}\n        assume_role:\n          \
+                 role_arn: arn:aws:iam::123456789012:role/agents\n          session_name: {session_name}\n          \
+                 max_tasks: 1000\n          max_tasks_per_agent: 1000\n          mint_rate: {{ per_second: 50 }}\n\
+                 routes: []\n"
+            )
+        };
+        let parsed = parse(Path::new("/t/k.yaml"), &config("ks-{task}")).unwrap();
+        let sessions = parsed.credentials["k"].source.per_task().unwrap();
+        assert_eq!((sessions.max_tasks, sessions.max_per_agent), (1000, 1000));
+        assert_eq!((sessions.mint_per_second, sessions.mint_burst), (50, 50));
+        assert_eq!(sessions.idle, Duration::from_secs(600));
+
+        let errors = parse(Path::new("/t/k.yaml"), &config("ks-fixed")).unwrap_err();
+        assert_eq!(
+            errors[0].path,
+            "credentials.k.source.aws.assume_role.session_name"
+        );
+        assert_eq!(errors[0].line, 11, "{}", errors[0]);
     }
 
     #[test]
