@@ -3,6 +3,7 @@
 
   python3 benches/scale.py                 # both parts
   PART=credentials python3 benches/scale.py
+  PART=sts python3 benches/scale.py        # 1,000 per-caller AWS sessions only
   KS_BASELINE=/path/to/older/keystamp python3 benches/scale.py   # the same runs on an older build
 
 credentials: 10,000 file credentials, each with a route. Start-up (process start to /readyz,
@@ -14,8 +15,13 @@ token per POST (no JWT check: the bench prices keystamp, not the fake). 1,000 ta
 their first request, then keystamp's CPU per request is compared with a task id (cycling over the
 1,000 live tokens) and without one (the shared token), its RSS before and after, and its CPU per
 second at rest with 1,000 live tokens (the reloader's refresh and idle sweeps) against at rest
-with none. Figures are printed as a markdown table; this machine is shared, so compare within
-the run.
+with none.
+
+sts (part of tasks; PART=sts alone): the same for 1,000 per-caller AWS sessions
+(`session_name: ks-{task}`) minted by a real moto STS behind TLS (STS_TASKS= for another count),
+the role's `max_tasks`, `max_tasks_per_agent` and `mint_rate` raised to hold them all.
+
+Figures are printed as a markdown table; this machine is shared, so compare within the run.
 """
 
 import http.client
@@ -340,9 +346,9 @@ def sts_part(binary, work):
     for name, value in (("aws-id", "AKIABENCHBENCHBENCH0\n"), ("aws-secret", "benchbenchbenchbenchbenchbenchbenchbench\n")):
         with open(os.path.join(work, name), "w") as out:
             out.write(value)
-    # One agent holds at most 32 live sessions (max_tasks_per_agent's default; the aws source has
-    # no key to raise it), 256 per credential, minted at most 2 a second.
-    tasks = int(os.environ.get("STS_TASKS", "30"))
+    # The role's own keys raise the per-caller caps (defaults: 32 per agent, 256 per credential,
+    # minted at most 2 a second) so that every task's session stays live.
+    tasks = int(os.environ.get("STS_TASKS", "1000"))
     body = f"""listen: 127.0.0.1:18242
 admin: 127.0.0.1:18243
 ca: {{ generate: true }}
@@ -358,7 +364,13 @@ credentials:
       aws:
         access_key_id: {{ file: ./aws-id }}
         secret_access_key: {{ file: ./aws-secret }}
-        assume_role: {{ role_arn: "arn:aws:iam::123456789012:role/agents", session_name: "ks-{{task}}", duration: 1h }}
+        assume_role:
+          role_arn: "arn:aws:iam::123456789012:role/agents"
+          session_name: "ks-{{task}}"
+          duration: 1h
+          max_tasks: {tasks * 2}
+          max_tasks_per_agent: {tasks * 2}
+          mint_rate: {{ per_second: 10000, burst: 10000 }}
         sts_endpoint: https://sts.bench.test:{moto_port}/
 routes:
   - {{ host: data.bench.test, credential: data, inject: {{ type: aws_sigv4, service: s3, region: us-east-1 }}, tls_only: false }}
