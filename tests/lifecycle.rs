@@ -164,14 +164,15 @@ async fn kubelet_swaps_are_followed_and_invalid_content_never_served() {
         .unwrap()
             > 0.0
     );
-    assert!(
-        metric(
-            &metrics,
-            "keystamp_credential_reloads_total{credential=\"example\",result=\"changed\"}"
-        )
-        .unwrap()
-            > 10.0
-    );
+    // Updates closer together than the debounce are read as one, so how many of the ~60 valid
+    // values got a reload of their own depends on the machine's speed; each of the eight the
+    // loop waited for (a new value each time) took one.
+    let changed = metric(
+        &metrics,
+        "keystamp_credential_reloads_total{credential=\"example\",result=\"changed\"}",
+    )
+    .unwrap();
+    assert!(changed >= 8.0, "{changed} changed reloads");
 }
 
 #[tokio::test(flavor = "multi_thread")]
