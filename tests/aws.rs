@@ -264,6 +264,39 @@ async fn rig_with(moto: Moto) -> Rig {
     }
 }
 
+impl Rig {
+    /// Names each agent in `identities` (its token in `./secrets/id-NAME`) and starts keystamp
+    /// with moto's IAM keys and the agents' tokens.
+    fn start_with_agents(&mut self, agents: &[(&str, &str)]) -> KeystampProcess {
+        let identities: serde_json::Map<String, serde_json::Value> = agents
+            .iter()
+            .map(|(name, _)| {
+                let file = format!("./secrets/id-{name}");
+                (
+                    name.to_string(),
+                    serde_json::json!({ "source": { "file": file } }),
+                )
+            })
+            .collect();
+        self.config.set("identities", identities.into());
+        let (akid, secret) = (
+            self.moto.key("access_key_id"),
+            self.moto.key("secret_access_key"),
+        );
+        let token_files: Vec<(String, &str)> = agents
+            .iter()
+            .map(|(name, token)| (format!("id-{name}"), *token))
+            .collect();
+        let mut secrets = vec![("akid", akid.as_str()), ("sak", secret.as_str())];
+        secrets.extend(
+            token_files
+                .iter()
+                .map(|(file, token)| (file.as_str(), *token)),
+        );
+        KeystampProcess::start(&self.config.yaml(), &secrets)
+    }
+}
+
 fn static_keys() -> serde_json::Value {
     serde_json::json!({
         "access_key_id": { "file": "./secrets/akid" },
@@ -456,14 +489,7 @@ async fn agents_assume_the_role_with_their_own_session_policy_and_name() {
     };
     rig.config
         .credential("aws-read", role(&read_only, "1h"))
-        .credential("aws-write", role(&read_write, "15m"))
-        .set(
-            "identities",
-            serde_json::json!({
-                "reader": { "source": { "file": "./secrets/id-reader" } },
-                "writer": { "source": { "file": "./secrets/id-writer" } },
-            }),
-        );
+        .credential("aws-write", role(&read_write, "15m"));
     rig.config.routes.push(serde_json::json!({
         "host": S3_HOST,
         "inject": { "type": "aws_sigv4" },
@@ -472,19 +498,8 @@ async fn agents_assume_the_role_with_their_own_session_policy_and_name() {
             "writer": { "credential": "aws-write" },
         },
     }));
-    let (akid, secret) = (
-        rig.moto.key("access_key_id"),
-        rig.moto.key("secret_access_key"),
-    );
-    let keystamp = KeystampProcess::start(
-        &rig.config.yaml(),
-        &[
-            ("akid", &akid),
-            ("sak", &secret),
-            ("id-reader", "r-token"),
-            ("id-writer", "w-token"),
-        ],
-    );
+    let keystamp = rig.start_with_agents(&[("reader", "r-token"), ("writer", "w-token")]);
+    let secret = rig.moto.key("secret_access_key");
     let writer = keystamp.agent_client(Some(("writer", "w-token")));
     let reader = keystamp.agent_client(Some(("reader", "r-token")));
     let bucket = format!("https://{S3_HOST}/agents-bucket");
@@ -592,32 +607,13 @@ async fn per_caller_sessions_are_capped_by_the_roles_own_keys() {
         "mint_rate": { "per_second": 100, "burst": 100 },
     });
     rig.config
-        .credential("aws-tasks", serde_json::json!({ "source": { "aws": aws } }))
-        .set(
-            "identities",
-            serde_json::json!({
-                "cycler": { "source": { "file": "./secrets/id-cycler" } },
-                "other": { "source": { "file": "./secrets/id-other" } },
-            }),
-        );
+        .credential("aws-tasks", serde_json::json!({ "source": { "aws": aws } }));
     rig.config.routes.push(serde_json::json!({
         "host": S3_HOST,
         "credential": "aws-tasks",
         "inject": { "type": "aws_sigv4" },
     }));
-    let (akid, secret) = (
-        rig.moto.key("access_key_id"),
-        rig.moto.key("secret_access_key"),
-    );
-    let keystamp = KeystampProcess::start(
-        &rig.config.yaml(),
-        &[
-            ("akid", &akid),
-            ("sak", &secret),
-            ("id-cycler", "c-token"),
-            ("id-other", "o-token"),
-        ],
-    );
+    let keystamp = rig.start_with_agents(&[("cycler", "c-token"), ("other", "o-token")]);
     let list_for = |client: reqwest::Client, task: &'static str| async move {
         let response = client
             .get(format!("https://{S3_HOST}/"))
@@ -873,18 +869,10 @@ async fn botocore_accepts_keystamps_signatures_and_big_bodies_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_copy_source_outside_the_agents_scope_is_refused_and_nothing_is_copied() {
     let mut rig = rig().await;
-    rig.config
-        .credential(
-            "aws-s3",
-            serde_json::json!({ "source": { "aws": static_keys() } }),
-        )
-        .set(
-            "identities",
-            serde_json::json!({
-                "owner": { "source": { "file": "./secrets/id-owner" } },
-                "scratcher": { "source": { "file": "./secrets/id-scratcher" } },
-            }),
-        );
+    rig.config.credential(
+        "aws-s3",
+        serde_json::json!({ "source": { "aws": static_keys() } }),
+    );
     rig.config.routes.push(serde_json::json!({
         "host": S3_HOST, "credential": "aws-s3", "inject": { "type": "aws_sigv4" },
         "agents": {
@@ -892,19 +880,7 @@ async fn a_copy_source_outside_the_agents_scope_is_refused_and_nothing_is_copied
             "scratcher": { "path_prefix": "/copy-bucket/scratch/" },
         },
     }));
-    let (akid, secret) = (
-        rig.moto.key("access_key_id"),
-        rig.moto.key("secret_access_key"),
-    );
-    let keystamp = KeystampProcess::start(
-        &rig.config.yaml(),
-        &[
-            ("akid", &akid),
-            ("sak", &secret),
-            ("id-owner", "o-token"),
-            ("id-scratcher", "s-token"),
-        ],
-    );
+    let keystamp = rig.start_with_agents(&[("owner", "o-token"), ("scratcher", "s-token")]);
     let owner = keystamp.agent_client(Some(("owner", "o-token")));
     let scratcher = keystamp.agent_client(Some(("scratcher", "s-token")));
     let bucket = format!("https://{S3_HOST}/copy-bucket");
