@@ -621,11 +621,7 @@ async fn per_caller_sessions_are_capped_by_the_roles_own_keys() {
             .send()
             .await
             .unwrap();
-        let code = response
-            .headers()
-            .get("x-keystamp-error")
-            .map(|v| v.to_str().unwrap().to_string());
-        (response.status().as_u16(), code)
+        status_and_error_code(&response)
     };
     let cycler = keystamp.agent_client(Some(("cycler", "c-token")));
     let other = keystamp.agent_client(Some(("other", "o-token")));

@@ -428,11 +428,7 @@ async fn an_agent_cannot_open_a_shared_breaker_by_naming_a_marker_in_its_path() 
                 .send()
                 .await
                 .unwrap();
-            let code = response
-                .headers()
-                .get("x-keystamp-error")
-                .map(|v| v.to_str().unwrap().to_string());
-            (response.status().as_u16(), code)
+            status_and_error_code(&response)
         }
     };
     // The marker appears in the echoed message and an echoed header, never as the error code.

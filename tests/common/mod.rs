@@ -1293,6 +1293,15 @@ impl RsaKey {
     }
 }
 
+/// A response's status and keystamp's machine-readable error code (`X-Keystamp-Error`), if any.
+pub fn status_and_error_code(response: &reqwest::Response) -> (u16, Option<String>) {
+    let code = response
+        .headers()
+        .get("x-keystamp-error")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    (response.status().as_u16(), code)
+}
+
 /// The bearer value `host`'s upstream received for `GET /who` through `keystamp` (the test
 /// upstreams echo what they received), or keystamp's error code.
 pub async fn stamped(keystamp: &KeystampProcess, host: &str) -> Result<String, String> {
